@@ -1,0 +1,3 @@
+"""lbserver: a lookaside gRPC load balancer speaking the grpclb protocol."""
+
+__version__ = "0.1.0"

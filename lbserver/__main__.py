@@ -1,0 +1,5 @@
+import sys
+
+from lbserver.cli import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""`lbserver register`: the backend-side sidecar. Heartbeats one backend to
+every balancer until SIGTERM or SIGINT, then deregisters it and exits 0."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import math
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+
+from lbserver._logging import LOG_LEVELS, configure_logging
+from lbserver.registrar import Registrar, join_host_port, parse_host_port
+
+_log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+
+
+def balancer_list(value: str) -> list[str]:
+    """argparse type: one or more comma-separated HOST:PORT."""
+    addresses = [part.strip() for part in value.split(",") if part.strip()]
+    if not addresses:
+        raise argparse.ArgumentTypeError(f"{value!r} names no balancer")
+    for address in addresses:
+        try:
+            parse_host_port(address)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return addresses
+
+
+def host_port(value: str) -> tuple[str, int]:
+    """argparse type: HOST:PORT or [IPV6]:PORT, checked but not resolved."""
+    try:
+        return parse_host_port(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def label(value: str) -> tuple[str, str]:
+    """argparse type: KEY=VALUE (the value may be empty)."""
+    key, sep, text = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
+    return key.strip(), text
+
+
+def positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {number}")
+    return number
+
+
+def positive_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {value}")
+    return number
+
+
+def resolve_ip(host: str, port: int) -> str:
+    """The address clients will connect to: the literal itself, or the first
+    address the resolver gives for a hostname. Raises ValueError."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise ValueError(f"--backend: cannot resolve {host!r}: {err}") from None
+    if not infos:
+        raise ValueError(f"--backend: {host!r} resolves to no address")
+    # sockaddr is (host, port) or (host, port, flowinfo, scope_id); keep only host.
+    return str(infos[0][4][0]).partition("%")[0]
+
+
+def build_registrar(args: argparse.Namespace) -> Registrar:
+    """The Registrar the parsed arguments describe; ValueError on bad input."""
+    balancers = list(dict.fromkeys(a for group in args.balancer for a in group))
+    host, port = args.backend
+    labels = dict(args.label or [])
+    return Registrar(
+        balancers,
+        args.service,
+        resolve_ip(host, port),
+        port,
+        instance_id=args.instance_id,
+        weight=args.weight,
+        zone=args.zone,
+        labels=labels,
+        interval=args.interval,
+        ttl=args.ttl,
+    )
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "register",
+        help="register a backend with the balancers and heartbeat until stopped",
+        description=(
+            "Registers one backend with every given balancer and heartbeats until "
+            "SIGTERM or SIGINT, then deregisters it from every balancer and exits."
+        ),
+    )
+    parser.add_argument(
+        "--balancer",
+        action="append",
+        type=balancer_list,
+        required=True,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="balancer address(es); repeat the option or separate with commas. "
+        "Every replica must be listed: replicas share no state.",
+    )
+    parser.add_argument(
+        "--service", required=True, metavar="NAME", help="service the backend belongs to"
+    )
+    parser.add_argument(
+        "--backend",
+        required=True,
+        type=host_port,
+        metavar="HOST:PORT",
+        help="address clients connect to; a hostname is resolved to an IP once at "
+        "start; IPv6 as [::1]:8080",
+    )
+    parser.add_argument(
+        "--weight",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="relative static weight (default: %(default)s)",
+    )
+    parser.add_argument("--zone", default="", metavar="Z", help="zone or locality of the backend")
+    parser.add_argument(
+        "--interval",
+        type=positive_seconds,
+        default=3.0,
+        metavar="S",
+        help="seconds between heartbeats until a balancer says otherwise (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--ttl",
+        type=positive_seconds,
+        default=None,
+        metavar="S",
+        help="seconds the balancer keeps the backend without heartbeats; must exceed "
+        "--interval (default: the balancer's)",
+    )
+    parser.add_argument(
+        "--instance-id",
+        default=None,
+        metavar="ID",
+        help="identity of this backend process (default: IP:PORT)",
+    )
+    parser.add_argument(
+        "--label",
+        action="append",
+        type=label,
+        default=[],
+        metavar="KEY=VALUE",
+        help="label to attach to the backend; repeatable",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="log format; auto is JSON unless stderr is a terminal (default: auto)",
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        registrar = build_registrar(args)
+    except ValueError as err:
+        print(f"lbserver register: error: {err}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level, args.log_format)
+    return asyncio.run(_serve(registrar))
+
+
+async def _serve(registrar: Registrar) -> int:
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop_requested.set)
+    running = asyncio.create_task(registrar.run(), name="registrar")
+    waiting = asyncio.create_task(stop_requested.wait(), name="signals")
+    try:
+        await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        if stop_requested.is_set():
+            _log.info(
+                "stopping: deregistering",
+                backend=join_host_port(registrar.ip, registrar.port),
+                service=registrar.service,
+            )
+        await registrar.stop()
+        await running
+    finally:
+        waiting.cancel()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    return 0

@@ -1,0 +1,62 @@
+"""`lbserver serve`: run the balancer."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from lbserver._logging import LOG_LEVELS, configure_logging
+from lbserver.config import LOG_FORMATS, load_config
+from lbserver.errors import ConfigError
+
+
+def add_parser(commands: Any) -> None:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "serve",
+        help="run the balancer",
+        description=(
+            "Run the balancer: grpclb, Registry, Admin, health and reflection on one gRPC "
+            "port, Prometheus metrics on another. Runs with no configuration at all. "
+            "Options come from embedded defaults, then --config, then LBSERVER_* "
+            "environment variables, then these flags."
+        ),
+    )
+    parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", help="gRPC address (default 0.0.0.0:11810)"
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="metrics address (default 0.0.0.0:11811; 'off' disables)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, help="default auto")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(
+            args.config,
+            overrides={
+                "listen": args.listen,
+                "metrics_listen": args.metrics_listen,
+                "log_level": args.log_level,
+                "log_format": args.log_format,
+            },
+        )
+    except ConfigError as exc:
+        print(f"lbserver serve: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_level, config.log_format)  # type: ignore[arg-type]
+    from lbserver.server import serve
+
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"lbserver serve: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,322 @@
+"""`lbserver status`: what one balancer knows, from Admin.GetState.
+
+`--json` prints one document with snake_case keys; every key is always present
+(null when unknown), and services and backends keep the balancer's order::
+
+    {
+      "balancer": "127.0.0.1:11810",      # the address asked
+      "version": "0.1.0",                 # the balancer's version
+      "now": "2024-05-01T12:00:00Z",      # the balancer's clock (RFC 3339) or null
+      "services": [
+        {
+          "name": "oap",
+          "clients": 3,                   # open BalanceLoad streams
+          "list_length": 12,              # server list entries, drops included
+          "client_stats": {
+            "calls_started": 0,
+            "calls_finished": 0,
+            "calls_finished_with_client_failed_to_send": 0,
+            "calls_finished_known_received": 0,
+            "calls_dropped_by_token": {"<token>": 0}
+          },
+          "backends": [
+            {
+              "instance_id": "10.0.0.7:11800",
+              "address": "10.0.0.7:11800",  # [ip]:port for IPv6
+              "ip": "10.0.0.7",
+              "port": 11800,
+              "zone": "",
+              "labels": {},
+              "state": "serving",           # serving | draining | unspecified
+              "weight": 1,
+              "list_entries": 4,
+              "share": 0.333,               # 0..1
+              "load": {
+                "cpu_utilization": 0.4,     # each null when not reported
+                "requests_per_second": null,
+                "errors_per_second": null,
+                "in_flight": null
+              },
+              "load_balance_token": "<token>",
+              "last_heartbeat": "2024-05-01T11:59:58Z",   # or null
+              "last_heartbeat_age_seconds": 2.0,          # against "now", or null
+              "ttl_seconds": 9.0                          # or null
+            }
+          ]
+        }
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
+from lbserver.registrar import join_host_port, parse_host_port
+
+DEFAULT_BALANCER = "127.0.0.1:11810"
+
+_STATE_NAMES = {
+    lbserver_pb2.BACKEND_STATE_UNSPECIFIED: "unspecified",
+    lbserver_pb2.BACKEND_STATE_SERVING: "serving",
+    lbserver_pb2.BACKEND_STATE_DRAINING: "draining",
+}
+
+
+def _address(value: str) -> str:
+    try:
+        return join_host_port(*parse_host_port(value))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {value}")
+    return number
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "status",
+        help="show a balancer's services, backends, weights, load and clients",
+        description="Shows what one balancer knows, read through its Admin API.",
+    )
+    parser.add_argument(
+        "--balancer",
+        type=_address,
+        default=DEFAULT_BALANCER,
+        metavar="HOST:PORT",
+        help="balancer to ask (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON document (layout in `pydoc lbserver.cli.status`) instead of tables",
+    )
+    parser.add_argument(
+        "--service", default="", metavar="NAME", help="show only this service (default: all)"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds to wait for the balancer (default: %(default)s)",
+    )
+    parser.set_defaults(run=run)
+
+
+def fetch_state(balancer: str, service: str, timeout: float) -> lbserver_pb2.GetStateResponse:
+    with grpc.insecure_channel(balancer) as channel:
+        stub = lbserver_pb2_grpc.AdminStub(channel)
+        response: lbserver_pb2.GetStateResponse = stub.GetState(
+            lbserver_pb2.GetStateRequest(service=service), timeout=timeout
+        )
+        return response
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        state = fetch_state(args.balancer, args.service, args.timeout)
+    except grpc.RpcError as err:
+        code = err.code() if isinstance(err, grpc.Call) else None
+        details = err.details() if isinstance(err, grpc.Call) else str(err)
+        reason = (
+            "cannot reach balancer"
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            else "balancer refused GetState"
+        )
+        code_name = code.name if code is not None else "UNKNOWN"
+        print(
+            f"lbserver status: {reason} at {args.balancer}: {code_name}: {details}",
+            file=sys.stderr,
+        )
+        return 1
+    if args.json:
+        print(json.dumps(state_to_dict(state, args.balancer), indent=2))
+    else:
+        print(render_tables(state, args.balancer), end="")
+    return 0
+
+
+def _timestamp(value: timestamp_pb2.Timestamp) -> str | None:
+    return value.ToJsonString() if value.seconds or value.nanos else None
+
+
+def _duration(value: duration_pb2.Duration) -> float | None:
+    return value.ToNanoseconds() / 1e9 if value.seconds or value.nanos else None
+
+
+def _age(now: timestamp_pb2.Timestamp, then: timestamp_pb2.Timestamp) -> float | None:
+    # The balancer's own clock, so skew between it and this machine does not matter.
+    if not (now.seconds or now.nanos) or not (then.seconds or then.nanos):
+        return None
+    return max(0.0, (now.ToNanoseconds() - then.ToNanoseconds()) / 1e9)
+
+
+def _load_dict(load: lbserver_pb2.LoadReport) -> dict[str, float | int | None]:
+    return {
+        "cpu_utilization": load.cpu_utilization if load.HasField("cpu_utilization") else None,
+        "requests_per_second": (
+            load.requests_per_second if load.HasField("requests_per_second") else None
+        ),
+        "errors_per_second": (
+            load.errors_per_second if load.HasField("errors_per_second") else None
+        ),
+        "in_flight": load.in_flight if load.HasField("in_flight") else None,
+    }
+
+
+def _backend_dict(
+    backend: lbserver_pb2.BackendStatus, now: timestamp_pb2.Timestamp
+) -> dict[str, Any]:
+    return {
+        "instance_id": backend.instance_id,
+        "address": join_host_port(backend.ip, backend.port),
+        "ip": backend.ip,
+        "port": backend.port,
+        "zone": backend.zone,
+        "labels": dict(sorted(backend.labels.items())),
+        "state": _STATE_NAMES.get(backend.state, str(backend.state)),
+        "weight": backend.weight,
+        "list_entries": backend.list_entries,
+        "share": backend.share,
+        "load": _load_dict(backend.load),
+        "load_balance_token": backend.load_balance_token,
+        "last_heartbeat": _timestamp(backend.last_heartbeat),
+        "last_heartbeat_age_seconds": _age(now, backend.last_heartbeat),
+        "ttl_seconds": _duration(backend.ttl),
+    }
+
+
+def state_to_dict(state: lbserver_pb2.GetStateResponse, balancer: str) -> dict[str, Any]:
+    """The `--json` document (layout in the module docstring)."""
+    return {
+        "balancer": balancer,
+        "version": state.version,
+        "now": _timestamp(state.now),
+        "services": [
+            {
+                "name": service.name,
+                "clients": service.clients,
+                "list_length": service.list_length,
+                "client_stats": {
+                    "calls_started": service.client_stats.calls_started,
+                    "calls_finished": service.client_stats.calls_finished,
+                    "calls_finished_with_client_failed_to_send": (
+                        service.client_stats.calls_finished_with_client_failed_to_send
+                    ),
+                    "calls_finished_known_received": (
+                        service.client_stats.calls_finished_known_received
+                    ),
+                    "calls_dropped_by_token": dict(
+                        sorted(service.client_stats.calls_dropped_by_token.items())
+                    ),
+                },
+                "backends": [_backend_dict(b, state.now) for b in service.backends],
+            }
+            for service in state.services
+        ],
+    }
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _number(value: float | int | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+_COLUMNS = (
+    "BACKEND",
+    "ZONE",
+    "STATE",
+    "WEIGHT",
+    "ENTRIES",
+    "SHARE",
+    "CPU",
+    "REQ/S",
+    "ERR/S",
+    "IN-FLIGHT",
+    "LAST HB",
+    "TOKEN",
+    "INSTANCE",
+)
+
+
+def _backend_row(backend: dict[str, Any]) -> list[str]:
+    load = backend["load"]
+    cpu = load["cpu_utilization"]
+    age = backend["last_heartbeat_age_seconds"]
+    return [
+        backend["address"],
+        backend["zone"] or "-",
+        backend["state"],
+        str(backend["weight"]),
+        str(backend["list_entries"]),
+        f"{backend['share'] * 100:.1f}%",
+        "-" if cpu is None else f"{cpu * 100:.0f}%",
+        _number(load["requests_per_second"], ".1f"),
+        _number(load["errors_per_second"], ".1f"),
+        _number(load["in_flight"], "d"),
+        "-" if age is None else f"{age:.1f}s ago",
+        backend["load_balance_token"] or "-",
+        backend["instance_id"],
+    ]
+
+
+def _table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def render_tables(state: lbserver_pb2.GetStateResponse, balancer: str) -> str:
+    """The human-readable form: one table per service."""
+    document = state_to_dict(state, balancer)
+    lines = [
+        f"balancer {balancer}  version {document['version'] or '?'}  now {document['now'] or '?'}"
+    ]
+    if not document["services"]:
+        lines.append("no services")
+    for service in document["services"]:
+        stats = service["client_stats"]
+        lines.append("")
+        lines.append(
+            f"service {service['name']}: {_count(len(service['backends']), 'backend')}, "
+            f"{_count(service['clients'], 'client')}, list length {service['list_length']}"
+        )
+        if service["backends"]:
+            rows = [list(_COLUMNS), *(_backend_row(b) for b in service["backends"])]
+            lines.extend("  " + line for line in _table(rows))
+        else:
+            lines.append("  (no backends)")
+        dropped = stats["calls_dropped_by_token"]
+        lines.append(
+            f"  client stats: {stats['calls_started']} started, "
+            f"{stats['calls_finished']} finished, "
+            f"{stats['calls_finished_known_received']} known received, "
+            f"{stats['calls_finished_with_client_failed_to_send']} failed to send, "
+            f"{sum(dropped.values())} dropped"
+            + (
+                " (" + ", ".join(f"{tok}: {n}" for tok, n in dropped.items()) + ")"
+                if dropped
+                else ""
+            )
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,260 @@
+"""Balancer configuration: embedded defaults, then an optional YAML file, then
+`LBSERVER_*` environment variables, then command-line flags (last wins).
+
+Every option is a field of `Config`; the field's metadata holds its help text,
+which the configuration reference in docs/ is checked against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import yaml
+
+from lbserver._logging import LOG_LEVELS
+from lbserver.domain.naming import RULES
+from lbserver.errors import ConfigError
+
+ENV_PREFIX = "LBSERVER_"
+EMPTY_SERVICE_POLICIES = ("fallback", "hold")
+LOG_FORMATS = ("auto", "json", "console")
+
+
+def _opt(default: Any, help: str) -> Any:
+    if isinstance(default, (dict, list, tuple)):
+        frozen = MappingProxyType(dict(default)) if isinstance(default, dict) else tuple(default)
+        return field(default_factory=lambda: frozen, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: str = _opt(
+        "0.0.0.0:11810",
+        "HOST:PORT for gRPC: grpclb, Registry, Admin, health and reflection.",
+    )
+    metrics_listen: str = _opt(
+        "0.0.0.0:11811", "HOST:PORT for Prometheus /metrics; empty or 'off' disables it."
+    )
+    heartbeat_interval: float = _opt(
+        3.0, "Seconds between heartbeats that the balancer asks registrars to keep."
+    )
+    default_ttl: float = _opt(
+        10.0, "Seconds a backend stays listed after its last heartbeat, unless it asks otherwise."
+    )
+    min_ttl: float = _opt(1.0, "Smallest TTL a heartbeat may ask for (seconds).")
+    max_ttl: float = _opt(60.0, "Largest TTL a heartbeat may ask for (seconds).")
+    client_stats_interval: float = _opt(
+        10.0,
+        "Seconds between the ClientStats reports clients are asked for; 0 disables them "
+        "(gRPC C-core raises anything under 1 s to 1 s).",
+    )
+    startup_grace: float = _opt(
+        5.0,
+        "Seconds after start during which an unknown service gets no fallback_response, so "
+        "clients of a restarted balancer keep their lists until registrars are back.",
+    )
+    empty_service: str = _opt(
+        "fallback",
+        "What a client of an unknown or empty service gets: 'fallback' (fallback_response: "
+        "use its resolver addresses) or 'hold' (nothing: keep its last list).",
+    )
+    max_list_length: int = _opt(
+        100, "Most entries in a server list; weights are rounded to fit (largest remainder)."
+    )
+    name_rules: tuple[str, ...] = _opt(
+        RULES,
+        "How a client's name maps to a service, tried in order: exact, host (without port), "
+        "first_label (first DNS label of the host).",
+    )
+    name_aliases: Mapping[str, str] = _opt(
+        {}, "Extra names for services: {client-side name: service}."
+    )
+    initial_request_timeout: float = _opt(
+        10.0, "Seconds a BalanceLoad stream may take to send its initial request."
+    )
+    shutdown_grace: float = _opt(
+        5.0, "Seconds open calls get to finish on SIGTERM/SIGINT before they are cancelled."
+    )
+    log_level: str = _opt("info", "One of debug, info, warning, error.")
+    log_format: str = _opt("auto", "auto (JSON unless stderr is a terminal), json or console.")
+
+    def __post_init__(self) -> None:
+        for name in ("listen",):
+            parse_host_port(name, getattr(self, name))
+        if self.metrics_listen not in ("", "off"):
+            parse_host_port("metrics_listen", self.metrics_listen)
+        for name in (
+            "heartbeat_interval",
+            "default_ttl",
+            "min_ttl",
+            "max_ttl",
+            "initial_request_timeout",
+        ):
+            _require(name, getattr(self, name) > 0, "must be > 0")
+        for name in ("client_stats_interval", "startup_grace", "shutdown_grace"):
+            _require(name, getattr(self, name) >= 0, "must be >= 0")
+        _require(
+            "default_ttl",
+            self.min_ttl <= self.default_ttl <= self.max_ttl,
+            f"must lie between min_ttl ({self.min_ttl}) and max_ttl ({self.max_ttl})",
+        )
+        _require(
+            "heartbeat_interval",
+            self.heartbeat_interval < self.default_ttl,
+            f"must be shorter than default_ttl ({self.default_ttl}), or backends flap",
+        )
+        _require("max_list_length", 1 <= self.max_list_length <= 10_000, "must be 1-10000")
+        _require(
+            "empty_service",
+            self.empty_service in EMPTY_SERVICE_POLICIES,
+            f"must be one of {', '.join(EMPTY_SERVICE_POLICIES)}",
+        )
+        unknown = [r for r in self.name_rules if r not in RULES]
+        _require(
+            "name_rules",
+            not unknown and bool(self.name_rules),
+            f"must be a non-empty list of {', '.join(RULES)}; got {list(self.name_rules)}",
+        )
+        _require(
+            "log_level", self.log_level in LOG_LEVELS, f"must be one of {', '.join(LOG_LEVELS)}"
+        )
+        _require(
+            "log_format", self.log_format in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"
+        )
+
+
+def _require(option: str, ok: bool, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{option}: {problem}")
+
+
+def parse_host_port(option: str, value: str) -> tuple[str, int]:
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d+)", value)
+    if not match:
+        raise ConfigError(f"{option}: expected HOST:PORT, got {value!r}")
+    port = int(match.group(2))
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"{option}: port {port} is outside 0-65535")
+    return match.group(1), port
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Config)]
+
+
+def option_help() -> dict[str, str]:
+    return {f.name: f.metadata["help"] for f in dataclasses.fields(Config)}
+
+
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _coerce(option: str, value: Any, target: Any) -> Any:
+    """Converts a YAML or environment value to the option's type."""
+    if target is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{option}: expected seconds, got {value!r}")
+        if isinstance(value, (int, float)):
+            number = float(value)
+        else:
+            match = _DURATION.match(str(value))
+            if not match:
+                raise ConfigError(
+                    f"{option}: expected seconds like 3, 2.5s or 500ms, got {value!r}"
+                )
+            number = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+        if not math.isfinite(number):
+            raise ConfigError(f"{option}: must be finite")
+        return number
+    if target is int:
+        if isinstance(value, bool) or not re.fullmatch(r"-?\d+", str(value).strip()):
+            raise ConfigError(f"{option}: expected a whole number, got {value!r}")
+        return int(str(value).strip())
+    if target is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{option}: expected a string, got {value!r}")
+        return str(value)
+    if target == "tuple":
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{option}: expected a list, got {value!r}")
+        return tuple(str(item).strip() for item in items if str(item).strip())
+    if target == "mapping":
+        if isinstance(value, str):
+            pairs: dict[str, str] = {}
+            for item in filter(None, (part.strip() for part in value.split(","))):
+                key, sep, mapped = item.partition("=")
+                if not sep or not key.strip() or not mapped.strip():
+                    raise ConfigError(
+                        f"{option}: expected NAME=SERVICE[,NAME=SERVICE], got {item!r}"
+                    )
+                pairs[key.strip()] = mapped.strip()
+            return MappingProxyType(pairs)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{option}: expected a mapping, got {value!r}")
+        return MappingProxyType({str(k): str(v) for k, v in value.items()})
+    raise AssertionError(f"no coercion for {option}")
+
+
+def _target(f: dataclasses.Field[Any]) -> Any:
+    annotation = str(f.type)
+    if annotation.startswith("tuple"):
+        return "tuple"
+    if annotation.startswith("Mapping"):
+        return "mapping"
+    return {"float": float, "int": int, "str": str}[annotation]
+
+
+def _apply(values: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for key, value in source.items():
+        option = key.replace("-", "_")
+        if option not in fields:
+            close = [name for name in fields if name.split("_")[0] == option.split("_")[0]]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{where}: unknown option {key!r}{hint}")
+        values[option] = _coerce(f"{where}: {option}", value, _target(fields[option]))
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults < file < LBSERVER_* environment < overrides (flags)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    path = path or environ.get(f"{ENV_PREFIX}CONFIG") or None
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        try:
+            document = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if document is None:
+            document = {}
+        if not isinstance(document, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of options at the top")
+        _apply(values, document, str(path))
+    env_values = {
+        name[len(ENV_PREFIX) :].lower(): value
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG"
+    }
+    _apply(values, env_values, "environment LBSERVER_*")
+    _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "flag")
+    return Config(**values)

@@ -1,0 +1,102 @@
+"""Which backends each service has, driven by heartbeats, TTLs and drains."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from lbserver.domain.model import Backend, Registration
+
+TOKEN_BYTES = 10  # 16 base32 characters: far under grpclb's 50-byte limit
+
+
+def backend_token(service: str, instance_id: str, address: str) -> str:
+    """Stable across heartbeats and identical on every replica (no shared
+    store needed), unique per backend instance, printable, short."""
+    digest = hashlib.blake2b(
+        f"{service}\0{instance_id}\0{address}".encode(), digest_size=TOKEN_BYTES
+    ).digest()
+    return base64.b32encode(digest).decode().rstrip("=").lower()
+
+
+@dataclass(frozen=True, slots=True)
+class TtlPolicy:
+    default: float = 10.0
+    minimum: float = 1.0
+    maximum: float = 60.0
+
+    def grant(self, requested: float | None) -> float:
+        if requested is None:
+            return self.default
+        return min(max(requested, self.minimum), self.maximum)
+
+
+class Membership:
+    """Backends per service, keyed by instance id. Callers rebuild a service's
+    list after changing it and push only when the list differs."""
+
+    def __init__(self, ttl_policy: TtlPolicy | None = None) -> None:
+        self.ttl_policy = ttl_policy or TtlPolicy()
+        self._services: dict[str, dict[str, Backend]] = {}
+
+    def heartbeat(self, registration: Registration, now: float, wall_now: float) -> Backend:
+        members = self._services.setdefault(registration.service, {})
+        # A new instance at an address replaces the old one there at once (a
+        # restarted backend must not wait for its predecessor's TTL).
+        for other in list(members.values()):
+            if (
+                other.instance_id != registration.instance_id
+                and other.registration.address == registration.address
+            ):
+                del members[other.instance_id]
+        ttl = self.ttl_policy.grant(registration.requested_ttl)
+        backend = Backend(
+            registration=registration,
+            token=backend_token(
+                registration.service, registration.instance_id, registration.address
+            ),
+            last_heartbeat=now,
+            expires_at=now + ttl,
+            last_heartbeat_wall=wall_now,
+            ttl=ttl,
+        )
+        members[registration.instance_id] = backend
+        return backend
+
+    def deregister(self, service: str, instance_id: str) -> bool:
+        members = self._services.get(service)
+        if members is None or instance_id not in members:
+            return False
+        del members[instance_id]
+        if not members:
+            del self._services[service]
+        return True
+
+    def expire(self, now: float) -> set[str]:
+        """Drops backends whose TTL ran out; returns the services that lost one."""
+        changed: set[str] = set()
+        for service, members in list(self._services.items()):
+            expired = [iid for iid, b in members.items() if b.expires_at <= now]
+            for instance_id in expired:
+                del members[instance_id]
+                changed.add(service)
+            if not members:
+                del self._services[service]
+        return changed
+
+    def backends(self, service: str) -> list[Backend]:
+        """In a stable order (by address) so replicas build the same lists."""
+        members = self._services.get(service, {})
+        return sorted(members.values(), key=lambda b: (b.registration.address, b.instance_id))
+
+    def services(self) -> list[str]:
+        return sorted(self._services)
+
+    def __contains__(self, service: object) -> bool:
+        return service in self._services
+
+    def __iter__(self) -> Iterator[Backend]:
+        for members in self._services.values():
+            yield from members.values()

@@ -1,0 +1,26 @@
+"""The exceptions lbserver raises. Everything derives from LbserverError so a
+caller can catch the whole family:
+
+    LbserverError
+    ├── ConfigError          bad configuration (file, environment, flags)
+    └── InvalidArgumentError      bad input from a client; names the field
+"""
+
+from __future__ import annotations
+
+
+class LbserverError(Exception):
+    """Base of every lbserver error."""
+
+
+class ConfigError(LbserverError):
+    """The configuration is invalid; the message says which option and why."""
+
+
+class InvalidArgumentError(LbserverError):
+    """A request field is invalid. Mapped to gRPC INVALID_ARGUMENT."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem

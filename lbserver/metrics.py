@@ -1,0 +1,81 @@
+"""Prometheus metrics. Gauges that describe state are read from the balancer
+at scrape time (a collector), so they can never drift from it; counters count
+events as they happen. No client addresses as labels: cardinality stays bounded
+by the number of services and backends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from lbserver.balancer import Balancer
+
+HEARTBEATS = Counter(
+    "lbserver_heartbeats_total",
+    "Heartbeats received, by result (accepted, or the reason they were rejected).",
+    ["result"],
+)
+DEREGISTRATIONS = Counter(
+    "lbserver_deregistrations_total", "Deregister calls that removed a backend."
+)
+LIST_PUSHES = Counter(
+    "lbserver_list_pushes_total",
+    "Responses written to BalanceLoad streams, by kind (server_list, fallback).",
+    ["kind"],
+)
+STREAMS_OPENED = Counter("lbserver_balance_streams_opened_total", "BalanceLoad streams opened.")
+STREAM_ERRORS = Counter(
+    "lbserver_balance_stream_errors_total",
+    "BalanceLoad streams ended by an error, by gRPC status code.",
+    ["code"],
+)
+CLIENT_STATS_REPORTS = Counter(
+    "lbserver_client_stats_reports_total", "ClientStats reports received from grpclb clients."
+)
+PUSH_LATENCY = Histogram(
+    "lbserver_list_push_latency_seconds",
+    "Time from a list change to the write of that list on a stream.",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+
+class BalancerCollector(Collector):
+    def __init__(self, balancer: Balancer) -> None:
+        self._balancer = balancer
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        backends = GaugeMetricFamily(
+            "lbserver_backends",
+            "Registered backends by service and state.",
+            labels=["service", "state"],
+        )
+        entries = GaugeMetricFamily(
+            "lbserver_server_list_entries",
+            "Entries of each backend in its service's current server list.",
+            labels=["service", "instance"],
+        )
+        clients = GaugeMetricFamily(
+            "lbserver_connected_clients", "Open BalanceLoad streams by service.", labels=["service"]
+        )
+        for view in self._balancer.view():
+            by_state: dict[str, int] = {"serving": 0, "draining": 0}
+            for backend in view.backends:
+                by_state[backend.registration.state.value] += 1
+                entries.add_metric(
+                    [view.name, backend.instance_id], view.servers.count(backend.token)
+                )
+            for state, count in by_state.items():
+                backends.add_metric([view.name, state], count)
+            clients.add_metric([view.name], view.clients)
+        yield backends
+        yield entries
+        yield clients
+
+
+def register_balancer(balancer: Balancer, registry: CollectorRegistry) -> BalancerCollector:
+    collector = BalancerCollector(balancer)
+    registry.register(collector)
+    return collector

@@ -1,0 +1,460 @@
+"""Backend-side registration: heartbeats one backend to every balancer replica.
+
+Used by `lbserver register` (the sidecar) and directly by backends written in
+Python::
+
+    registrar = Registrar(["lbserver-0:11810", "lbserver-1:11810"], "oap", "10.0.0.7", 11800)
+    task = asyncio.create_task(registrar.run())
+    ...
+    await registrar.drain()   # optional: leave the server lists, keep running
+    await registrar.stop()    # deregisters from every balancer
+    await task
+
+or ``async with Registrar(...) as registrar: ...`` which runs it in the
+background and stops (deregistering) on exit.
+
+Replicas share no store, so every balancer gets its own heartbeat loop on its
+own channel; one balancer being down never delays the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import ipaddress
+import math
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import grpc
+import grpc.aio
+import structlog
+
+from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
+
+__all__ = [
+    "LoadCallback",
+    "LoadReport",
+    "Registrar",
+    "join_host_port",
+    "parse_host_port",
+]
+
+_log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+
+_INITIAL_BACKOFF = 0.2
+# A balancer answering with a tiny interval must not turn the loop into a busy loop.
+_MIN_INTERVAL = 0.05
+# The RPC deadline follows the interval, but one shorter than a slow network's
+# round trip would fail every heartbeat.
+_MIN_RPC_TIMEOUT = 0.5
+_DEFAULT_DEREGISTER_TIMEOUT = 2.0
+_MAX_UINT32 = 2**32 - 1
+# Codes that mean "could not talk to the balancer" rather than "it said no".
+_UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """Load as the backend sees it; None means unknown (not zero)."""
+
+    cpu_utilization: float | None = None
+    requests_per_second: float | None = None
+    errors_per_second: float | None = None
+    in_flight: int | None = None
+
+
+LoadCallback = Callable[[], LoadReport | Awaitable[LoadReport]]
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Splits ``HOST:PORT`` or ``[IPV6]:PORT``; raises ValueError on bad input."""
+    text = value.strip()
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0 or text[end + 1 : end + 2] != ":":
+            raise ValueError(f"{value!r} is not [IPV6]:PORT")
+        host, port_text = text[1:end], text[end + 2 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} in {value!r} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{value!r} is not HOST:PORT")
+        if ":" in host:
+            raise ValueError(f"{value!r}: write IPv6 addresses in brackets, as [::1]:PORT")
+    if not host:
+        raise ValueError(f"{value!r} has no host")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"{value!r}: port must be a number in 1-65535")
+    return host, int(port_text)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _load_message(report: LoadReport) -> lbserver_pb2.LoadReport | None:
+    fields = {
+        name: getattr(report, name)
+        for name in ("cpu_utilization", "requests_per_second", "errors_per_second", "in_flight")
+        if getattr(report, name) is not None
+    }
+    for name, number in fields.items():
+        if not math.isfinite(number) or number < 0:
+            raise ValueError(f"load.{name} must be a finite number >= 0, not {number}")
+    return lbserver_pb2.LoadReport(**fields) if fields else None
+
+
+def _nanos(seconds: float) -> int:
+    return round(seconds * 1e9)
+
+
+@dataclass(slots=True)
+class _Link:
+    """One balancer: its channel and what the registrar last heard from it."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: lbserver_pb2_grpc.RegistryAsyncStub
+    interval: float
+    # "" before the first attempt, then "ok", "unreachable", "rejected:CODE" or
+    # "error"; logs are written only when it changes.
+    status: str = ""
+
+
+class Registrar:
+    """Keeps one backend registered with every given balancer until stop()."""
+
+    def __init__(
+        self,
+        balancers: Sequence[str],
+        service: str,
+        ip: str,
+        port: int,
+        *,
+        instance_id: str | None = None,
+        weight: int = 1,
+        zone: str = "",
+        labels: Mapping[str, str] | None = None,
+        interval: float = 3.0,
+        ttl: float | None = None,
+        load: LoadCallback | None = None,
+    ) -> None:
+        if isinstance(balancers, str):
+            raise ValueError("balancers must be a sequence of HOST:PORT strings, not one string")
+        if not balancers:
+            raise ValueError("balancers: at least one balancer address is required")
+        addresses: list[str] = []
+        for entry in balancers:
+            try:
+                address = join_host_port(*parse_host_port(entry))
+            except ValueError as err:
+                raise ValueError(f"balancers: {err}") from None
+            if address not in addresses:
+                addresses.append(address)
+        if not service or service.strip() != service:
+            raise ValueError(f"service: must be a non-empty name, not {service!r}")
+        try:
+            parsed_ip = ipaddress.ip_address(ip)
+        except ValueError:
+            raise ValueError(f"ip: {ip!r} is not a literal IPv4 or IPv6 address") from None
+        if parsed_ip.is_unspecified or parsed_ip.is_multicast:
+            raise ValueError(f"ip: clients cannot connect to {ip}")
+        if isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ValueError(f"port: {port} is outside 1-65535")
+        if isinstance(weight, bool) or not 1 <= weight <= _MAX_UINT32:
+            raise ValueError(f"weight: must be an integer >= 1, not {weight}")
+        if not math.isfinite(interval) or interval <= 0:
+            raise ValueError(f"interval: must be a number of seconds > 0, not {interval}")
+        if ttl is not None and (not math.isfinite(ttl) or ttl <= interval):
+            raise ValueError(f"ttl: must be longer than the interval ({interval} s), not {ttl}")
+        if instance_id is not None and not instance_id:
+            raise ValueError("instance_id: must not be empty (omit it to use IP:PORT)")
+        for key in labels or {}:
+            if not key:
+                raise ValueError("labels: keys must not be empty")
+
+        self._balancers = tuple(addresses)
+        self._service = service
+        self._ip = str(parsed_ip)
+        self._port = port
+        self._instance_id = instance_id or join_host_port(self._ip, port)
+        self._weight = weight
+        self._zone = zone
+        self._labels = dict(labels or {})
+        self._interval = float(interval)
+        self._ttl = ttl
+        self._load = load
+        self._state: lbserver_pb2.BackendState.ValueType = lbserver_pb2.BACKEND_STATE_SERVING
+        self._links: list[_Link] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._stopping = False
+        self._closed = asyncio.Event()
+        self._load_failing = False
+        self._background: asyncio.Task[None] | None = None
+
+    @property
+    def _log(self) -> structlog.typing.FilteringBoundLogger:
+        # Bound on every use: a logger bound in __init__ would keep the logging
+        # configuration of that moment (the CLI configures logging afterwards).
+        return _log.bind(service=self._service, instance_id=self._instance_id)
+
+    @property
+    def balancers(self) -> tuple[str, ...]:
+        return self._balancers
+
+    @property
+    def service(self) -> str:
+        return self._service
+
+    @property
+    def ip(self) -> str:
+        return self._ip
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    @property
+    def weight(self) -> int:
+        return self._weight
+
+    @property
+    def zone(self) -> str:
+        return self._zone
+
+    @property
+    def labels(self) -> Mapping[str, str]:
+        return dict(self._labels)
+
+    @property
+    def interval(self) -> float:
+        return self._interval
+
+    @property
+    def ttl(self) -> float | None:
+        return self._ttl
+
+    @property
+    def draining(self) -> bool:
+        return self._state == lbserver_pb2.BACKEND_STATE_DRAINING
+
+    async def run(self) -> None:
+        """Heartbeats to every balancer until stop() has finished.
+
+        Cancelling run() instead of calling stop() ends the heartbeats without
+        deregistering: the balancers drop the backend when its TTL runs out.
+        """
+        if self._started:
+            raise RuntimeError("Registrar.run() may be called only once")
+        self._started = True
+        if self._stopping:
+            return
+        self._links = [self._connect(address) for address in self._balancers]
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(link), name=f"heartbeat {link.address}")
+            for link in self._links
+        ]
+        self._log.info(
+            "registrar started", balancers=list(self._balancers), ip=self._ip, port=self._port
+        )
+        try:
+            await self._closed.wait()
+        finally:
+            if not self._stopping:
+                self._stopping = True
+                await self._shutdown(deregister=False, deadline=0)
+
+    async def stop(
+        self, deregister: bool = True, *, deregister_timeout: float = _DEFAULT_DEREGISTER_TIMEOUT
+    ) -> None:
+        """Ends the heartbeat loops, deregisters from every balancer at once
+        (failures are logged, not raised) and closes the channels."""
+        if self._stopping:
+            await self._closed.wait()
+            return
+        self._stopping = True
+        await self._shutdown(deregister=deregister, deadline=deregister_timeout)
+
+    async def drain(self) -> int:
+        """Marks the backend DRAINING and tells every balancer right away, so it
+        leaves the server lists while still alive. Later heartbeats keep saying
+        DRAINING. Returns how many balancers acknowledged."""
+        self._state = lbserver_pb2.BACKEND_STATE_DRAINING
+        if self._stopping or not self._links:
+            return 0
+        acknowledged = await asyncio.gather(*(self._drain_one(link) for link in self._links))
+        count = sum(acknowledged)
+        self._log.info("draining", acknowledged=count, balancers=len(self._links))
+        return count
+
+    async def __aenter__(self) -> Self:
+        self._background = asyncio.create_task(self.run(), name="registrar")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+        if self._background is not None:
+            await self._background
+
+    def _connect(self, address: str) -> _Link:
+        channel = grpc.aio.insecure_channel(
+            address,
+            options=[
+                # gRPC's own reconnect backoff grows to 120 s; a restarted
+                # balancer must get the registration back within one interval.
+                ("grpc.initial_reconnect_backoff_ms", int(_INITIAL_BACKOFF * 1000)),
+                ("grpc.max_reconnect_backoff_ms", max(int(self._interval * 1000), 200)),
+            ],
+        )
+        return _Link(
+            address=address,
+            channel=channel,
+            stub=lbserver_pb2_grpc.RegistryStub(channel),
+            interval=self._interval,
+        )
+
+    async def _heartbeat_loop(self, link: _Link) -> None:
+        backoff = _INITIAL_BACKOFF
+        while True:
+            try:
+                reply = await self._send_heartbeat(link)
+            except grpc.aio.AioRpcError as err:
+                self._note_failure(link, err)
+                delay = min(backoff, link.interval)
+                backoff = min(backoff * 2, link.interval)
+            except Exception:
+                # Never let a bug end the heartbeats: the backend would silently
+                # vanish from every list when its TTL runs out.
+                if link.status != "error":
+                    self._log.exception("heartbeat failed", balancer=link.address)
+                    link.status = "error"
+                delay = min(backoff, link.interval)
+                backoff = min(backoff * 2, link.interval)
+            else:
+                self._note_success(link, reply)
+                backoff = _INITIAL_BACKOFF
+                delay = link.interval
+            await asyncio.sleep(delay)
+
+    async def _send_heartbeat(self, link: _Link) -> lbserver_pb2.HeartbeatResponse:
+        request = lbserver_pb2.HeartbeatRequest(
+            service=self._service,
+            instance_id=self._instance_id,
+            ip=self._ip,
+            port=self._port,
+            zone=self._zone,
+            labels=self._labels,
+            weight=self._weight,
+            load=await self._current_load(),
+            state=self._state,
+        )
+        if self._ttl is not None:
+            request.requested_ttl.FromNanoseconds(_nanos(self._ttl))
+        return await link.stub.Heartbeat(request, timeout=max(link.interval, _MIN_RPC_TIMEOUT))
+
+    async def _current_load(self) -> lbserver_pb2.LoadReport | None:
+        if self._load is None:
+            return None
+        try:
+            result = self._load()
+            report = await result if inspect.isawaitable(result) else result
+            if not isinstance(report, LoadReport):
+                raise TypeError(f"load callback returned {type(report).__name__}, not LoadReport")
+            message = _load_message(report)
+        except Exception:
+            # Heartbeats without load still keep the backend registered.
+            if not self._load_failing:
+                self._log.warning(
+                    "load callback failed; sending heartbeats without load", exc_info=True
+                )
+                self._load_failing = True
+            return None
+        if self._load_failing:
+            self._log.info("load callback works again")
+            self._load_failing = False
+        return message
+
+    def _note_success(self, link: _Link, reply: lbserver_pb2.HeartbeatResponse) -> None:
+        interval = reply.heartbeat_interval.ToNanoseconds() / 1e9
+        if interval > 0:
+            link.interval = max(interval, _MIN_INTERVAL)
+        if link.status != "ok":
+            self._log.info(
+                "registered with balancer" if not link.status else "balancer reachable again",
+                balancer=link.address,
+                granted_ttl=reply.granted_ttl.ToNanoseconds() / 1e9,
+                interval=link.interval,
+            )
+            link.status = "ok"
+
+    def _note_failure(self, link: _Link, err: grpc.aio.AioRpcError) -> None:
+        code = err.code()
+        status = "unreachable" if code in _UNREACHABLE_CODES else f"rejected:{code.name}"
+        if status == link.status:
+            return
+        link.status = status
+        self._log.warning(
+            "balancer unreachable" if status == "unreachable" else "balancer rejected heartbeat",
+            balancer=link.address,
+            code=code.name,
+            error=err.details(),
+        )
+
+    async def _drain_one(self, link: _Link) -> bool:
+        try:
+            await self._send_heartbeat(link)
+        except grpc.aio.AioRpcError as err:
+            self._log.warning(
+                "drain heartbeat failed",
+                balancer=link.address,
+                code=err.code().name,
+                error=err.details(),
+            )
+            return False
+        return True
+
+    async def _deregister_one(self, link: _Link, deadline: float) -> None:
+        request = lbserver_pb2.DeregisterRequest(
+            service=self._service, instance_id=self._instance_id
+        )
+        try:
+            reply = await link.stub.Deregister(request, timeout=deadline)
+        except grpc.aio.AioRpcError as err:
+            self._log.warning(
+                "deregister failed",
+                balancer=link.address,
+                code=err.code().name,
+                error=err.details(),
+            )
+        else:
+            self._log.info("deregistered", balancer=link.address, removed=reply.removed)
+
+    async def _shutdown(self, *, deregister: bool, deadline: float) -> None:
+        try:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if deregister and self._links:
+                await asyncio.gather(
+                    *(self._deregister_one(link, deadline) for link in self._links)
+                )
+            await asyncio.gather(*(link.channel.close(None) for link in self._links))
+        finally:
+            self._closed.set()
+            self._log.info("registrar stopped")

@@ -1,0 +1,149 @@
+"""Assembles and runs `lbserver serve`: one grpc.aio server carrying grpclb,
+Registry, Admin, health and reflection, plus the Prometheus endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, start_http_server
+
+from lbserver import metrics
+from lbserver._grpc_compat import AsyncHealthServicer
+from lbserver.balancer import Balancer, EmptyServicePolicy
+from lbserver.config import Config, parse_host_port
+from lbserver.domain.membership import TtlPolicy
+from lbserver.domain.naming import NameRules
+from lbserver.proto.grpclb.v1 import load_balancer_pb2, load_balancer_pb2_grpc
+from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
+from lbserver.services.admin import AdminService
+from lbserver.services.loadbalancer import LoadBalancerService
+from lbserver.services.registry import RegistryService
+
+log = structlog.get_logger("lbserver.server")
+
+SERVICE_NAMES = (
+    load_balancer_pb2.DESCRIPTOR.services_by_name["LoadBalancer"].full_name,
+    lbserver_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
+    lbserver_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+)
+
+# grpc-go pings its balancer every 20 s even with no call active; without
+# these a server answers with GOAWAY too_many_pings. The server's own pings
+# find clients that vanished without closing their stream.
+SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+)
+
+
+def build_balancer(config: Config) -> Balancer:
+    return Balancer(
+        ttl_policy=TtlPolicy(
+            default=config.default_ttl, minimum=config.min_ttl, maximum=config.max_ttl
+        ),
+        heartbeat_interval=config.heartbeat_interval,
+        name_rules=NameRules(rules=config.name_rules, aliases=config.name_aliases),
+        max_list_length=config.max_list_length,
+        empty_service=cast(EmptyServicePolicy, config.empty_service),
+        startup_grace=config.startup_grace,
+    )
+
+
+@dataclass
+class RunningServer:
+    """A started balancer; `port` is the bound gRPC port (useful with :0)."""
+
+    config: Config
+    balancer: Balancer
+    server: grpc.aio.Server
+    health: Any  # grpc_health's asyncio HealthServicer
+    port: int
+    timers: asyncio.Task[None]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Reports NOT_SERVING, ends every BalanceLoad stream (clients keep
+        their lists and reconnect elsewhere) and stops within the grace."""
+        await self.health.enter_graceful_shutdown()
+        self.balancer.close()
+        self.timers.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.timers
+        await self.server.stop(self.config.shutdown_grace if grace is None else grace)
+
+
+async def start(config: Config, balancer: Balancer | None = None) -> RunningServer:
+    balancer = balancer or build_balancer(config)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    load_balancer_pb2_grpc.add_LoadBalancerServicer_to_server(
+        LoadBalancerService(
+            balancer,
+            client_stats_interval=config.client_stats_interval,
+            initial_request_timeout=config.initial_request_timeout,
+        ),
+        server,
+    )
+    lbserver_pb2_grpc.add_RegistryServicer_to_server(RegistryService(balancer), server)
+    lbserver_pb2_grpc.add_AdminServicer_to_server(AdminService(balancer), server)
+    health_servicer = AsyncHealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    host, port = parse_host_port("listen", config.listen)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    timers = asyncio.create_task(balancer.run_timers(), name="balancer-timers")
+    return RunningServer(config, balancer, server, health_servicer, bound, timers)
+
+
+def start_metrics(config: Config, balancer: Balancer) -> int | None:
+    if config.metrics_listen in ("", "off"):
+        return None
+    host, port = parse_host_port("metrics_listen", config.metrics_listen)
+    metrics.register_balancer(balancer, REGISTRY)
+    http_server, _thread = start_http_server(port, addr=host or "0.0.0.0")
+    bound: int = http_server.server_port
+    return bound
+
+
+async def serve(config: Config) -> None:
+    """Runs until SIGTERM or SIGINT, then stops gracefully."""
+    running = await start(config)
+    metrics_port = start_metrics(config, running.balancer)
+    log.info(
+        "lbserver serving",
+        listen=config.listen,
+        port=running.port,
+        metrics_port=metrics_port,
+        heartbeat_interval=config.heartbeat_interval,
+        default_ttl=config.default_ttl,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", grace=config.shutdown_grace)
+    await running.stop()
+    log.info("stopped")

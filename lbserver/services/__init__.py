@@ -1,0 +1,2 @@
+"""gRPC servicers. Each is thin: validate the request, call the Balancer, map
+errors to status codes."""

@@ -1,0 +1,198 @@
+"""grpc.lb.v1.LoadBalancer/BalanceLoad: streams a name's server lists."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2
+
+from lbserver import metrics
+from lbserver._grpc_compat import EOF_MARKER
+from lbserver.balancer import Answer, Balancer, ClientCallStats, Watch
+from lbserver.domain.serverlist import ServerList
+from lbserver.domain.validation import check_balance_name
+from lbserver.errors import InvalidArgumentError
+from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
+from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
+
+log = structlog.get_logger("lbserver.grpclb")
+
+
+def server_list_message(servers: ServerList) -> lb_pb2.LoadBalanceResponse:
+    return lb_pb2.LoadBalanceResponse(
+        server_list=lb_pb2.ServerList(
+            servers=[
+                lb_pb2.Server(
+                    ip_address=entry.ip,
+                    port=entry.port,
+                    load_balance_token=entry.token,
+                    drop=entry.drop,
+                )
+                for entry in servers.entries
+            ]
+        )
+    )
+
+
+FALLBACK = lb_pb2.LoadBalanceResponse(fallback_response=lb_pb2.FallbackResponse())
+
+
+def client_stats_delta(stats: lb_pb2.ClientStats) -> ClientCallStats:
+    values = (
+        stats.num_calls_started,
+        stats.num_calls_finished,
+        stats.num_calls_finished_with_client_failed_to_send,
+        stats.num_calls_finished_known_received,
+    )
+    if any(value < 0 for value in values):
+        raise InvalidArgumentError("client_stats", "counters are deltas and must not be negative")
+    dropped: dict[str, int] = {}
+    for per_token in stats.calls_finished_with_drop:
+        if per_token.num_calls < 0:
+            raise InvalidArgumentError(
+                "client_stats.calls_finished_with_drop", "negative num_calls"
+            )
+        token = per_token.load_balance_token
+        dropped[token] = dropped.get(token, 0) + per_token.num_calls
+    return ClientCallStats(*values, calls_dropped_by_token=dropped, reports=1)
+
+
+class LoadBalancerService(lb_grpc.LoadBalancerServicer):
+    def __init__(
+        self,
+        balancer: Balancer,
+        *,
+        client_stats_interval: float,
+        initial_request_timeout: float,
+    ) -> None:
+        self._balancer = balancer
+        self._stats_interval = duration_pb2.Duration()
+        self._stats_interval.FromNanoseconds(int(client_stats_interval * 1e9))
+        self._initial_request_timeout = initial_request_timeout
+
+    async def BalanceLoad(  # type: ignore[override]
+        self,
+        request_iterator: AsyncIterator[lb_pb2.LoadBalanceRequest],
+        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
+    ) -> None:
+        metrics.STREAMS_OPENED.inc()
+        peer = context.peer()
+        try:
+            first = await asyncio.wait_for(context.read(), self._initial_request_timeout)
+        except TimeoutError:
+            await self._abort(
+                context,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no initial_request within {self._initial_request_timeout:g} s",
+                peer,
+            )
+            return
+        if first is EOF_MARKER:
+            return
+        assert isinstance(first, lb_pb2.LoadBalanceRequest)
+        if first.WhichOneof("load_balance_request_type") != "initial_request":
+            await self._abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the first message of a BalanceLoad stream must be initial_request",
+                peer,
+            )
+            return
+        try:
+            name = check_balance_name(first.initial_request.name)
+        except InvalidArgumentError as exc:
+            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), peer)
+            return
+        logger = log.bind(peer=peer, name=name)
+        await context.write(
+            lb_pb2.LoadBalanceResponse(
+                initial_response=lb_pb2.InitialLoadBalanceResponse(
+                    client_stats_report_interval=self._stats_interval
+                )
+            )
+        )
+        watch = self._balancer.watch(name)
+        logger.info("client connected", service=watch.service)
+        reader = asyncio.create_task(self._read_stats(context, watch, logger))
+        try:
+            await self._stream_answers(context, watch, reader)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            watch.close()
+            logger.info("client disconnected")
+
+    async def _stream_answers(
+        self,
+        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
+        watch: Watch,
+        reader: asyncio.Task[None],
+    ) -> None:
+        version, answer = watch.current()
+        sent: Answer | None = None
+        while not self._balancer.closed and not reader.done():
+            if answer.kind != "pending" and not _same(answer, sent):
+                await context.write(_message(answer))
+                if version:
+                    metrics.PUSH_LATENCY.observe(time.monotonic() - watch.published_at)
+                metrics.LIST_PUSHES.labels(
+                    "server_list" if answer.kind == "list" else "fallback"
+                ).inc()
+                sent = answer
+            waiter = asyncio.ensure_future(watch.next(version))
+            done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:
+                waiter.cancel()
+                break
+            version, answer = waiter.result()
+
+    async def _read_stats(
+        self,
+        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
+        watch: Watch,
+        logger: structlog.typing.FilteringBoundLogger,
+    ) -> None:
+        """Ends when the client half-closes or the call ends."""
+        while True:
+            request = await context.read()
+            if request is EOF_MARKER:
+                return
+            assert isinstance(request, lb_pb2.LoadBalanceRequest)
+            if request.WhichOneof("load_balance_request_type") != "client_stats":
+                logger.warning("ignoring a second initial_request")
+                continue
+            metrics.CLIENT_STATS_REPORTS.inc()
+            try:
+                delta = client_stats_delta(request.client_stats)
+            except InvalidArgumentError as exc:
+                logger.warning("ignoring invalid client stats", error=str(exc))
+                continue
+            if watch.service is not None:
+                self._balancer.record_client_stats(watch.service, delta)
+
+    @staticmethod
+    async def _abort(
+        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
+        code: grpc.StatusCode,
+        details: str,
+        peer: str,
+    ) -> None:
+        metrics.STREAM_ERRORS.labels(code.name).inc()
+        log.warning("rejected BalanceLoad stream", peer=peer, code=code.name, details=details)
+        await context.abort(code, details)
+
+
+def _same(answer: Answer, sent: Answer | None) -> bool:
+    return sent is not None and answer.kind == sent.kind and answer.servers == sent.servers
+
+
+def _message(answer: Answer) -> lb_pb2.LoadBalanceResponse:
+    if answer.kind == "list" and answer.servers is not None:
+        return server_list_message(answer.servers)
+    return FALLBACK

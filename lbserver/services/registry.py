@@ -1,0 +1,93 @@
+"""lbserver.v1.Registry: heartbeats and deregistration from backends."""
+
+from __future__ import annotations
+
+import grpc
+import structlog
+from google.protobuf import duration_pb2
+
+from lbserver import metrics
+from lbserver.balancer import Balancer
+from lbserver.domain.validation import (
+    MAX_INSTANCE_ID_BYTES,
+    MAX_SERVICE_BYTES,
+    check_text,
+    parse_load,
+    parse_registration,
+)
+from lbserver.errors import InvalidArgumentError
+from lbserver.proto.v1 import lbserver_pb2 as pb
+from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
+
+log = structlog.get_logger("lbserver.registry")
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(int(seconds * 1e9))
+    return duration
+
+
+def _optional(message: pb.LoadReport, field: str) -> float | None:
+    return getattr(message, field) if message.HasField(field) else None  # type: ignore[arg-type]
+
+
+class RegistryService(pb_grpc.RegistryServicer):
+    def __init__(self, balancer: Balancer) -> None:
+        self._balancer = balancer
+
+    async def Heartbeat(
+        self,
+        request: pb.HeartbeatRequest,
+        context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatResponse],
+    ) -> pb.HeartbeatResponse:
+        try:
+            in_flight = request.load.in_flight if request.load.HasField("in_flight") else None
+            registration = parse_registration(
+                service=request.service,
+                instance_id=request.instance_id,
+                ip=request.ip,
+                port=request.port,
+                weight=request.weight,
+                zone=request.zone,
+                labels=dict(request.labels),
+                load=parse_load(
+                    cpu_utilization=_optional(request.load, "cpu_utilization"),
+                    requests_per_second=_optional(request.load, "requests_per_second"),
+                    errors_per_second=_optional(request.load, "errors_per_second"),
+                    in_flight=in_flight,
+                ),
+                state=request.state,
+                requested_ttl=(
+                    request.requested_ttl.ToNanoseconds() / 1e9
+                    if request.HasField("requested_ttl")
+                    else None
+                ),
+            )
+        except InvalidArgumentError as exc:
+            metrics.HEARTBEATS.labels("invalid_argument").inc()
+            log.warning(
+                "heartbeat rejected", peer=context.peer(), service=request.service, error=str(exc)
+            )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        backend = self._balancer.heartbeat(registration)
+        metrics.HEARTBEATS.labels("accepted").inc()
+        return pb.HeartbeatResponse(
+            granted_ttl=_duration(backend.ttl),
+            heartbeat_interval=_duration(min(self._balancer.heartbeat_interval, backend.ttl / 3)),
+        )
+
+    async def Deregister(
+        self,
+        request: pb.DeregisterRequest,
+        context: grpc.aio.ServicerContext[pb.DeregisterRequest, pb.DeregisterResponse],
+    ) -> pb.DeregisterResponse:
+        try:
+            check_text("service", request.service, max_bytes=MAX_SERVICE_BYTES)
+            check_text("instance_id", request.instance_id, max_bytes=MAX_INSTANCE_ID_BYTES)
+        except InvalidArgumentError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        removed = self._balancer.deregister(request.service, request.instance_id)
+        if removed:
+            metrics.DEREGISTRATIONS.inc()
+        return pb.DeregisterResponse(removed=removed)

@@ -1,0 +1,247 @@
+"""gRPC's own grpclb test checklist, balancer side: grpcio's C-core grpclb
+policy (discovering the balancer through a DNS SRV record) against a real
+in-process lbserver."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from lbserver.balancer import Balancer
+from lbserver.domain.model import Backend
+from lbserver.domain.serverlist import DROP_TOKEN, ServerList, build_server_list
+from lbserver.domain.weights import static_weights
+from lbserver.proto.v1 import lbserver_pb2 as pb
+from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
+from lbserver.server import RunningServer
+from tests.service.conftest import Harness
+from tests.support.backends import BackendFleet, CountingBackend, aio_call_stub, grpclb_aio_channel
+from tests.support.dns import DnsServer
+
+NAME = "svc.test"  # maps to service "svc" by the first-label rule
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fleet() -> Iterator[BackendFleet]:
+    with BackendFleet(3) as backends:
+        yield backends
+
+
+@pytest.fixture
+def fallback_backend() -> Iterator[CountingBackend]:
+    with CountingBackend("fallback") as backend:
+        yield backend
+
+
+class Client:
+    def __init__(self, dns: DnsServer, fallback: CountingBackend) -> None:
+        self.channel = grpclb_aio_channel(dns.target(NAME, fallback.port))
+        self.call = aio_call_stub(self.channel)
+
+    async def calls(self, n: int) -> list[grpc.StatusCode]:
+        codes = []
+        for _ in range(n):
+            try:
+                await self.call(b"x", timeout=5, wait_for_ready=True)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as error:
+                codes.append(error.code())
+        return codes
+
+    async def until_served(self, *backends: CountingBackend, within: float = 20.0) -> None:
+        deadline = asyncio.get_running_loop().time() + within
+        while asyncio.get_running_loop().time() < deadline:
+            if all(b.count for b in backends):
+                return
+            await self.calls(1)
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not all served: {[(b.name, b.count) for b in backends]}")
+
+
+@pytest.fixture
+async def client(dns: DnsServer, fallback_backend: CountingBackend) -> AsyncIterator[Client]:
+    c = Client(dns, fallback_backend)
+    try:
+        yield c
+    finally:
+        await c.channel.close(None)
+
+
+async def register(
+    running: RunningServer, harness: Harness, backend: CountingBackend, weight: int = 0
+) -> None:
+    host, port = backend.address.rsplit(":", 1)
+    await pb_grpc.RegistryStub(harness.channel(running)).Heartbeat(
+        pb.HeartbeatRequest(
+            service="svc", instance_id=backend.name, ip=host, port=int(port), weight=weight
+        )
+    )
+
+
+async def balancer_for(
+    harness: Harness, dns: DnsServer, fallback: CountingBackend, **config: Any
+) -> RunningServer:
+    running = await harness.start(**config)
+    dns.set_balancers(NAME, [("127.0.0.1", running.port)])
+    dns.set_addresses(NAME, ["127.0.0.1"])
+    return running
+
+
+async def admin_state(harness: Harness, running: RunningServer) -> pb.ServiceStatus:
+    state = await pb_grpc.AdminStub(harness.channel(running)).GetState(
+        pb.GetStateRequest(service="svc")
+    )
+    return state.services[0]
+
+
+async def test_vanilla_every_backend_gets_calls_with_its_token(
+    harness: Harness,
+    dns: DnsServer,
+    fleet: BackendFleet,
+    fallback_backend: CountingBackend,
+    client: Client,
+) -> None:
+    running = await balancer_for(harness, dns, fallback_backend)
+    for backend in fleet:
+        await register(running, harness, backend)
+    await client.until_served(*fleet)
+    fleet.reset()
+    assert await client.calls(30) == [grpc.StatusCode.OK] * 30
+    assert fleet.counts() == [10, 10, 10]
+    tokens = {
+        b.instance_id: b.load_balance_token for b in (await admin_state(harness, running)).backends
+    }
+    for backend in fleet:
+        assert set(backend.tokens()) == {tokens[backend.name]}
+    assert fallback_backend.count == 0
+
+
+async def test_same_backend_listed_twice_gets_twice_the_calls(
+    harness: Harness,
+    dns: DnsServer,
+    fleet: BackendFleet,
+    fallback_backend: CountingBackend,
+    client: Client,
+) -> None:
+    running = await balancer_for(harness, dns, fallback_backend)
+    await register(running, harness, fleet[0], weight=1)
+    await register(running, harness, fleet[1], weight=2)
+    await client.until_served(fleet[0], fleet[1])
+    fleet.reset()
+    await client.calls(60)
+    assert (fleet[0].count, fleet[1].count) == (20, 40)
+
+
+async def test_initially_empty_then_backends_arrive(
+    harness: Harness,
+    dns: DnsServer,
+    fleet: BackendFleet,
+    fallback_backend: CountingBackend,
+    client: Client,
+) -> None:
+    # A balancer that just started says nothing for unknown services, so the
+    # client waits instead of falling back.
+    running = await balancer_for(harness, dns, fallback_backend, startup_grace=30.0)
+    pending = asyncio.ensure_future(client.calls(1))
+    await asyncio.sleep(1.0)
+    assert not pending.done()
+    await register(running, harness, fleet[0])
+    assert await pending == [grpc.StatusCode.OK]
+    assert fleet[0].count == 1 and fallback_backend.count == 0
+
+
+async def test_drops_are_honoured_and_reported(
+    harness: Harness,
+    dns: DnsServer,
+    fleet: BackendFleet,
+    fallback_backend: CountingBackend,
+    client: Client,
+) -> None:
+    def one_drop_per_list(service: str, backends: list[Backend], now: float) -> ServerList:
+        return build_server_list(backends, static_weights(backends, now), drop_entries=1)
+
+    running = await balancer_for(
+        harness,
+        dns,
+        fallback_backend,
+        balancer=Balancer(list_builder=one_drop_per_list, startup_grace=0),
+        client_stats_interval=1.0,
+    )
+    await register(running, harness, fleet[0])
+    await register(running, harness, fleet[1])
+    await client.until_served(fleet[0], fleet[1])
+    fleet.reset()
+    codes = await client.calls(60)
+    assert codes.count(grpc.StatusCode.UNAVAILABLE) == 20
+    assert fleet.total() == 40
+    for _ in range(60):  # stats arrive every second
+        stats = (await admin_state(harness, running)).client_stats
+        if stats.calls_dropped_by_token.get(DROP_TOKEN, 0) >= 20:
+            break
+        await asyncio.sleep(0.1)
+    assert stats.calls_dropped_by_token[DROP_TOKEN] >= 20
+
+
+async def test_client_load_reporting(
+    harness: Harness,
+    dns: DnsServer,
+    fleet: BackendFleet,
+    fallback_backend: CountingBackend,
+    client: Client,
+) -> None:
+    running = await balancer_for(harness, dns, fallback_backend, client_stats_interval=1.0)
+    await register(running, harness, fleet[0])
+    await client.until_served(fleet[0])
+    assert await client.calls(25) == [grpc.StatusCode.OK] * 25
+    expected = fleet[0].count
+    for _ in range(60):
+        stats = (await admin_state(harness, running)).client_stats
+        if stats.calls_finished >= expected:
+            break
+        await asyncio.sleep(0.1)
+    assert stats.calls_started == expected
+    assert stats.calls_finished == expected
+    assert stats.calls_finished_known_received == expected
+    assert stats.calls_finished_with_client_failed_to_send == 0
+
+
+async def test_balancer_restart_keeps_calls_flowing(
+    harness: Harness,
+    dns: DnsServer,
+    fleet: BackendFleet,
+    fallback_backend: CountingBackend,
+    client: Client,
+) -> None:
+    running = await balancer_for(harness, dns, fallback_backend)
+    await register(running, harness, fleet[0])
+    await client.until_served(fleet[0])
+    await running.stop(grace=0)
+    # The client keeps its last list while the balancer is gone.
+    assert await client.calls(20) == [grpc.StatusCode.OK] * 20
+    restarted = await harness.start(listen=f"127.0.0.1:{running.port}", startup_grace=5.0)
+    await register(restarted, harness, fleet[0])
+    await register(restarted, harness, fleet[1])
+    await client.until_served(fleet[1])
+    assert fallback_backend.count == 0
+
+
+async def test_unknown_service_gets_explicit_fallback(
+    harness: Harness,
+    dns: DnsServer,
+    fleet: BackendFleet,
+    fallback_backend: CountingBackend,
+    client: Client,
+) -> None:
+    await balancer_for(harness, dns, fallback_backend)
+    assert await client.calls(5) == [grpc.StatusCode.OK] * 5
+    assert fallback_backend.count == 5 and fleet.total() == 0
