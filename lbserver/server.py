@@ -44,6 +44,8 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    # Two balancers on one port would silently split the clients between them.
+    ("grpc.so_reuseport", 0),
 )
 
 

@@ -1,0 +1,80 @@
+"""`lbserver serve` as a process: exit codes, signals, metrics."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+from tests.support.processes import ProcessManager, free_port, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
+
+
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lbserver", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=env,
+        check=False,
+    )
+
+
+def test_bad_configuration_exits_2_naming_the_option() -> None:
+    result = run_serve(env={"LBSERVER_HEARTBEAT_INTERVAL": "later", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert "heartbeat_interval" in result.stderr
+
+
+def test_busy_port_exits_1(processes: ProcessManager) -> None:
+    first = processes.start_balancer()
+    result = run_serve("--listen", f"127.0.0.1:{first.port}", "--metrics-listen", "off")
+    assert result.returncode == 1
+    assert f"127.0.0.1:{first.port}" in result.stderr
+
+
+def test_sigterm_stops_cleanly_with_exit_0(processes: ProcessManager) -> None:
+    balancer = processes.start_balancer(env={"LBSERVER_SHUTDOWN_GRACE": "2"})
+    balancer.send_signal(signal.SIGTERM)
+    assert balancer.wait(timeout=15) == 0
+    assert "stopped" in balancer.logs()
+
+
+def test_metrics_count_backends_and_heartbeats(processes: ProcessManager) -> None:
+    balancer = processes.start_balancer()
+    backend_port = free_port()
+    processes.start_registrar(
+        balancers=[balancer.address],
+        service="oap",
+        backend=f"127.0.0.1:{backend_port}",
+        weight=2,
+        interval=0.5,
+    )
+    url = f"http://127.0.0.1:{balancer.metrics_port}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text: str = response.read().decode()
+            return text
+
+    wait_until(
+        lambda: 'lbserver_backends{service="oap",state="serving"} 1.0' in scrape(),
+        timeout=15,
+        message="backend never showed in /metrics",
+    )
+    text = scrape()
+    assert (
+        'lbserver_server_list_entries{instance="127.0.0.1:%d",service="oap"} 1.0' % backend_port
+        in text
+    )
+    accepted = [
+        line
+        for line in text.splitlines()
+        if line.startswith('lbserver_heartbeats_total{result="accepted"}')
+    ]
+    assert accepted and float(accepted[0].split()[-1]) >= 1
