@@ -69,7 +69,7 @@ def test_metrics_count_backends_and_heartbeats(processes: ProcessManager) -> Non
     )
     text = scrape()
     assert (
-        'lbserver_server_list_entries{instance="127.0.0.1:%d",service="oap"} 1.0' % backend_port
+        f'lbserver_server_list_entries{{instance="127.0.0.1:{backend_port}",service="oap"}} 1.0'
         in text
     )
     accepted = [
