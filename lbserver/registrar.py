@@ -32,6 +32,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from lbserver.domain.model import LoadReport
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 
 __all__ = [
@@ -54,16 +55,6 @@ _DEFAULT_DEREGISTER_TIMEOUT = 2.0
 _MAX_UINT32 = 2**32 - 1
 # Codes that mean "could not talk to the balancer" rather than "it said no".
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-@dataclass(frozen=True, slots=True)
-class LoadReport:
-    """Load as the backend sees it; None means unknown (not zero)."""
-
-    cpu_utilization: float | None = None
-    requests_per_second: float | None = None
-    errors_per_second: float | None = None
-    in_flight: int | None = None
 
 
 LoadCallback = Callable[[], LoadReport | Awaitable[LoadReport]]
