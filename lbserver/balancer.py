@@ -10,8 +10,9 @@ changes reaches each client as one push.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,15 +21,28 @@ import structlog
 from lbserver.domain.membership import Membership, TtlPolicy
 from lbserver.domain.model import Backend, Registration
 from lbserver.domain.naming import NameRules, resolve
-from lbserver.domain.serverlist import DEFAULT_MAX_LIST_LENGTH, ServerList, build_server_list
-from lbserver.domain.weights import WeightPolicy, static_weights
+from lbserver.domain.serverlist import (
+    DEFAULT_MAX_LIST_LENGTH,
+    ServerList,
+    build_server_list,
+    max_share_change,
+)
+from lbserver.domain.subsetting import IndexPool, subset_positions
+from lbserver.domain.weights import (
+    LoadWeightSettings,
+    SheddingSettings,
+    WeightPolicy,
+    drop_entries_for,
+    drop_share,
+    load_aware_weights,
+)
 
 log = structlog.get_logger("lbserver.balancer")
 
 AnswerKind = Literal["list", "fallback", "pending"]
 EmptyServicePolicy = Literal["fallback", "hold"]
-# Builds one service's list from its backends; replaceable for load-aware
-# weights or drops.
+# Replaces the whole weights → list pipeline for one service (tests use it
+# to inject drop entries).
 ListBuilder = Callable[[str, list[Backend], float], ServerList]
 
 
@@ -100,6 +114,9 @@ class Watch:
         self._balancer = balancer
         self._slot = slot
         self._closed = False
+        # Subsetting: this client's index among the clients of its service.
+        self._index_service: str | None = None
+        self._index = 0
 
     @property
     def name(self) -> str:
@@ -123,10 +140,54 @@ class Watch:
             await self._slot.changed.wait()
         return self._slot.version, self._slot.answer
 
+    def servers(self, answer: Answer) -> ServerList | None:
+        """The list this client gets for `answer`: the service's list, or its
+        subset of it when the service is subsetted."""
+        if answer.kind != "list" or answer.service is None:
+            return None
+        return self._balancer._servers_for(self, answer.service)
+
+    def client_index(self, service: str) -> int:
+        if self._index_service != service:
+            self._release_index()
+            self._index = self._balancer._index_pool(service).acquire()
+            self._index_service = service
+        return self._index
+
+    def _release_index(self) -> None:
+        if self._index_service is not None:
+            self._balancer._index_pool(self._index_service).release(self._index)
+            self._index_service = None
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self._release_index()
             self._balancer._release(self._slot)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePlan:
+    """A service's published list and what it was built from."""
+
+    backends: tuple[Backend, ...]
+    weights: Mapping[str, float]
+    drop_entries: int
+    servers: ServerList
+
+
+@dataclass(frozen=True, slots=True)
+class ListSettings:
+    max_length: int = DEFAULT_MAX_LIST_LENGTH
+    # Hysteresis: a list whose backends are unchanged is pushed only when
+    # some backend's share moves by more than this (0 = any change).
+    share_threshold: float = 0.0
+    # Weight-only changes are pushed at most once per this many seconds per
+    # service; membership changes (join, leave, drain) always go out at once.
+    min_push_interval: float = 0.0
+    shedding: SheddingSettings = field(default_factory=SheddingSettings)
+    # Services whose clients each get a subset of this many backends.
+    subset_sizes: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +197,12 @@ class ServiceView:
     name: str
     backends: tuple[Backend, ...]
     servers: ServerList
+    weights: Mapping[str, float]
     clients: int
     client_stats: ClientCallStats
+
+
+EMPTY_LIST = ServerList(())
 
 
 class Balancer:
@@ -147,26 +212,34 @@ class Balancer:
         ttl_policy: TtlPolicy | None = None,
         heartbeat_interval: float = 3.0,
         name_rules: NameRules | None = None,
-        weight_policy: WeightPolicy = static_weights,
-        max_list_length: int = DEFAULT_MAX_LIST_LENGTH,
+        load_settings: LoadWeightSettings | None = None,
+        weight_policy: WeightPolicy | None = None,
+        list_settings: ListSettings | None = None,
         list_builder: ListBuilder | None = None,
         empty_service: EmptyServicePolicy = "fallback",
         startup_grace: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self.membership = Membership(ttl_policy)
+        load_settings = load_settings or LoadWeightSettings()
+        self.membership = Membership(ttl_policy, load_settings)
         self.heartbeat_interval = heartbeat_interval
         self.name_rules = name_rules or NameRules()
-        self._weight_policy = weight_policy
-        self._max_list_length = max_list_length
-        self._list_builder = list_builder or self._build_weighted_list
+        self._weight_policy: WeightPolicy = weight_policy or (
+            lambda backends, now: load_aware_weights(backends, now, load_settings)
+        )
+        self.list_settings = list_settings or ListSettings()
+        self._list_builder = list_builder
         self._empty_service = empty_service
         self._clock = clock
         self._wall_clock = wall_clock
         self._grace_ends = clock() + startup_grace
         self._in_grace = startup_grace > 0
-        self._lists: dict[str, ServerList] = {}
+        self._plans: dict[str, ServicePlan] = {}
+        self._published_at: dict[str, float] = {}
+        self._pending: set[str] = set()
+        self._subsets: dict[tuple[str, int], ServerList] = {}
+        self._index_pools: dict[str, IndexPool] = {}
         self._slots: dict[str, _NameSlot] = {}
         self._client_stats: dict[str, ClientCallStats] = {}
         self.closed = False
@@ -175,7 +248,7 @@ class Balancer:
 
     def heartbeat(self, registration: Registration) -> Backend:
         known = registration.service in self.membership
-        previous = self._find(registration.service, registration.instance_id)
+        previous = self.membership.get(registration.service, registration.instance_id)
         backend = self.membership.heartbeat(registration, self._clock(), self._wall_clock())
         if not known:
             log.info("service appeared", service=registration.service)
@@ -206,12 +279,21 @@ class Balancer:
         return removed
 
     def tick(self) -> None:
-        """Expires backends past their TTL and ends the startup grace; call
-        it periodically (run_timers does)."""
+        """Expires backends past their TTL, sends rate-limited list changes
+        that are due and ends the startup grace; call it periodically
+        (run_timers does)."""
         now = self._clock()
-        for service in self.membership.expire(now):
+        changed = self.membership.expire(now)
+        for service in changed:
             log.warning("backend expired", service=service)
-            self._refresh([service])
+        due = {
+            service
+            for service in self._pending
+            if now - self._published_at.get(service, -math.inf)
+            >= self.list_settings.min_push_interval
+        }
+        if changed or due:
+            self._refresh(changed | due)
         if self._in_grace and now >= self._grace_ends:
             self._in_grace = False
             self._reanswer_all()
@@ -221,37 +303,64 @@ class Balancer:
             self.tick()
             await asyncio.sleep(period)
 
-    def _find(self, service: str, instance_id: str) -> Backend | None:
-        for backend in self.membership.backends(service):
-            if backend.instance_id == instance_id:
-                return backend
-        return None
-
     # --- lists ----------------------------------------------------------
 
-    def _build_weighted_list(self, service: str, backends: list[Backend], now: float) -> ServerList:
-        del service
+    def _build_plan(self, service: str, backends: list[Backend], now: float) -> ServicePlan:
+        if self._list_builder is not None:
+            servers = self._list_builder(service, backends, now)
+            return ServicePlan(tuple(backends), {}, 0, servers)
         weights = self._weight_policy(backends, now)
-        return build_server_list(backends, weights, max_length=self._max_list_length)
+        settings = self.list_settings
+        servers = build_server_list(backends, weights, max_length=settings.max_length)
+        drops = drop_entries_for(drop_share(backends, settings.shedding), len(servers))
+        if drops:
+            servers = build_server_list(
+                backends, weights, max_length=settings.max_length, drop_entries=drops
+            )
+        return ServicePlan(tuple(backends), weights, drops, servers)
 
     def _refresh(self, services: Iterable[str]) -> None:
         now = self._clock()
         for service in services:
+            self._pending.discard(service)
             backends = self.membership.backends(service)
-            servers = self._list_builder(service, backends, now) if backends else ServerList(())
-            if servers.entries:
-                self._lists[service] = servers
-            else:
-                self._lists.pop(service, None)
+            plan = self._build_plan(service, backends, now) if backends else None
+            current = self._plans.get(service)
+            if plan is None or not plan.servers.entries:
+                if current is not None:
+                    self._publish(service, None, now)
+                continue
+            if current is not None and plan.servers == current.servers:
+                continue
+            if current is not None and not _membership_changed(current.servers, plan.servers):
+                if max_share_change(current.servers, plan.servers) <= (
+                    self.list_settings.share_threshold
+                ):
+                    continue
+                if now - self._published_at.get(service, -math.inf) < (
+                    self.list_settings.min_push_interval
+                ):
+                    self._pending.add(service)
+                    continue
+            self._publish(service, plan, now)
         # Re-answering every name also covers services appearing or vanishing;
         # slots ignore answers equal to the one they hold.
         self._reanswer_all()
 
+    def _publish(self, service: str, plan: ServicePlan | None, now: float) -> None:
+        if plan is None:
+            self._plans.pop(service, None)
+        else:
+            self._plans[service] = plan
+        self._published_at[service] = now
+        for key in [key for key in self._subsets if key[0] == service]:
+            del self._subsets[key]
+
     def _answer(self, name: str, known: frozenset[str]) -> Answer:
         service = resolve(name, known, self.name_rules)
-        servers = self._lists.get(service) if service is not None else None
-        if servers is not None:
-            return Answer("list", service=service, servers=servers)
+        plan = self._plans.get(service) if service is not None else None
+        if plan is not None:
+            return Answer("list", service=service, servers=plan.servers)
         if self._in_grace or self._empty_service == "hold":
             return Answer("pending", service=service)
         return Answer("fallback", service=service)
@@ -262,7 +371,36 @@ class Balancer:
             slot.publish(self._answer(slot.name, known))
 
     def server_list(self, service: str) -> ServerList | None:
-        return self._lists.get(service)
+        plan = self._plans.get(service)
+        return plan.servers if plan is not None else None
+
+    def _servers_for(self, watch: Watch, service: str) -> ServerList | None:
+        plan = self._plans.get(service)
+        if plan is None:
+            return None
+        size = self.list_settings.subset_sizes.get(service, 0)
+        serving = [b for b in plan.backends if plan.weights.get(b.token, 0) > 0]
+        if size <= 0 or size >= len(serving):
+            return plan.servers
+        start = subset_positions(len(serving), size, watch.client_index(service))
+        key = (service, start[0] if start else 0)
+        cached = self._subsets.get(key)
+        if cached is None:
+            chosen = [serving[position] for position in start]
+            weights = {b.token: plan.weights[b.token] for b in chosen}
+            cached = self._subsets[key] = build_server_list(
+                chosen,
+                weights,
+                max_length=self.list_settings.max_length,
+                drop_entries=round(plan.drop_entries * size / len(serving)),
+            )
+        return cached
+
+    def _index_pool(self, service: str) -> IndexPool:
+        pool = self._index_pools.get(service)
+        if pool is None:
+            pool = self._index_pools[service] = IndexPool()
+        return pool
 
     # --- watches and client stats ----------------------------------------
 
@@ -292,20 +430,29 @@ class Balancer:
     def view(self, service: str | None = None) -> list[ServiceView]:
         clients = self.clients_per_service()
         names = sorted(set(self.membership.services()) | set(self._client_stats) | set(clients))
-        return [
-            ServiceView(
-                name=name,
-                backends=tuple(self.membership.backends(name)),
-                servers=self._lists.get(name, ServerList(())),
-                clients=clients.get(name, 0),
-                client_stats=self._client_stats.get(name, ClientCallStats()),
+        views = []
+        for name in names:
+            if service not in (None, "", name):
+                continue
+            plan = self._plans.get(name)
+            views.append(
+                ServiceView(
+                    name=name,
+                    backends=tuple(self.membership.backends(name)),
+                    servers=plan.servers if plan is not None else EMPTY_LIST,
+                    weights=plan.weights if plan is not None else {},
+                    clients=clients.get(name, 0),
+                    client_stats=self._client_stats.get(name, ClientCallStats()),
+                )
             )
-            for name in names
-            if service in (None, "", name)
-        ]
+        return views
 
     def close(self) -> None:
         """Wakes every stream so it can end (shutdown)."""
         self.closed = True
         for slot in self._slots.values():
             slot.changed.set()
+
+
+def _membership_changed(old: ServerList, new: ServerList) -> bool:
+    return {e.token for e in old.entries} != {e.token for e in new.entries}

@@ -70,6 +70,55 @@ class Config:
     max_list_length: int = _opt(
         100, "Most entries in a server list; weights are rounded to fit (largest remainder)."
     )
+    error_penalty: float = _opt(
+        1.0,
+        "How much one error per request counts as utilization in the load-aware weight "
+        "qps / (utilization + eps/qps * error_penalty) (gRFC A58).",
+    )
+    load_smoothing: float = _opt(
+        0.5,
+        "Weight of the newest load report in a backend's moving average, in (0, 1]; "
+        "1 disables smoothing.",
+    )
+    blackout: float = _opt(
+        10.0,
+        "Seconds after a backend's first load report during which it gets the mean weight "
+        "(early reports of a starting process are not representative).",
+    )
+    report_expiry: float = _opt(
+        15.0, "Seconds after which a backend's last load report no longer counts (mean weight)."
+    )
+    slow_start: float = _opt(
+        0.0,
+        "Seconds over which a newly registered backend ramps from 10% to its full weight "
+        "(JVM warm-up); 0 disables the ramp.",
+    )
+    max_weight_ratio: float = _opt(
+        10.0, "Load-aware weights are clamped to [mean / ratio, mean * ratio]."
+    )
+    share_threshold: float = _opt(
+        0.02,
+        "Hysteresis: with unchanged membership, a new list is pushed only when some "
+        "backend's share moves by more than this fraction.",
+    )
+    min_push_interval: float = _opt(
+        1.0,
+        "Seconds between two weight-only list pushes per service; joins, leaves and drains "
+        "are pushed at once.",
+    )
+    shed_utilization: float = _opt(
+        0.0,
+        "Overload shedding: when every backend of a service reports CPU utilization above "
+        "this, the list carries drop entries for the excess share; 0 disables it.",
+    )
+    max_drop_share: float = _opt(
+        0.5, "The largest share of calls overload shedding may drop, in [0, 1)."
+    )
+    subset_sizes: Mapping[str, int] = _opt(
+        {},
+        "Deterministic subsetting: {service: N} gives each client of the service N of its "
+        "backends, every backend serving the same number of clients within one.",
+    )
     name_rules: tuple[str, ...] = _opt(
         RULES,
         "How a client's name maps to a service, tried in order: exact, host (without port), "
@@ -100,7 +149,15 @@ class Config:
             "initial_request_timeout",
         ):
             _require(name, getattr(self, name) > 0, "must be > 0")
-        for name in ("client_stats_interval", "startup_grace", "shutdown_grace"):
+        for name in (
+            "client_stats_interval",
+            "startup_grace",
+            "shutdown_grace",
+            "error_penalty",
+            "blackout",
+            "slow_start",
+            "shed_utilization",
+        ):
             _require(name, getattr(self, name) >= 0, "must be >= 0")
         _require(
             "default_ttl",
@@ -113,6 +170,14 @@ class Config:
             f"must be shorter than default_ttl ({self.default_ttl}), or backends flap",
         )
         _require("max_list_length", 1 <= self.max_list_length <= 10_000, "must be 1-10000")
+        _require("report_expiry", self.report_expiry > 0, "must be > 0")
+        _require("min_push_interval", self.min_push_interval >= 0, "must be >= 0")
+        _require("load_smoothing", 0 < self.load_smoothing <= 1, "must be in (0, 1]")
+        _require("max_weight_ratio", self.max_weight_ratio >= 1, "must be >= 1")
+        _require("share_threshold", 0 <= self.share_threshold < 1, "must be in [0, 1)")
+        _require("max_drop_share", 0 <= self.max_drop_share < 1, "must be in [0, 1)")
+        bad = {k: v for k, v in self.subset_sizes.items() if v < 1}
+        _require("subset_sizes", not bad, f"sizes must be >= 1, got {bad}")
         _require(
             "empty_service",
             self.empty_service in EMPTY_SERVICE_POLICIES,
@@ -189,6 +254,12 @@ def _coerce(option: str, value: Any, target: Any) -> Any:
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{option}: expected a list, got {value!r}")
         return tuple(str(item).strip() for item in items if str(item).strip())
+    if target == "int_mapping":
+        raw = _coerce(option, value, "mapping")
+        sizes: dict[str, int] = {}
+        for key, item in raw.items():
+            sizes[key] = _coerce(f"{option}[{key}]", item, int)
+        return MappingProxyType(sizes)
     if target == "mapping":
         if isinstance(value, str):
             pairs: dict[str, str] = {}
@@ -210,6 +281,8 @@ def _target(f: dataclasses.Field[Any]) -> Any:
     annotation = str(f.type)
     if annotation.startswith("tuple"):
         return "tuple"
+    if annotation == "Mapping[str, int]":
+        return "int_mapping"
     if annotation.startswith("Mapping"):
         return "mapping"
     return {"float": float, "int": int, "str": str}[annotation]

@@ -17,10 +17,11 @@ from prometheus_client import REGISTRY, start_http_server
 
 from lbserver import metrics
 from lbserver._grpc_compat import AsyncHealthServicer
-from lbserver.balancer import Balancer, EmptyServicePolicy
+from lbserver.balancer import Balancer, EmptyServicePolicy, ListSettings
 from lbserver.config import Config, parse_host_port
 from lbserver.domain.membership import TtlPolicy
 from lbserver.domain.naming import NameRules
+from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
 from lbserver.proto.grpclb.v1 import load_balancer_pb2, load_balancer_pb2_grpc
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 from lbserver.services.admin import AdminService
@@ -56,7 +57,23 @@ def build_balancer(config: Config) -> Balancer:
         ),
         heartbeat_interval=config.heartbeat_interval,
         name_rules=NameRules(rules=config.name_rules, aliases=config.name_aliases),
-        max_list_length=config.max_list_length,
+        load_settings=LoadWeightSettings(
+            error_penalty=config.error_penalty,
+            smoothing=config.load_smoothing,
+            blackout=config.blackout,
+            report_expiry=config.report_expiry,
+            slow_start=config.slow_start,
+            max_ratio=config.max_weight_ratio,
+        ),
+        list_settings=ListSettings(
+            max_length=config.max_list_length,
+            share_threshold=config.share_threshold,
+            min_push_interval=config.min_push_interval,
+            shedding=SheddingSettings(
+                utilization=config.shed_utilization, max_drop_share=config.max_drop_share
+            ),
+            subset_sizes=config.subset_sizes,
+        ),
         empty_service=cast(EmptyServicePolicy, config.empty_service),
         startup_grace=config.startup_grace,
     )

@@ -1,5 +1,6 @@
 """`lbserver register`: the backend-side sidecar. Heartbeats one backend to
-every balancer until SIGTERM or SIGINT, then deregisters it and exits 0."""
+every balancer until SIGTERM or SIGINT, then deregisters it and exits 0.
+With --load-url or --load-static each heartbeat carries the backend's load."""
 
 from __future__ import annotations
 
@@ -10,13 +11,22 @@ import math
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
 import structlog
 
 from lbserver._logging import LOG_LEVELS, configure_logging
-from lbserver.registrar import Registrar, join_host_port, parse_host_port
+from lbserver.domain.model import LoadReport
+from lbserver.loadprobe import (
+    DEFAULT_CPU_METRIC,
+    PrometheusLoadProbe,
+    parse_cpus,
+    parse_selector,
+    static_load,
+)
+from lbserver.registrar import LoadCallback, Registrar, join_host_port, parse_host_port
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
@@ -70,6 +80,79 @@ def positive_seconds(value: str) -> float:
     return number
 
 
+def load_url(value: str) -> str:
+    """argparse type: an http:// or https:// URL with a host."""
+    try:
+        parsed = urllib.parse.urlsplit(value)
+        parsed.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{value!r}: {err}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an http:// or https:// URL with a host")
+    return value
+
+
+def load_spec(value: str) -> LoadReport:
+    """argparse type: cpu=...,rps=...,eps=...,inflight=..."""
+    try:
+        return static_load(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def metric(value: str) -> str:
+    """argparse type: NAME or NAME{label="value",...}; "" turns the metric off."""
+    if not value.strip():
+        return ""
+    try:
+        parse_selector(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value.strip()
+
+
+def cpu_count(value: str) -> float:
+    try:
+        return parse_cpus(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# Options that only mean something with --load-url (argparse default None = not given).
+_PROBE_OPTIONS = ("cpu_metric", "requests_metric", "errors_metric", "inflight_metric", "cpus")
+
+
+def build_load(args: argparse.Namespace) -> LoadCallback | None:
+    """The load callback the options ask for (None: heartbeats carry no load);
+    ValueError on options that do not fit together."""
+    if args.load_url is None:
+        for name in _PROBE_OPTIONS:
+            if getattr(args, name) is not None:
+                raise ValueError(f"--{name.replace('_', '-')} needs --load-url")
+    if args.load_static is not None:
+        report: LoadReport = args.load_static
+        return lambda: report
+    if args.load_url is None:
+        return None
+
+    def chosen(value: str | None, default: str | None = None) -> str | None:
+        return default if value is None else value or None
+
+    return PrometheusLoadProbe(
+        args.load_url,
+        cpu_metric=chosen(args.cpu_metric, DEFAULT_CPU_METRIC),
+        requests_metric=chosen(args.requests_metric),
+        errors_metric=chosen(args.errors_metric),
+        inflight_metric=chosen(args.inflight_metric),
+        cpus=args.cpus,
+        # A scrape must end before the heartbeat it feeds is due.
+        timeout=min(args.interval, 2.0),
+        # Every balancer's heartbeat asks for the load; one scrape serves them all,
+        # and rates are never taken over a sliver of an interval.
+        min_interval=args.interval / 2,
+    )
+
+
 def resolve_ip(host: str, port: int) -> str:
     """The address clients will connect to: the literal itself, or the first
     address the resolver gives for a hostname. Raises ValueError."""
@@ -103,6 +186,7 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
         labels=labels,
         interval=args.interval,
         ttl=args.ttl,
+        load=build_load(args),
     )
 
 
@@ -171,6 +255,60 @@ def add_parser(subparsers: Any) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="label to attach to the backend; repeatable",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument(
+        "--load-url",
+        type=load_url,
+        default=None,
+        metavar="URL",
+        help="Prometheus text endpoint of the backend, scraped every heartbeat to report "
+        "its load (skywalking-oap with telemetry 'prometheus': http://127.0.0.1:1234/metrics)",
+    )
+    source.add_argument(
+        "--load-static",
+        type=load_spec,
+        default=None,
+        metavar="cpu=U,rps=R[,...]",
+        help="report this fixed load with every heartbeat (tests, backends without metrics)",
+    )
+    parser.add_argument(
+        "--cpu-metric",
+        type=metric,
+        default=None,
+        metavar="NAME",
+        help=f"counter of CPU seconds; utilization = its rate / --cpus (default: "
+        f"{DEFAULT_CPU_METRIC}; '' for none)",
+    )
+    parser.add_argument(
+        "--requests-metric",
+        type=metric,
+        default=None,
+        metavar="NAME",
+        help="counter of requests, reported as requests/s summed over its label sets; "
+        'NAME{label="value"} selects some (default: none)',
+    )
+    parser.add_argument(
+        "--errors-metric",
+        type=metric,
+        default=None,
+        metavar="NAME",
+        help="counter of failed requests, reported as errors/s (default: none)",
+    )
+    parser.add_argument(
+        "--inflight-metric",
+        type=metric,
+        default=None,
+        metavar="NAME",
+        help="gauge of requests in progress, summed (default: none)",
+    )
+    parser.add_argument(
+        "--cpus",
+        type=cpu_count,
+        default=None,
+        metavar="N",
+        help="CPUs the backend may use, like 2 or 500m (default: this container's CPU "
+        "limit, else the CPU count; a sidecar must be given the backend container's)",
     )
     parser.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"

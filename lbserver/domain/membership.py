@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lbserver.domain.model import Backend, Registration
+from lbserver.domain.weights import LoadWeightSettings, update_capacity
 
 TOKEN_BYTES = 10  # 16 base32 characters: far under grpclb's 50-byte limit
 
@@ -37,8 +38,13 @@ class Membership:
     """Backends per service, keyed by instance id. Callers rebuild a service's
     list after changing it and push only when the list differs."""
 
-    def __init__(self, ttl_policy: TtlPolicy | None = None) -> None:
+    def __init__(
+        self,
+        ttl_policy: TtlPolicy | None = None,
+        load_settings: LoadWeightSettings | None = None,
+    ) -> None:
         self.ttl_policy = ttl_policy or TtlPolicy()
+        self.load_settings = load_settings or LoadWeightSettings()
         self._services: dict[str, dict[str, Backend]] = {}
 
     def heartbeat(self, registration: Registration, now: float, wall_now: float) -> Backend:
@@ -52,6 +58,9 @@ class Membership:
             ):
                 del members[other.instance_id]
         ttl = self.ttl_policy.grant(registration.requested_ttl)
+        previous = members.get(registration.instance_id)
+        if previous is not None and previous.registration.address != registration.address:
+            previous = None  # same id, new address: a new process as far as load goes
         backend = Backend(
             registration=registration,
             token=backend_token(
@@ -61,6 +70,13 @@ class Membership:
             expires_at=now + ttl,
             last_heartbeat_wall=wall_now,
             ttl=ttl,
+            first_seen=now if previous is None else previous.first_seen,
+            capacity=update_capacity(
+                None if previous is None else previous.capacity,
+                registration.load,
+                now,
+                self.load_settings,
+            ),
         )
         members[registration.instance_id] = backend
         return backend
@@ -85,6 +101,9 @@ class Membership:
             if not members:
                 del self._services[service]
         return changed
+
+    def get(self, service: str, instance_id: str) -> Backend | None:
+        return self._services.get(service, {}).get(instance_id)
 
     def backends(self, service: str) -> list[Backend]:
         """In a stable order (by address) so replicas build the same lists."""

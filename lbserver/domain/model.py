@@ -57,6 +57,18 @@ class Registration:
 
 
 @dataclass(frozen=True, slots=True)
+class Capacity:
+    """What the load reports say a backend can take: requests per second per
+    unit of utilization (gRFC A58), smoothed over reports."""
+
+    value: float
+    # Monotonic seconds of the newest report that fed it (expiry) and of the
+    # first report of the current unbroken run (blackout).
+    updated_at: float
+    since: float
+
+
+@dataclass(frozen=True, slots=True)
 class Backend:
     """A member of a service, as the balancer tracks it."""
 
@@ -68,6 +80,9 @@ class Backend:
     # Wall-clock seconds of the last heartbeat, for operators only.
     last_heartbeat_wall: float
     ttl: float
+    # Monotonic seconds this instance first registered (slow start).
+    first_seen: float = 0.0
+    capacity: Capacity | None = None
 
     @property
     def instance_id(self) -> str:

@@ -126,3 +126,20 @@ def build_server_list(
         registration = by_token[token].registration
         entries.append(Entry(ip=packed(registration.ip), port=registration.port, token=token))
     return ServerList(entries=tuple(entries))
+
+
+def shares(servers: ServerList) -> dict[str, float]:
+    """Share of the list per token (drop entries under their token)."""
+    total = len(servers)
+    counts: dict[str, int] = {}
+    for entry in servers.entries:
+        counts[entry.token] = counts.get(entry.token, 0) + 1
+    return {token: count / total for token, count in counts.items()} if total else {}
+
+
+def max_share_change(old: ServerList, new: ServerList) -> float:
+    before, after = shares(old), shares(new)
+    return max(
+        (abs(after.get(t, 0.0) - before.get(t, 0.0)) for t in before.keys() | after.keys()),
+        default=0.0,
+    )

@@ -51,6 +51,7 @@ def _backend_message(backend: Backend, view: ServiceView) -> pb.BackendStatus:
         ttl=ttl,
         list_entries=entries,
         share=entries / len(view.servers) if len(view.servers) else 0.0,
+        effective_weight=view.weights.get(backend.token, 0.0),
     )
 
 
@@ -61,6 +62,7 @@ def service_message(view: ServiceView) -> pb.ServiceStatus:
         backends=[_backend_message(backend, view) for backend in view.backends],
         clients=view.clients,
         list_length=len(view.servers),
+        drop_entries=sum(1 for entry in view.servers.entries if entry.drop),
         client_stats=pb.ClientCallStats(
             calls_started=stats.calls_started,
             calls_finished=stats.calls_finished,

@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2
 
 from lbserver import metrics
 from lbserver._grpc_compat import EOF_MARKER
-from lbserver.balancer import Answer, Balancer, ClientCallStats, Watch
+from lbserver.balancer import Balancer, ClientCallStats, Watch
 from lbserver.domain.serverlist import ServerList
 from lbserver.domain.validation import check_balance_name
 from lbserver.errors import InvalidArgumentError
@@ -135,16 +135,22 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         reader: asyncio.Task[None],
     ) -> None:
         version, answer = watch.current()
-        sent: Answer | None = None
+        # What this stream last wrote: ("list", servers) or ("fallback", None).
+        sent: tuple[str, ServerList | None] | None = None
         while not self._balancer.closed and not reader.done():
-            if answer.kind != "pending" and not _same(answer, sent):
-                await context.write(_message(answer))
-                if version:
-                    metrics.PUSH_LATENCY.observe(time.monotonic() - watch.published_at)
-                metrics.LIST_PUSHES.labels(
-                    "server_list" if answer.kind == "list" else "fallback"
-                ).inc()
-                sent = answer
+            if answer.kind != "pending":
+                servers = watch.servers(answer)
+                reply = ("list", servers) if servers is not None else ("fallback", None)
+                if reply != sent:
+                    await context.write(
+                        server_list_message(servers) if servers is not None else FALLBACK
+                    )
+                    if version:
+                        metrics.PUSH_LATENCY.observe(time.monotonic() - watch.published_at)
+                    metrics.LIST_PUSHES.labels(
+                        "server_list" if servers is not None else "fallback"
+                    ).inc()
+                    sent = reply
             waiter = asyncio.ensure_future(watch.next(version))
             done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
             if waiter not in done:
@@ -186,13 +192,3 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         metrics.STREAM_ERRORS.labels(code.name).inc()
         log.warning("rejected BalanceLoad stream", peer=peer, code=code.name, details=details)
         await context.abort(code, details)
-
-
-def _same(answer: Answer, sent: Answer | None) -> bool:
-    return sent is not None and answer.kind == sent.kind and answer.servers == sent.servers
-
-
-def _message(answer: Answer) -> lb_pb2.LoadBalanceResponse:
-    if answer.kind == "list" and answer.servers is not None:
-        return server_list_message(answer.servers)
-    return FALLBACK

@@ -293,6 +293,7 @@ class BackendStatus(_message.Message):
     TTL_FIELD_NUMBER: _builtins.int
     LIST_ENTRIES_FIELD_NUMBER: _builtins.int
     SHARE_FIELD_NUMBER: _builtins.int
+    EFFECTIVE_WEIGHT_FIELD_NUMBER: _builtins.int
     instance_id: _builtins.str
     ip: _builtins.str
     port: _builtins.int
@@ -304,6 +305,10 @@ class BackendStatus(_message.Message):
     """Entries of this backend in the current server list."""
     share: _builtins.float
     """list_entries over the list length (drops included), 0..1."""
+    effective_weight: _builtins.float
+    """The weight the balancer computed (load-aware, clamped, ramped) before
+    it became list entries; 0 when the backend gets no calls.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -328,10 +333,11 @@ class BackendStatus(_message.Message):
         ttl: _duration_pb2.Duration | None = ...,
         list_entries: _builtins.int = ...,
         share: _builtins.float = ...,
+        effective_weight: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_heartbeat", b"last_heartbeat", "load", b"load", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "ip", b"ip", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "list_entries", b"list_entries", "load", b"load", "load_balance_token", b"load_balance_token", "port", b"port", "share", b"share", "state", b"state", "ttl", b"ttl", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["effective_weight", b"effective_weight", "instance_id", b"instance_id", "ip", b"ip", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "list_entries", b"list_entries", "load", b"load", "load_balance_token", b"load_balance_token", "port", b"port", "share", b"share", "state", b"state", "ttl", b"ttl", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -400,10 +406,13 @@ class ServiceStatus(_message.Message):
     CLIENTS_FIELD_NUMBER: _builtins.int
     CLIENT_STATS_FIELD_NUMBER: _builtins.int
     LIST_LENGTH_FIELD_NUMBER: _builtins.int
+    DROP_ENTRIES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     clients: _builtins.int
     """Open BalanceLoad streams whose name maps to this service."""
     list_length: _builtins.int
+    drop_entries: _builtins.int
+    """Drop entries in the list (overload shedding)."""
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendStatus]: ...
     @_builtins.property
@@ -416,10 +425,11 @@ class ServiceStatus(_message.Message):
         clients: _builtins.int = ...,
         client_stats: Global___ClientCallStats | None = ...,
         list_length: _builtins.int = ...,
+        drop_entries: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client_stats", b"client_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "client_stats", b"client_stats", "clients", b"clients", "list_length", b"list_length", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "client_stats", b"client_stats", "clients", b"clients", "drop_entries", b"drop_entries", "list_length", b"list_length", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
