@@ -32,7 +32,6 @@ from lbserver.domain.weights import (
     LoadWeightSettings,
     SheddingSettings,
     WeightPolicy,
-    drop_entries_for,
     drop_share,
     load_aware_weights,
 )
@@ -311,12 +310,13 @@ class Balancer:
             return ServicePlan(tuple(backends), {}, 0, servers)
         weights = self._weight_policy(backends, now)
         settings = self.list_settings
-        servers = build_server_list(backends, weights, max_length=settings.max_length)
-        drops = drop_entries_for(drop_share(backends, settings.shedding), len(servers))
-        if drops:
-            servers = build_server_list(
-                backends, weights, max_length=settings.max_length, drop_entries=drops
-            )
+        servers = build_server_list(
+            backends,
+            weights,
+            max_length=settings.max_length,
+            drop_share=drop_share(backends, settings.shedding),
+        )
+        drops = sum(1 for entry in servers.entries if entry.drop)
         return ServicePlan(tuple(backends), weights, drops, servers)
 
     def _refresh(self, services: Iterable[str]) -> None:

@@ -111,11 +111,16 @@ def build_server_list(
     *,
     max_length: int = DEFAULT_MAX_LIST_LENGTH,
     drop_entries: int = 0,
+    drop_share: float = 0.0,
 ) -> ServerList:
-    """The list a client of these backends should get. `drop_entries` adds
-    that many drop entries, spread through the list like a backend's."""
+    """The list a client of these backends should get. Drops are spread
+    through the list like a backend's entries: `drop_share` as a share of the
+    list (rounded with the weights), or exactly `drop_entries` of them."""
     by_token = {b.token: b for b in backends}
-    counts = multiplicities({t: w for t, w in weights.items() if t in by_token}, max_length)
+    usable = {t: w for t, w in weights.items() if t in by_token and w > 0}
+    if usable and 0 < drop_share < 1:
+        usable[DROP_TOKEN] = drop_share / (1 - drop_share) * math.fsum(usable.values())
+    counts = multiplicities(usable, max_length)
     if drop_entries > 0 and counts:
         counts[DROP_TOKEN] = drop_entries
     entries = []

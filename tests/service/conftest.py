@@ -1,53 +1,18 @@
-"""Service tests: the real grpc.aio server on 127.0.0.1:0, driven by raw stubs."""
+"""Service tests: the real grpc.aio server on 127.0.0.1:0, driven by raw stubs
+and by grpcio's own grpclb client."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
 
-import grpc
 import pytest
 
-from lbserver.balancer import Balancer
-from lbserver.config import Config
-from lbserver.server import RunningServer, build_balancer, start
+from tests.service.grpclb_client import Client
+from tests.service.harness import TEST_CONFIG, Harness
+from tests.support.backends import BackendFleet, CountingBackend
+from tests.support.dns import DnsServer
 
-TEST_CONFIG = Config(
-    listen="127.0.0.1:0",
-    metrics_listen="off",
-    startup_grace=0.0,
-    client_stats_interval=1.0,
-    shutdown_grace=1.0,
-    log_level="warning",
-)
-
-BalancerFactory = Callable[[Config], Balancer]
-
-
-class Harness:
-    """Starts balancers and opens channels to them; cleans up everything."""
-
-    def __init__(self) -> None:
-        self.servers: list[RunningServer] = []
-        self.channels: list[grpc.aio.Channel] = []
-
-    async def start(self, balancer: Balancer | None = None, **changes: Any) -> RunningServer:
-        config = replace(TEST_CONFIG, **changes)
-        running = await start(config, balancer or build_balancer(config))
-        self.servers.append(running)
-        return running
-
-    def channel(self, running: RunningServer) -> grpc.aio.Channel:
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
-        self.channels.append(channel)
-        return channel
-
-    async def close(self) -> None:
-        for channel in self.channels:
-            await channel.close(None)
-        for running in self.servers:
-            await running.stop(grace=0)
+__all__ = ["TEST_CONFIG", "Harness"]
 
 
 @pytest.fixture
@@ -57,3 +22,30 @@ async def harness() -> AsyncIterator[Harness]:
         yield h
     finally:
         await h.close()
+
+
+@pytest.fixture
+def dns() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        yield server
+
+
+@pytest.fixture
+def fleet() -> Iterator[BackendFleet]:
+    with BackendFleet(3) as backends:
+        yield backends
+
+
+@pytest.fixture
+def fallback_backend() -> Iterator[CountingBackend]:
+    with CountingBackend("fallback") as backend:
+        yield backend
+
+
+@pytest.fixture
+async def client(dns: DnsServer, fallback_backend: CountingBackend) -> AsyncIterator[Client]:
+    c = Client(dns, fallback_backend)
+    try:
+        yield c
+    finally:
+        await c.channel.close(None)

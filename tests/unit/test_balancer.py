@@ -132,3 +132,89 @@ def test_client_stats_accumulate(clock: Clock) -> None:
     stats = balancer.view("oap")[0].client_stats
     assert (stats.calls_started, stats.calls_finished, stats.reports) == (5, 4, 2)
     assert stats.calls_dropped_by_token == {"t": 3, "u": 1}
+
+
+def loaded(n: int, cpu: float, rps: float = 100.0, **changes: object) -> Registration:
+    from lbserver.domain.model import LoadReport
+
+    return registration(n, load=LoadReport(cpu_utilization=cpu, requests_per_second=rps), **changes)
+
+
+def make_loaded(clock: Clock, **list_changes: object) -> Balancer:
+    from lbserver.balancer import ListSettings
+    from lbserver.domain.weights import LoadWeightSettings
+
+    return make(
+        clock,
+        load_settings=LoadWeightSettings(blackout=0.0, smoothing=1.0),
+        list_settings=ListSettings(**list_changes),  # type: ignore[arg-type]
+    )
+
+
+def test_load_reports_become_list_shares(clock: Clock) -> None:
+    balancer = make_loaded(clock)
+    balancer.heartbeat(loaded(1, cpu=0.9))
+    balancer.heartbeat(loaded(2, cpu=0.3))
+    servers = balancer.server_list("oap")
+    assert servers is not None
+    tokens = {b.instance_id: b.token for b in balancer.membership.backends("oap")}
+    assert servers.count(tokens["pod-2"]) == 3 * servers.count(tokens["pod-1"])
+
+
+def test_small_share_moves_are_not_pushed(clock: Clock) -> None:
+    balancer = make_loaded(clock, share_threshold=0.05, max_length=100)
+    balancer.heartbeat(loaded(1, cpu=0.5))
+    balancer.heartbeat(loaded(2, cpu=0.5))
+    before = balancer.server_list("oap")
+    balancer.heartbeat(loaded(1, cpu=0.52))  # about one point of share
+    assert balancer.server_list("oap") == before
+    balancer.heartbeat(loaded(1, cpu=0.9))  # many points
+    assert balancer.server_list("oap") != before
+
+
+def test_weight_changes_are_rate_limited_but_membership_is_not(clock: Clock) -> None:
+    balancer = make_loaded(clock, min_push_interval=5.0)
+    balancer.heartbeat(loaded(1, cpu=0.5))
+    balancer.heartbeat(loaded(2, cpu=0.5))  # a join: pushed at once
+    joined = balancer.server_list("oap")
+    assert joined is not None and len({e.token for e in joined.entries}) == 2
+    balancer.heartbeat(loaded(1, cpu=0.9))
+    assert balancer.server_list("oap") == joined  # too soon after the last push
+    clock.now += 5.0
+    balancer.tick()
+    assert balancer.server_list("oap") != joined
+    balancer.heartbeat(loaded(2, cpu=0.5, state=BackendState.DRAINING))
+    drained = balancer.server_list("oap")
+    assert drained is not None and len({e.token for e in drained.entries}) == 1  # never waits
+
+
+def test_overload_shedding_adds_drop_entries(clock: Clock) -> None:
+    from lbserver.domain.weights import SheddingSettings
+
+    balancer = make_loaded(clock, shedding=SheddingSettings(utilization=0.8))
+    balancer.heartbeat(loaded(1, cpu=1.0))
+    balancer.heartbeat(loaded(2, cpu=1.0))
+    servers = balancer.server_list("oap")
+    assert servers is not None
+    drops = sum(1 for entry in servers.entries if entry.drop)
+    assert drops / len(servers) == pytest.approx(0.2, abs=0.1)
+    balancer.heartbeat(loaded(2, cpu=0.5))
+    relieved = balancer.server_list("oap")
+    assert relieved is not None and not any(entry.drop for entry in relieved.entries)
+
+
+async def test_subsetting_gives_each_client_its_share_of_backends(clock: Clock) -> None:
+    balancer = make_loaded(clock, subset_sizes={"oap": 2})
+    for n in range(1, 7):
+        balancer.heartbeat(registration(n))
+    watches = [balancer.watch("oap") for _ in range(9)]
+    per_backend: dict[bytes, int] = {}
+    for watch in watches:
+        servers = watch.servers(watch.current()[1])
+        assert servers is not None and len({e.ip for e in servers.entries}) == 2
+        for ip in {e.ip for e in servers.entries}:
+            per_backend[ip] = per_backend.get(ip, 0) + 1
+    assert len(per_backend) == 6
+    assert max(per_backend.values()) - min(per_backend.values()) <= 1
+    for watch in watches:
+        watch.close()
