@@ -12,6 +12,7 @@
           "name": "oap",
           "clients": 3,                   # open BalanceLoad streams
           "list_length": 12,              # server list entries, drops included
+          "drop_entries": 0,              # overload shedding
           "client_stats": {
             "calls_started": 0,
             "calls_finished": 0,
@@ -28,7 +29,8 @@
               "zone": "",
               "labels": {},
               "state": "serving",           # serving | draining | unspecified
-              "weight": 1,
+              "weight": 1,                  # static weight it registered with
+              "effective_weight": 333.3,    # load-aware, clamped, ramped; 0 = no calls
               "list_entries": 4,
               "share": 0.333,               # 0..1
               "load": {
@@ -191,6 +193,7 @@ def _backend_dict(
         "labels": dict(sorted(backend.labels.items())),
         "state": _STATE_NAMES.get(backend.state, str(backend.state)),
         "weight": backend.weight,
+        "effective_weight": backend.effective_weight,
         "list_entries": backend.list_entries,
         "share": backend.share,
         "load": _load_dict(backend.load),
@@ -212,6 +215,7 @@ def state_to_dict(state: lbserver_pb2.GetStateResponse, balancer: str) -> dict[s
                 "name": service.name,
                 "clients": service.clients,
                 "list_length": service.list_length,
+                "drop_entries": service.drop_entries,
                 "client_stats": {
                     "calls_started": service.client_stats.calls_started,
                     "calls_finished": service.client_stats.calls_finished,
@@ -245,6 +249,7 @@ _COLUMNS = (
     "ZONE",
     "STATE",
     "WEIGHT",
+    "EFFECTIVE",
     "ENTRIES",
     "SHARE",
     "CPU",
@@ -266,6 +271,7 @@ def _backend_row(backend: dict[str, Any]) -> list[str]:
         backend["zone"] or "-",
         backend["state"],
         str(backend["weight"]),
+        f"{backend['effective_weight']:.4g}",
         str(backend["list_entries"]),
         f"{backend['share'] * 100:.1f}%",
         "-" if cpu is None else f"{cpu * 100:.0f}%",

@@ -49,6 +49,7 @@ def known_state() -> pb.GetStateResponse:
                         ttl=duration_pb2.Duration(seconds=9),
                         list_entries=3,
                         share=0.75,
+                        effective_weight=240.0,
                     ),
                     pb.BackendStatus(
                         instance_id="[fd00::2]:11800",
@@ -102,6 +103,7 @@ def test_json(admin: tuple[FakeAdmin, str], capsys: pytest.CaptureFixture[str]) 
     oap = document["services"][0]
     assert oap["clients"] == 3
     assert oap["list_length"] == 4
+    assert oap["drop_entries"] == 0
     assert oap["client_stats"] == {
         "calls_started": 100,
         "calls_finished": 98,
@@ -119,6 +121,7 @@ def test_json(admin: tuple[FakeAdmin, str], capsys: pytest.CaptureFixture[str]) 
         "labels": {"pod": "oap-0"},
         "state": "serving",
         "weight": 1,
+        "effective_weight": 240.0,
         "list_entries": 3,
         "share": 0.75,
         "load": {
@@ -161,12 +164,12 @@ def test_table(admin: tuple[FakeAdmin, str], capsys: pytest.CaptureFixture[str])
     header = next(line for line in lines if "BACKEND" in line).split()
     assert header[:3] == ["BACKEND", "ZONE", "STATE"]
     row = next(line for line in lines if line.strip().startswith("10.0.0.1:11800")).split()
-    assert row[:7] == ["10.0.0.1:11800", "eu-1a", "serving", "1", "3", "75.0%", "50%"]
+    assert row[:8] == ["10.0.0.1:11800", "eu-1a", "serving", "1", "240", "3", "75.0%", "50%"]
     assert "2.0s" in row
     assert "tok0" in row
     assert "oap-0" in row
     row = next(line for line in lines if line.strip().startswith("[fd00::2]:11800")).split()
-    assert row[:7] == ["[fd00::2]:11800", "-", "draining", "2", "1", "25.0%", "-"]
+    assert row[:8] == ["[fd00::2]:11800", "-", "draining", "2", "0", "1", "25.0%", "-"]
     assert "client stats: 100 started, 98 finished" in out
     assert "2 dropped (tok-drop: 2)" in out
     assert "service empty: 0 backends" in out
