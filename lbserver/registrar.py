@@ -23,6 +23,7 @@ import asyncio
 import inspect
 import ipaddress
 import math
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -85,6 +86,21 @@ def parse_host_port(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
+Resolver = Callable[[str], Awaitable[list[str]]]
+
+
+async def resolve_balancer(host: str) -> list[str]:
+    """All IP addresses of `host` (one for an IP literal), sorted."""
+    try:
+        return [str(ipaddress.ip_address(host))]
+    except ValueError:
+        pass
+    infos = await asyncio.get_running_loop().getaddrinfo(
+        host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+    )
+    return sorted({str(info[4][0]) for info in infos})
+
+
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -135,6 +151,9 @@ class Registrar:
         interval: float = 3.0,
         ttl: float | None = None,
         load: LoadCallback | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        resolve: Resolver | None = None,
     ) -> None:
         if isinstance(balancers, str):
             raise ValueError("balancers must be a sequence of HOST:PORT strings, not one string")
@@ -181,9 +200,18 @@ class Registrar:
         self._interval = float(interval)
         self._ttl = ttl
         self._load = load
+        # Sent as `authorization: Bearer <token>` when the balancers require it.
+        self._metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self._credentials = credentials
+        self._resolve = resolve or resolve_balancer
         self._state: lbserver_pb2.BackendState.ValueType = lbserver_pb2.BACKEND_STATE_SERVING
         self._links: list[_Link] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._resolver_task: asyncio.Task[None] | None = None
+        self._resolve_failing = False
+        self._resolved: dict[str, list[str]] = {}
         self._started = False
         self._stopping = False
         self._closed = asyncio.Event()
@@ -251,13 +279,14 @@ class Registrar:
         self._started = True
         if self._stopping:
             return
-        self._links = [self._connect(address) for address in self._balancers]
-        self._tasks = [
-            asyncio.create_task(self._heartbeat_loop(link), name=f"heartbeat {link.address}")
-            for link in self._links
-        ]
+        await self._update_links(await self._resolve_targets())
+        self._resolver_task = asyncio.create_task(self._resolver_loop(), name="resolve balancers")
         self._log.info(
-            "registrar started", balancers=list(self._balancers), ip=self._ip, port=self._port
+            "registrar started",
+            balancers=list(self._balancers),
+            addresses=[link.address for link in self._links],
+            ip=self._ip,
+            port=self._port,
         )
         try:
             await self._closed.wait()
@@ -303,15 +332,67 @@ class Registrar:
         if self._background is not None:
             await self._background
 
+    async def _resolve_targets(self) -> list[str]:
+        """Every address of every balancer target: a headless Service name
+        resolves to all replicas, and each must get its own heartbeats."""
+        addresses: list[str] = []
+        failed: list[str] = []
+        for target in self._balancers:
+            host, port = parse_host_port(target)
+            try:
+                resolved = [join_host_port(ip, port) for ip in await self._resolve(host)]
+            except OSError as err:
+                failed.append(f"{target}: {err}")
+                resolved = self._resolved.get(target, [])
+            else:
+                self._resolved[target] = resolved
+            addresses.extend(address for address in resolved if address not in addresses)
+        if failed and not self._resolve_failing:
+            self._log.warning("cannot resolve balancers; keeping known addresses", errors=failed)
+        elif not failed and self._resolve_failing:
+            self._log.info("balancers resolve again")
+        self._resolve_failing = bool(failed)
+        return addresses
+
+    async def _resolver_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            await self._update_links(await self._resolve_targets())
+
+    async def _update_links(self, addresses: list[str]) -> None:
+        current = {
+            link.address: (link, task) for link, task in zip(self._links, self._tasks, strict=True)
+        }
+        for address, (link, task) in current.items():
+            if address not in addresses:
+                # A replica that left the headless Service: nothing to
+                # deregister from, it is gone.
+                self._log.info("balancer address gone", balancer=address)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                await link.channel.close(None)
+        links, tasks = [], []
+        for address in addresses:
+            if address in current:
+                link, task = current[address]
+            else:
+                link = self._connect(address)
+                task = asyncio.create_task(self._heartbeat_loop(link), name=f"heartbeat {address}")
+            links.append(link)
+            tasks.append(task)
+        self._links, self._tasks = links, tasks
+
     def _connect(self, address: str) -> _Link:
-        channel = grpc.aio.insecure_channel(
-            address,
-            options=[
-                # gRPC's own reconnect backoff grows to 120 s; a restarted
-                # balancer must get the registration back within one interval.
-                ("grpc.initial_reconnect_backoff_ms", int(_INITIAL_BACKOFF * 1000)),
-                ("grpc.max_reconnect_backoff_ms", max(int(self._interval * 1000), 200)),
-            ],
+        options = [
+            # gRPC's own reconnect backoff grows to 120 s; a restarted
+            # balancer must get the registration back within one interval.
+            ("grpc.initial_reconnect_backoff_ms", int(_INITIAL_BACKOFF * 1000)),
+            ("grpc.max_reconnect_backoff_ms", max(int(self._interval * 1000), 200)),
+        ]
+        channel = (
+            grpc.aio.secure_channel(address, self._credentials, options=options)
+            if self._credentials is not None
+            else grpc.aio.insecure_channel(address, options=options)
         )
         return _Link(
             address=address,
@@ -357,7 +438,9 @@ class Registrar:
         )
         if self._ttl is not None:
             request.requested_ttl.FromNanoseconds(_nanos(self._ttl))
-        return await link.stub.Heartbeat(request, timeout=max(link.interval, _MIN_RPC_TIMEOUT))
+        return await link.stub.Heartbeat(
+            request, timeout=max(link.interval, _MIN_RPC_TIMEOUT), metadata=self._metadata
+        )
 
     async def _current_load(self) -> lbserver_pb2.LoadReport | None:
         if self._load is None:
@@ -425,7 +508,7 @@ class Registrar:
             service=self._service, instance_id=self._instance_id
         )
         try:
-            reply = await link.stub.Deregister(request, timeout=deadline)
+            reply = await link.stub.Deregister(request, timeout=deadline, metadata=self._metadata)
         except grpc.aio.AioRpcError as err:
             self._log.warning(
                 "deregister failed",
@@ -438,6 +521,9 @@ class Registrar:
 
     async def _shutdown(self, *, deregister: bool, deadline: float) -> None:
         try:
+            if self._resolver_task is not None:
+                self._resolver_task.cancel()
+                await asyncio.gather(self._resolver_task, return_exceptions=True)
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

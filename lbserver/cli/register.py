@@ -1,6 +1,7 @@
 """`lbserver register`: the backend-side sidecar. Heartbeats one backend to
-every balancer until SIGTERM or SIGINT, then deregisters it and exits 0.
-With --load-url or --load-static each heartbeat carries the backend's load."""
+every address of every balancer until SIGTERM or SIGINT, then drains,
+deregisters it and exits 0. With --load-url or --load-static each heartbeat
+carries the backend's load."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import argparse
 import asyncio
 import ipaddress
 import math
+import os
 import signal
 import socket
 import sys
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+import grpc
 import structlog
 
 from lbserver._logging import LOG_LEVELS, configure_logging
@@ -68,6 +72,19 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {number}")
     return number
+
+
+DEFAULT_DRAIN_SECONDS = 5.0
+
+
+def non_negative_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, not {value}")
+    return seconds
 
 
 def positive_seconds(value: str) -> float:
@@ -187,6 +204,44 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
         interval=args.interval,
         ttl=args.ttl,
         load=build_load(args),
+        token=read_token(args.token_file),
+        credentials=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
+    )
+
+
+def read_token(path: str | None) -> str | None:
+    """The token from --token-file, else LBSERVER_TOKEN; ValueError if unusable."""
+    if path is None:
+        return os.environ.get("LBSERVER_TOKEN") or None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as err:
+        raise ValueError(f"--token-file: cannot read {path}: {err.strerror}") from None
+    if not token:
+        raise ValueError(f"--token-file: {path} is empty")
+    return token
+
+
+def channel_credentials(
+    ca: str | None, cert: str | None, key: str | None
+) -> grpc.ChannelCredentials | None:
+    if (cert is None) != (key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if ca is None and cert is None:
+        return None
+
+    def read(option: str, path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as err:
+            raise ValueError(f"{option}: cannot read {path}: {err.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read("--tls-ca", ca),
+        private_key=read("--tls-key", key),
+        certificate_chain=read("--tls-cert", cert),
     )
 
 
@@ -196,7 +251,9 @@ def add_parser(subparsers: Any) -> None:
         help="register a backend with the balancers and heartbeat until stopped",
         description=(
             "Registers one backend with every given balancer and heartbeats until "
-            "SIGTERM or SIGINT, then deregisters it from every balancer and exits."
+            "SIGTERM or SIGINT, then drains (--drain-seconds), deregisters it from every "
+            "balancer and exits 0. A balancer given by DNS name (a headless Service) is "
+            "re-resolved every interval and every address gets its own heartbeats."
         ),
     )
     parser.add_argument(
@@ -242,6 +299,34 @@ def add_parser(subparsers: Any) -> None:
         help="seconds the balancer keeps the backend without heartbeats; must exceed "
         "--interval (default: the balancer's)",
     )
+    parser.add_argument(
+        "--drain-seconds",
+        type=non_negative_seconds,
+        default=DEFAULT_DRAIN_SECONDS,
+        metavar="S",
+        help="on SIGTERM/SIGINT, keep the backend registered as DRAINING (out of every "
+        "server list, still serving its open calls) for this long before deregistering; "
+        "a second signal ends the drain at once "
+        f"(default {DEFAULT_DRAIN_SECONDS:g}; 0 deregisters at once)",
+    )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the balancers' registration token, sent as "
+        "'authorization: Bearer <token>' (default: the LBSERVER_TOKEN environment "
+        "variable, if set)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        help="connect to the balancers with TLS, trusting this CA bundle (PEM)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="FILE",
+        help="client certificate (PEM) for balancers that require mTLS; needs --tls-key",
+    )
+    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for --tls-cert")
     parser.add_argument(
         "--instance-id",
         default=None,
@@ -329,29 +414,37 @@ def run(args: argparse.Namespace) -> int:
         print(f"lbserver register: error: {err}", file=sys.stderr)
         return 2
     configure_logging(args.log_level, args.log_format)
-    return asyncio.run(_serve(registrar))
+    return asyncio.run(_serve(registrar, args.drain_seconds))
 
 
-async def _serve(registrar: Registrar) -> int:
+async def _serve(registrar: Registrar, drain_seconds: float) -> int:
+    """Heartbeats until a signal; then drains (the backend leaves every list
+    but keeps serving the calls it has) for `drain_seconds`, deregisters and
+    returns 0. A second signal cuts the drain short."""
     loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
+    signals_received: asyncio.Queue[signal.Signals] = asyncio.Queue()
     signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
-        loop.add_signal_handler(sig, stop_requested.set)
+        loop.add_signal_handler(sig, signals_received.put_nowait, sig)
     running = asyncio.create_task(registrar.run(), name="registrar")
-    waiting = asyncio.create_task(stop_requested.wait(), name="signals")
+    first_signal = asyncio.create_task(signals_received.get(), name="signals")
+    backend = join_host_port(registrar.ip, registrar.port)
     try:
-        await asyncio.wait({running, waiting}, return_when=asyncio.FIRST_COMPLETED)
-        if stop_requested.is_set():
-            _log.info(
-                "stopping: deregistering",
-                backend=join_host_port(registrar.ip, registrar.port),
-                service=registrar.service,
-            )
+        await asyncio.wait({running, first_signal}, return_when=asyncio.FIRST_COMPLETED)
+        if first_signal.done() and drain_seconds > 0:
+            _log.info("draining", backend=backend, service=registrar.service, seconds=drain_seconds)
+            await registrar.drain()
+            try:
+                await asyncio.wait_for(signals_received.get(), drain_seconds)
+                _log.info("second signal: ending the drain now", backend=backend)
+            except TimeoutError:
+                pass
+        if first_signal.done():
+            _log.info("stopping: deregistering", backend=backend, service=registrar.service)
         await registrar.stop()
         await running
     finally:
-        waiting.cancel()
+        first_signal.cancel()
         for sig in signals:
             loop.remove_signal_handler(sig)
     return 0
