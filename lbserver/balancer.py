@@ -35,6 +35,7 @@ from lbserver.domain.weights import (
     drop_share,
     load_aware_weights,
 )
+from lbserver.errors import LimitExceededError
 
 log = structlog.get_logger("lbserver.balancer")
 
@@ -217,6 +218,8 @@ class Balancer:
         list_builder: ListBuilder | None = None,
         empty_service: EmptyServicePolicy = "fallback",
         startup_grace: float = 0.0,
+        max_services: int = 1000,
+        max_backends_per_service: int = 1000,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -241,13 +244,21 @@ class Balancer:
         self._index_pools: dict[str, IndexPool] = {}
         self._slots: dict[str, _NameSlot] = {}
         self._client_stats: dict[str, ClientCallStats] = {}
+        self._max_services = max_services
+        self._max_backends = max_backends_per_service
         self.closed = False
 
     # --- membership -----------------------------------------------------
 
     def heartbeat(self, registration: Registration) -> Backend:
+        """Registers or refreshes a backend; LimitExceededError (nothing
+        changed) when it would exceed max_services or max_backends_per_service."""
         known = registration.service in self.membership
         previous = self.membership.get(registration.service, registration.instance_id)
+        if not known and len(self.membership.services()) >= self._max_services:
+            raise LimitExceededError("max_services", self._max_services)
+        if previous is None and self.membership.count(registration.service) >= self._max_backends:
+            raise LimitExceededError("max_backends_per_service", self._max_backends)
         backend = self.membership.heartbeat(registration, self._clock(), self._wall_clock())
         if not known:
             log.info("service appeared", service=registration.service)

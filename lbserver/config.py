@@ -127,6 +127,48 @@ class Config:
     name_aliases: Mapping[str, str] = _opt(
         {}, "Extra names for services: {client-side name: service}."
     )
+    auth_token_file: str = _opt(
+        "",
+        "File holding the token Registry and Admin calls must present as "
+        "'authorization: Bearer <token>'; empty: no token required.",
+    )
+    auth_token: str = _opt(
+        "",
+        "The token itself, for setting it through LBSERVER_AUTH_TOKEN; auth_token_file wins.",
+    )
+    tls_cert_file: str = _opt("", "Server certificate chain (PEM); with tls_key_file turns on TLS.")
+    tls_key_file: str = _opt("", "Private key (PEM) of tls_cert_file.")
+    tls_client_ca_file: str = _opt(
+        "",
+        "CA bundle (PEM) for client certificates: with it, Registry and Admin calls need a "
+        "certificate signed by this CA (mTLS).",
+    )
+    registry_listen: str = _opt(
+        "",
+        "HOST:PORT for Registry and Admin when tls_client_auth is 'registry': that port "
+        "requires client certificates; the main port keeps BalanceLoad open.",
+    )
+    tls_client_auth: str = _opt(
+        "registry",
+        "Which calls need a client certificate when tls_client_ca_file is set: 'registry' "
+        "(Registry and Admin, served on registry_listen; BalanceLoad stays open to clients "
+        "on the main port) or 'all' (every call on the main port).",
+    )
+    max_services: int = _opt(1000, "Most services; heartbeats for more are refused.")
+    max_backends_per_service: int = _opt(
+        1000, "Most backends in one service; heartbeats for more are refused."
+    )
+    max_streams: int = _opt(
+        20_000, "Most concurrent BalanceLoad streams; more are refused with RESOURCE_EXHAUSTED."
+    )
+    max_message_bytes: int = _opt(
+        1_048_576, "Largest request message the server accepts, in bytes."
+    )
+    heartbeat_rate_per_peer: float = _opt(
+        50.0,
+        "Registry calls per second one peer IP may make (bursts of the same size); 0 disables "
+        "the limit.",
+    )
     initial_request_timeout: float = _opt(
         10.0, "Seconds a BalanceLoad stream may take to send its initial request."
     )
@@ -139,6 +181,8 @@ class Config:
     def __post_init__(self) -> None:
         for name in ("listen",):
             parse_host_port(name, getattr(self, name))
+        if self.registry_listen:
+            parse_host_port("registry_listen", self.registry_listen)
         if self.metrics_listen not in ("", "off"):
             parse_host_port("metrics_listen", self.metrics_listen)
         for name in (
@@ -172,6 +216,15 @@ class Config:
         _require("max_list_length", 1 <= self.max_list_length <= 10_000, "must be 1-10000")
         _require("report_expiry", self.report_expiry > 0, "must be > 0")
         _require("min_push_interval", self.min_push_interval >= 0, "must be >= 0")
+        for name in ("max_services", "max_backends_per_service", "max_streams"):
+            _require(name, getattr(self, name) >= 1, "must be >= 1")
+        _require("max_message_bytes", self.max_message_bytes >= 4096, "must be >= 4096")
+        _require("heartbeat_rate_per_peer", self.heartbeat_rate_per_peer >= 0, "must be >= 0")
+        _require(
+            "tls_client_auth",
+            self.tls_client_auth in ("registry", "all"),
+            "must be one of registry, all",
+        )
         _require("load_smoothing", 0 < self.load_smoothing <= 1, "must be in (0, 1]")
         _require("max_weight_ratio", self.max_weight_ratio >= 1, "must be >= 1")
         _require("share_threshold", 0 <= self.share_threshold < 1, "must be in [0, 1)")

@@ -2,8 +2,9 @@
 caller can catch the whole family:
 
     LbserverError
-    ├── ConfigError          bad configuration (file, environment, flags)
-    └── InvalidArgumentError      bad input from a client; names the field
+    ├── ConfigError            bad configuration (file, environment, flags)
+    ├── InvalidArgumentError   bad input from a client; names the field
+    └── LimitExceededError     a configured limit would be exceeded
 """
 
 from __future__ import annotations
@@ -24,3 +25,13 @@ class InvalidArgumentError(LbserverError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+class LimitExceededError(LbserverError):
+    """A configured limit (services, backends, streams) would be exceeded.
+    Mapped to gRPC RESOURCE_EXHAUSTED."""
+
+    def __init__(self, limit: str, value: int) -> None:
+        super().__init__(f"limit {limit}={value} reached")
+        self.limit = limit
+        self.value = value

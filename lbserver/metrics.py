@@ -18,6 +18,11 @@ HEARTBEATS = Counter(
     "Heartbeats received, by result (accepted, or the reason they were rejected).",
     ["result"],
 )
+AUTH_FAILURES = Counter(
+    "lbserver_auth_failures_total",
+    "Registry and Admin calls refused for their credentials, by call and reason.",
+    ["call", "reason"],
+)
 DEREGISTRATIONS = Counter(
     "lbserver_deregistrations_total", "Deregister calls that removed a backend."
 )

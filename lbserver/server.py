@@ -22,8 +22,10 @@ from lbserver.config import Config, parse_host_port
 from lbserver.domain.membership import TtlPolicy
 from lbserver.domain.naming import NameRules
 from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
+from lbserver.errors import ConfigError
 from lbserver.proto.grpclb.v1 import load_balancer_pb2, load_balancer_pb2_grpc
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
+from lbserver.security import Authorizer, PeerRateLimiter, load_token, server_credentials
 from lbserver.services.admin import AdminService
 from lbserver.services.loadbalancer import LoadBalancerService
 from lbserver.services.registry import RegistryService
@@ -76,6 +78,8 @@ def build_balancer(config: Config) -> Balancer:
         ),
         empty_service=cast(EmptyServicePolicy, config.empty_service),
         startup_grace=config.startup_grace,
+        max_services=config.max_services,
+        max_backends_per_service=config.max_backends_per_service,
     )
 
 
@@ -89,6 +93,10 @@ class RunningServer:
     health: Any  # grpc_health's asyncio HealthServicer
     port: int
     timers: asyncio.Task[None]
+    # The server and port of Registry and Admin: the main ones unless mTLS
+    # moved them to registry_listen.
+    registry_server: grpc.aio.Server
+    registry_port: int
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, ends every BalanceLoad stream (clients keep
@@ -98,42 +106,107 @@ class RunningServer:
         self.timers.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.timers
-        await self.server.stop(self.config.shutdown_grace if grace is None else grace)
+        grace = self.config.shutdown_grace if grace is None else grace
+        if self.registry_server is not self.server:
+            await self.registry_server.stop(grace)
+        await self.server.stop(grace)
+
+
+def _grpc_server(config: Config) -> grpc.aio.Server:
+    return grpc.aio.server(
+        options=(*SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes))
+    )
+
+
+def _bind(server: grpc.aio.Server, option: str, address: str, credentials: Any) -> int:
+    host, port = parse_host_port(option, address)
+    try:
+        if credentials is not None:
+            return server.add_secure_port(f"{host}:{port}", credentials)
+        return server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from exc
 
 
 async def start(config: Config, balancer: Balancer | None = None) -> RunningServer:
+    """Starts the gRPC server(s). With a client CA and tls_client_auth
+    'registry', Registry and Admin move to `registry_listen`, where every
+    call needs a client certificate, while the main port keeps BalanceLoad
+    open to clients without one (grpcio cannot ask for certificates per
+    method on one port)."""
     balancer = balancer or build_balancer(config)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    separate_registry = bool(config.tls_client_ca_file) and config.tls_client_auth == "registry"
+    if separate_registry and not config.registry_listen:
+        raise ConfigError(
+            "tls_client_ca_file with tls_client_auth=registry needs registry_listen: "
+            "Registry and Admin then get their own mTLS port"
+        )
+    if config.registry_listen and not separate_registry:
+        raise ConfigError(
+            "registry_listen is only used with tls_client_ca_file and tls_client_auth=registry"
+        )
+    main_credentials = server_credentials(
+        config.tls_cert_file,
+        config.tls_key_file,
+        "" if separate_registry else config.tls_client_ca_file,
+        require_client_cert_everywhere=True,
+    )
+    authorizer = Authorizer(
+        token=load_token(config.auth_token, config.auth_token_file),
+        require_client_cert=bool(config.tls_client_ca_file),
+    )
+    server = _grpc_server(config)
+    registry_server = _grpc_server(config) if separate_registry else server
     load_balancer_pb2_grpc.add_LoadBalancerServicer_to_server(
         LoadBalancerService(
             balancer,
             client_stats_interval=config.client_stats_interval,
             initial_request_timeout=config.initial_request_timeout,
+            max_streams=config.max_streams,
         ),
         server,
     )
-    lbserver_pb2_grpc.add_RegistryServicer_to_server(RegistryService(balancer), server)
-    lbserver_pb2_grpc.add_AdminServicer_to_server(AdminService(balancer), server)
+    lbserver_pb2_grpc.add_RegistryServicer_to_server(
+        RegistryService(balancer, authorizer, PeerRateLimiter(config.heartbeat_rate_per_peer)),
+        registry_server,
+    )
+    lbserver_pb2_grpc.add_AdminServicer_to_server(
+        AdminService(balancer, authorizer), registry_server
+    )
     health_servicer = AsyncHealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            *SERVICE_NAMES,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    host, port = parse_host_port("listen", config.listen)
-    try:
-        bound = server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as exc:
-        raise OSError(f"cannot listen on {config.listen}: {exc}") from exc
-    await server.start()
+    servers = [server] if registry_server is server else [server, registry_server]
+    for each in servers:
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, each)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            each,
+        )
+    bound = _bind(server, "listen", config.listen, main_credentials)
+    registry_port = bound
+    if registry_server is not server:
+        registry_port = _bind(
+            registry_server,
+            "registry_listen",
+            config.registry_listen,
+            server_credentials(
+                config.tls_cert_file,
+                config.tls_key_file,
+                config.tls_client_ca_file,
+                require_client_cert_everywhere=True,
+            ),
+        )
+    for each in servers:
+        await each.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     timers = asyncio.create_task(balancer.run_timers(), name="balancer-timers")
-    return RunningServer(config, balancer, server, health_servicer, bound, timers)
+    return RunningServer(
+        config, balancer, server, health_servicer, bound, timers, registry_server, registry_port
+    )
 
 
 def start_metrics(config: Config, balancer: Balancer) -> int | None:

@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:
+        print(f"lbserver serve: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"lbserver serve: {exc}", file=sys.stderr)
         return 1

@@ -102,6 +102,9 @@ class Membership:
                 del self._services[service]
         return changed
 
+    def count(self, service: str) -> int:
+        return len(self._services.get(service, {}))
+
     def get(self, service: str, instance_id: str) -> Backend | None:
         return self._services.get(service, {}).get(instance_id)
 

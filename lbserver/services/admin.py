@@ -10,6 +10,7 @@ from lbserver.balancer import Balancer, ServiceView
 from lbserver.domain.model import Backend, BackendState, LoadReport
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
+from lbserver.security import Authorizer, require
 
 _STATE = {
     BackendState.SERVING: pb.BACKEND_STATE_SERVING,
@@ -74,14 +75,16 @@ def service_message(view: ServiceView) -> pb.ServiceStatus:
 
 
 class AdminService(pb_grpc.AdminServicer):
-    def __init__(self, balancer: Balancer) -> None:
+    def __init__(self, balancer: Balancer, authorizer: Authorizer | None = None) -> None:
         self._balancer = balancer
+        self._authorizer = authorizer or Authorizer()
 
     async def GetState(
         self,
         request: pb.GetStateRequest,
         context: grpc.aio.ServicerContext[pb.GetStateRequest, pb.GetStateResponse],
     ) -> pb.GetStateResponse:
+        await require(self._authorizer, context, "admin")
         response = pb.GetStateResponse(
             services=[service_message(view) for view in self._balancer.view(request.service)],
             version=__version__,

@@ -69,7 +69,10 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         *,
         client_stats_interval: float,
         initial_request_timeout: float,
+        max_streams: int = 20_000,
     ) -> None:
+        self._max_streams = max_streams
+        self._open_streams = 0
         self._balancer = balancer
         self._stats_interval = duration_pb2.Duration()
         self._stats_interval.FromNanoseconds(int(client_stats_interval * 1e9))
@@ -82,6 +85,26 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
     ) -> None:
         metrics.STREAMS_OPENED.inc()
         peer = context.peer()
+        if self._open_streams >= self._max_streams:
+            await self._abort(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this balancer serves at most {self._max_streams} BalanceLoad streams "
+                "(max_streams); try another replica",
+                peer,
+            )
+            return
+        self._open_streams += 1
+        try:
+            await self._balance(context, peer)
+        finally:
+            self._open_streams -= 1
+
+    async def _balance(
+        self,
+        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
+        peer: str,
+    ) -> None:
         try:
             first = await asyncio.wait_for(context.read(), self._initial_request_timeout)
         except TimeoutError:

@@ -15,9 +15,10 @@ from lbserver.domain.validation import (
     parse_load,
     parse_registration,
 )
-from lbserver.errors import InvalidArgumentError
+from lbserver.errors import InvalidArgumentError, LimitExceededError
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
+from lbserver.security import Authorizer, PeerRateLimiter, require
 
 log = structlog.get_logger("lbserver.registry")
 
@@ -33,14 +34,35 @@ def _optional(message: pb.LoadReport, field: str) -> float | None:
 
 
 class RegistryService(pb_grpc.RegistryServicer):
-    def __init__(self, balancer: Balancer) -> None:
+    def __init__(
+        self,
+        balancer: Balancer,
+        authorizer: Authorizer | None = None,
+        rate_limiter: PeerRateLimiter | None = None,
+    ) -> None:
         self._balancer = balancer
+        self._authorizer = authorizer or Authorizer()
+        self._rate_limiter = rate_limiter or PeerRateLimiter(0)
+
+    async def _admit(
+        self,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        what: str,
+    ) -> None:
+        await require(self._authorizer, context, what)
+        if not self._rate_limiter.allow(context.peer()):
+            metrics.HEARTBEATS.labels("rate_limited").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many Registry calls from this address; slow down (heartbeat_rate_per_peer)",
+            )
 
     async def Heartbeat(
         self,
         request: pb.HeartbeatRequest,
         context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatResponse],
     ) -> pb.HeartbeatResponse:
+        await self._admit(context, "heartbeat")
         try:
             in_flight = request.load.in_flight if request.load.HasField("in_flight") else None
             registration = parse_registration(
@@ -70,7 +92,12 @@ class RegistryService(pb_grpc.RegistryServicer):
                 "heartbeat rejected", peer=context.peer(), service=request.service, error=str(exc)
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        backend = self._balancer.heartbeat(registration)
+        try:
+            backend = self._balancer.heartbeat(registration)
+        except LimitExceededError as exc:
+            metrics.HEARTBEATS.labels("limit_exceeded").inc()
+            log.warning("heartbeat refused", service=request.service, error=str(exc))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         metrics.HEARTBEATS.labels("accepted").inc()
         return pb.HeartbeatResponse(
             granted_ttl=_duration(backend.ttl),
@@ -82,6 +109,7 @@ class RegistryService(pb_grpc.RegistryServicer):
         request: pb.DeregisterRequest,
         context: grpc.aio.ServicerContext[pb.DeregisterRequest, pb.DeregisterResponse],
     ) -> pb.DeregisterResponse:
+        await self._admit(context, "deregister")
         try:
             check_text("service", request.service, max_bytes=MAX_SERVICE_BYTES)
             check_text("instance_id", request.instance_id, max_bytes=MAX_INSTANCE_ID_BYTES)
