@@ -10,6 +10,7 @@ changes reaches each client as one push.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +19,7 @@ from typing import Literal
 
 import structlog
 
+from lbserver.discovery import DiscoveryMode, Endpoint
 from lbserver.domain.membership import Membership, TtlPolicy
 from lbserver.domain.model import Backend, Registration
 from lbserver.domain.naming import NameRules, resolve
@@ -28,6 +30,7 @@ from lbserver.domain.serverlist import (
     max_share_change,
 )
 from lbserver.domain.subsetting import IndexPool, subset_positions
+from lbserver.domain.validation import parse_registration
 from lbserver.domain.weights import (
     LoadWeightSettings,
     SheddingSettings,
@@ -35,7 +38,7 @@ from lbserver.domain.weights import (
     drop_share,
     load_aware_weights,
 )
-from lbserver.errors import LimitExceededError
+from lbserver.errors import LimitExceededError, RegistrationRefusedError
 
 log = structlog.get_logger("lbserver.balancer")
 
@@ -220,6 +223,7 @@ class Balancer:
         startup_grace: float = 0.0,
         max_services: int = 1000,
         max_backends_per_service: int = 1000,
+        discovery: Mapping[str, DiscoveryMode] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
@@ -246,6 +250,10 @@ class Balancer:
         self._client_stats: dict[str, ClientCallStats] = {}
         self._max_services = max_services
         self._max_backends = max_backends_per_service
+        # Kubernetes discovery: the mode per service, and the endpoints last
+        # reported for it (absent: not known yet).
+        self._discovery = dict(discovery or {})
+        self._endpoints: dict[str, frozenset[Endpoint]] = {}
         self.closed = False
 
     # --- membership -----------------------------------------------------
@@ -253,6 +261,7 @@ class Balancer:
     def heartbeat(self, registration: Registration) -> Backend:
         """Registers or refreshes a backend; LimitExceededError (nothing
         changed) when it would exceed max_services or max_backends_per_service."""
+        self._check_discovery(registration)
         known = registration.service in self.membership
         previous = self.membership.get(registration.service, registration.instance_id)
         if not known and len(self.membership.services()) >= self._max_services:
@@ -280,6 +289,72 @@ class Balancer:
             )
         self._refresh([registration.service])
         return backend
+
+    def _check_discovery(self, registration: Registration) -> None:
+        mode = self._discovery.get(registration.service, "heartbeat")
+        if mode == "heartbeat":
+            return
+        if mode == "kubernetes":
+            raise RegistrationRefusedError(
+                "failed_precondition",
+                f"service {registration.service!r} takes its members from Kubernetes "
+                "(discovery mode 'kubernetes'); heartbeats are not accepted",
+            )
+        endpoints = self._endpoints.get(registration.service)
+        if endpoints is None:
+            raise RegistrationRefusedError(
+                "unavailable",
+                f"the Kubernetes endpoints of service {registration.service!r} are not known "
+                "yet; retry",
+            )
+        if (str(registration.ip), registration.port) not in _ready_addresses(endpoints):
+            raise RegistrationRefusedError(
+                "permission_denied",
+                f"{registration.address} is not a ready endpoint of the Kubernetes Service "
+                f"behind {registration.service!r}",
+            )
+
+    def set_endpoints(self, service: str, endpoints: frozenset[Endpoint] | None) -> None:
+        """EndpointsCallback for Kubernetes discovery. None (the API cannot
+        tell) keeps what was known: a control-plane outage must not empty lists."""
+        mode = self._discovery.get(service, "heartbeat")
+        if endpoints is None or mode == "heartbeat":
+            return
+        self._endpoints[service] = endpoints
+        if mode == "kubernetes":
+            self._sync_kubernetes_members(service, endpoints)
+        self._refresh([service])
+
+    def _sync_kubernetes_members(self, service: str, endpoints: frozenset[Endpoint]) -> None:
+        now, wall = self._clock(), self._wall_clock()
+        wanted: dict[str, Registration] = {}
+        for endpoint in endpoints:
+            if not endpoint.ready or endpoint.terminating:
+                continue
+            registration = parse_registration(
+                service=service,
+                instance_id=endpoint.pod or "",
+                ip=endpoint.ip,
+                port=endpoint.port,
+                zone=endpoint.zone,
+            )
+            wanted[registration.instance_id] = registration
+        for backend in self.membership.backends(service):
+            if backend.instance_id not in wanted:
+                self.membership.deregister(service, backend.instance_id)
+                log.info("endpoint left", service=service, instance=backend.instance_id)
+        for registration in wanted.values():
+            if self.membership.get(service, registration.instance_id) is None:
+                log.info("endpoint joined", service=service, address=registration.address)
+            self.membership.heartbeat(registration, now, wall, ttl=math.inf)
+
+    def _eligible(self, service: str, backends: list[Backend]) -> list[Backend]:
+        """In 'both' mode only heartbeating backends that are also ready,
+        non-terminating endpoints get calls."""
+        if self._discovery.get(service) != "both":
+            return backends
+        ready = _ready_addresses(self._endpoints.get(service, frozenset()))
+        return [b for b in backends if (str(b.registration.ip), b.registration.port) in ready]
 
     def deregister(self, service: str, instance_id: str) -> bool:
         removed = self.membership.deregister(service, instance_id)
@@ -334,7 +409,7 @@ class Balancer:
         now = self._clock()
         for service in services:
             self._pending.discard(service)
-            backends = self.membership.backends(service)
+            backends = self._eligible(service, self.membership.backends(service))
             plan = self._build_plan(service, backends, now) if backends else None
             current = self._plans.get(service)
             if plan is None or not plan.servers.entries:
@@ -467,3 +542,11 @@ class Balancer:
 
 def _membership_changed(old: ServerList, new: ServerList) -> bool:
     return {e.token for e in old.entries} != {e.token for e in new.entries}
+
+
+def _ready_addresses(endpoints: frozenset[Endpoint]) -> set[tuple[str, int]]:
+    return {
+        (str(ipaddress.ip_address(e.ip)), e.port)
+        for e in endpoints
+        if e.ready and not e.terminating
+    }

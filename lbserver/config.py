@@ -8,6 +8,7 @@ which the configuration reference in docs/ is checked against.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from typing import Any
 import yaml
 
 from lbserver._logging import LOG_LEVELS
+from lbserver.discovery import WatchedService
 from lbserver.domain.naming import RULES
 from lbserver.errors import ConfigError
 
@@ -169,6 +171,18 @@ class Config:
         "Registry calls per second one peer IP may make (bursts of the same size); 0 disables "
         "the limit.",
     )
+    kubernetes_services: tuple[WatchedService, ...] = _opt(
+        (),
+        "Services whose membership (also) comes from Kubernetes EndpointSlices: a list of "
+        "{service, namespace, kubernetes_service, port_name, mode} with mode 'kubernetes' "
+        "(ready endpoints are the members) or 'both' (heartbeats accepted only from ready "
+        "endpoints); in the environment, the same list as JSON.",
+    )
+    kubeconfig: str = _opt(
+        "",
+        "kubeconfig file for Kubernetes discovery; empty: the in-cluster service account "
+        "(or $KUBECONFIG / ~/.kube/config outside a cluster).",
+    )
     initial_request_timeout: float = _opt(
         10.0, "Seconds a BalanceLoad stream may take to send its initial request."
     )
@@ -307,6 +321,8 @@ def _coerce(option: str, value: Any, target: Any) -> Any:
         if not isinstance(items, (list, tuple)):
             raise ConfigError(f"{option}: expected a list, got {value!r}")
         return tuple(str(item).strip() for item in items if str(item).strip())
+    if target == "watched_services":
+        return _watched_services(option, value)
     if target == "int_mapping":
         raw = _coerce(option, value, "mapping")
         sizes: dict[str, int] = {}
@@ -330,10 +346,53 @@ def _coerce(option: str, value: Any, target: Any) -> Any:
     raise AssertionError(f"no coercion for {option}")
 
 
+_WATCH_KEYS = ("service", "namespace", "kubernetes_service", "port_name", "mode")
+
+
+def _watched_services(option: str, value: Any) -> tuple[WatchedService, ...]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{option}: expected a JSON list of services: {exc}") from None
+    if not isinstance(value, list):
+        raise ConfigError(f"{option}: expected a list of services, got {value!r}")
+    watched = []
+    for index, item in enumerate(value):
+        where = f"{option}[{index}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {item!r}")
+        unknown = sorted(set(item) - set(_WATCH_KEYS))
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {unknown}; known: {', '.join(_WATCH_KEYS)}")
+        service = str(item.get("service", "")).strip()
+        if not service:
+            raise ConfigError(f"{where}: 'service' is required")
+        mode = str(item.get("mode", "both"))
+        if mode not in ("kubernetes", "both"):
+            raise ConfigError(f"{where}: mode must be 'kubernetes' or 'both', not {mode!r}")
+        watched.append(
+            WatchedService(
+                service=service,
+                namespace=str(item.get("namespace", "default")),
+                kubernetes_service=str(item.get("kubernetes_service", service)),
+                port_name=str(item.get("port_name", "")),
+                mode=mode,  # type: ignore[arg-type]
+            )
+        )
+    names = [w.service for w in watched]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{option}: services listed twice: {duplicates}")
+    return tuple(watched)
+
+
 def _target(f: dataclasses.Field[Any]) -> Any:
     annotation = str(f.type)
     if annotation.startswith("tuple"):
         return "tuple"
+    if annotation == "tuple[WatchedService, ...]":
+        return "watched_services"
     if annotation == "Mapping[str, int]":
         return "int_mapping"
     if annotation.startswith("Mapping"):

@@ -4,7 +4,8 @@ caller can catch the whole family:
     LbserverError
     ├── ConfigError            bad configuration (file, environment, flags)
     ├── InvalidArgumentError   bad input from a client; names the field
-    └── LimitExceededError     a configured limit would be exceeded
+    ├── LimitExceededError     a configured limit would be exceeded
+    └── RegistrationRefusedError  a heartbeat the discovery mode does not allow
 """
 
 from __future__ import annotations
@@ -35,3 +36,14 @@ class LimitExceededError(LbserverError):
         super().__init__(f"limit {limit}={value} reached")
         self.limit = limit
         self.value = value
+
+
+class RegistrationRefusedError(LbserverError):
+    """Kubernetes discovery does not allow this heartbeat: its address is not a
+    ready endpoint of the service (`permission_denied`), the service takes
+    membership from Kubernetes only (`failed_precondition`), or its endpoints
+    are not known yet (`unavailable`, retry later)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status

@@ -19,6 +19,7 @@ from lbserver import metrics
 from lbserver._grpc_compat import AsyncHealthServicer
 from lbserver.balancer import Balancer, EmptyServicePolicy, ListSettings
 from lbserver.config import Config, parse_host_port
+from lbserver.discovery import EndpointSource
 from lbserver.domain.membership import TtlPolicy
 from lbserver.domain.naming import NameRules
 from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
@@ -80,6 +81,7 @@ def build_balancer(config: Config) -> Balancer:
         startup_grace=config.startup_grace,
         max_services=config.max_services,
         max_backends_per_service=config.max_backends_per_service,
+        discovery={w.service: w.mode for w in config.kubernetes_services},
     )
 
 
@@ -97,19 +99,33 @@ class RunningServer:
     # moved them to registry_listen.
     registry_server: grpc.aio.Server
     registry_port: int
+    discovery: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, ends every BalanceLoad stream (clients keep
         their lists and reconnect elsewhere) and stops within the grace."""
         await self.health.enter_graceful_shutdown()
         self.balancer.close()
-        self.timers.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self.timers
+        for task in (self.timers, self.discovery):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         grace = self.config.shutdown_grace if grace is None else grace
         if self.registry_server is not self.server:
             await self.registry_server.stop(grace)
         await self.server.stop(grace)
+
+
+def _endpoint_source(config: Config, balancer: Balancer) -> EndpointSource | None:
+    if not config.kubernetes_services:
+        return None
+    # Imported only when configured: the kubernetes client is slow to import.
+    from lbserver.discovery.kubernetes import KubernetesEndpointSource
+
+    return KubernetesEndpointSource(
+        config.kubernetes_services, balancer.set_endpoints, kubeconfig=config.kubeconfig or None
+    )
 
 
 def _grpc_server(config: Config) -> grpc.aio.Server:
@@ -135,6 +151,7 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
     open to clients without one (grpcio cannot ask for certificates per
     method on one port)."""
     balancer = balancer or build_balancer(config)
+    source = _endpoint_source(config, balancer)
     separate_registry = bool(config.tls_client_ca_file) and config.tls_client_auth == "registry"
     if separate_registry and not config.registry_listen:
         raise ConfigError(
@@ -204,9 +221,12 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     timers = asyncio.create_task(balancer.run_timers(), name="balancer-timers")
-    return RunningServer(
+    running = RunningServer(
         config, balancer, server, health_servicer, bound, timers, registry_server, registry_port
     )
+    if source is not None:
+        running.discovery = asyncio.create_task(source.run(), name="kubernetes-discovery")
+    return running
 
 
 def start_metrics(config: Config, balancer: Balancer) -> int | None:

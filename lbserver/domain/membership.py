@@ -47,7 +47,15 @@ class Membership:
         self.load_settings = load_settings or LoadWeightSettings()
         self._services: dict[str, dict[str, Backend]] = {}
 
-    def heartbeat(self, registration: Registration, now: float, wall_now: float) -> Backend:
+    def heartbeat(
+        self,
+        registration: Registration,
+        now: float,
+        wall_now: float,
+        ttl: float | None = None,
+    ) -> Backend:
+        """Registers or refreshes a backend; `ttl` overrides the granted TTL
+        (inf for members that come from Kubernetes, not heartbeats)."""
         members = self._services.setdefault(registration.service, {})
         # A new instance at an address replaces the old one there at once (a
         # restarted backend must not wait for its predecessor's TTL).
@@ -57,7 +65,8 @@ class Membership:
                 and other.registration.address == registration.address
             ):
                 del members[other.instance_id]
-        ttl = self.ttl_policy.grant(registration.requested_ttl)
+        if ttl is None:
+            ttl = self.ttl_policy.grant(registration.requested_ttl)
         previous = members.get(registration.instance_id)
         if previous is not None and previous.registration.address != registration.address:
             previous = None  # same id, new address: a new process as far as load goes

@@ -15,7 +15,7 @@ from lbserver.domain.validation import (
     parse_load,
     parse_registration,
 )
-from lbserver.errors import InvalidArgumentError, LimitExceededError
+from lbserver.errors import InvalidArgumentError, LimitExceededError, RegistrationRefusedError
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.security import Authorizer, PeerRateLimiter, require
@@ -31,6 +31,13 @@ def _duration(seconds: float) -> duration_pb2.Duration:
 
 def _optional(message: pb.LoadReport, field: str) -> float | None:
     return getattr(message, field) if message.HasField(field) else None  # type: ignore[arg-type]
+
+
+_REFUSAL_CODES = {
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+}
 
 
 class RegistryService(pb_grpc.RegistryServicer):
@@ -94,6 +101,12 @@ class RegistryService(pb_grpc.RegistryServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
             backend = self._balancer.heartbeat(registration)
+        except RegistrationRefusedError as exc:
+            metrics.HEARTBEATS.labels(exc.status).inc()
+            log.warning(
+                "heartbeat refused", peer=context.peer(), service=request.service, error=str(exc)
+            )
+            await context.abort(_REFUSAL_CODES[exc.status], str(exc))
         except LimitExceededError as exc:
             metrics.HEARTBEATS.labels("limit_exceeded").inc()
             log.warning("heartbeat refused", service=request.service, error=str(exc))

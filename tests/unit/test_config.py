@@ -96,3 +96,34 @@ def test_every_option_is_in_the_configuration_reference() -> None:
         if f"| `{name}` | `LBSERVER_{name.upper()}` |" not in reference
     ]
     assert missing == []
+
+
+def test_kubernetes_services_from_yaml_and_json(tmp_path: Path) -> None:
+    path = tmp_path / "k.yaml"
+    path.write_text(
+        "kubernetes_services:\n"
+        "  - {service: oap, namespace: skywalking, kubernetes_service: oap-svc, port_name: grpc}\n"
+    )
+    watched = load_config(path, environ={}).kubernetes_services
+    assert [
+        (w.service, w.namespace, w.kubernetes_service, w.port_name, w.mode) for w in watched
+    ] == [("oap", "skywalking", "oap-svc", "grpc", "both")]
+    from_env = load_config(
+        environ={"LBSERVER_KUBERNETES_SERVICES": '[{"service": "oap", "mode": "kubernetes"}]'}
+    ).kubernetes_services
+    assert from_env[0].mode == "kubernetes" and from_env[0].kubernetes_service == "oap"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('[{"service": "oap", "mode": "magic"}]', "mode must be"),
+        ('[{"namespace": "x"}]', "'service' is required"),
+        ('[{"service": "oap", "colour": "x"}]', "unknown keys"),
+        ("[", "JSON"),
+        ('[{"service": "a"}, {"service": "a"}]', "listed twice"),
+    ],
+)
+def test_bad_kubernetes_services(value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ={"LBSERVER_KUBERNETES_SERVICES": value})
