@@ -389,10 +389,10 @@ def _watched_services(option: str, value: Any) -> tuple[WatchedService, ...]:
 
 def _target(f: dataclasses.Field[Any]) -> Any:
     annotation = str(f.type)
-    if annotation.startswith("tuple"):
-        return "tuple"
     if annotation == "tuple[WatchedService, ...]":
         return "watched_services"
+    if annotation.startswith("tuple"):
+        return "tuple"
     if annotation == "Mapping[str, int]":
         return "int_mapping"
     if annotation.startswith("Mapping"):
