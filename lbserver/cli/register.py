@@ -9,19 +9,17 @@ import argparse
 import asyncio
 import ipaddress
 import math
-import os
 import signal
 import socket
 import sys
 import urllib.parse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import grpc
 import structlog
 
 from lbserver._logging import LOG_LEVELS, configure_logging
+from lbserver.cli._credentials import add_credential_options, channel_credentials, read_token
 from lbserver.domain.model import LoadReport
 from lbserver.loadprobe import (
     DEFAULT_CPU_METRIC,
@@ -209,42 +207,6 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
     )
 
 
-def read_token(path: str | None) -> str | None:
-    """The token from --token-file, else LBSERVER_TOKEN; ValueError if unusable."""
-    if path is None:
-        return os.environ.get("LBSERVER_TOKEN") or None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as err:
-        raise ValueError(f"--token-file: cannot read {path}: {err.strerror}") from None
-    if not token:
-        raise ValueError(f"--token-file: {path} is empty")
-    return token
-
-
-def channel_credentials(
-    ca: str | None, cert: str | None, key: str | None
-) -> grpc.ChannelCredentials | None:
-    if (cert is None) != (key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
-    if ca is None and cert is None:
-        return None
-
-    def read(option: str, path: str | None) -> bytes | None:
-        if path is None:
-            return None
-        try:
-            return Path(path).read_bytes()
-        except OSError as err:
-            raise ValueError(f"{option}: cannot read {path}: {err.strerror}") from None
-
-    return grpc.ssl_channel_credentials(
-        root_certificates=read("--tls-ca", ca),
-        private_key=read("--tls-key", key),
-        certificate_chain=read("--tls-cert", cert),
-    )
-
-
 def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "register",
@@ -309,24 +271,7 @@ def add_parser(subparsers: Any) -> None:
         "a second signal ends the drain at once "
         f"(default {DEFAULT_DRAIN_SECONDS:g}; 0 deregisters at once)",
     )
-    parser.add_argument(
-        "--token-file",
-        metavar="FILE",
-        help="file holding the balancers' registration token, sent as "
-        "'authorization: Bearer <token>' (default: the LBSERVER_TOKEN environment "
-        "variable, if set)",
-    )
-    parser.add_argument(
-        "--tls-ca",
-        metavar="FILE",
-        help="connect to the balancers with TLS, trusting this CA bundle (PEM)",
-    )
-    parser.add_argument(
-        "--tls-cert",
-        metavar="FILE",
-        help="client certificate (PEM) for balancers that require mTLS; needs --tls-key",
-    )
-    parser.add_argument("--tls-key", metavar="FILE", help="private key (PEM) for --tls-cert")
+    add_credential_options(parser)
     parser.add_argument(
         "--instance-id",
         default=None,

@@ -60,6 +60,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from lbserver.cli._credentials import add_credential_options, channel_credentials, read_token
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 from lbserver.registrar import join_host_port, parse_host_port
 
@@ -117,21 +118,43 @@ def add_parser(subparsers: Any) -> None:
         metavar="S",
         help="seconds to wait for the balancer (default: %(default)s)",
     )
+    add_credential_options(parser)
     parser.set_defaults(run=run)
 
 
-def fetch_state(balancer: str, service: str, timeout: float) -> lbserver_pb2.GetStateResponse:
-    with grpc.insecure_channel(balancer) as channel:
+def fetch_state(
+    balancer: str,
+    service: str,
+    timeout: float,
+    *,
+    token: str | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> lbserver_pb2.GetStateResponse:
+    channel = (
+        grpc.secure_channel(balancer, credentials)
+        if credentials is not None
+        else grpc.insecure_channel(balancer)
+    )
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    with channel:
         stub = lbserver_pb2_grpc.AdminStub(channel)
         response: lbserver_pb2.GetStateResponse = stub.GetState(
-            lbserver_pb2.GetStateRequest(service=service), timeout=timeout
+            lbserver_pb2.GetStateRequest(service=service), timeout=timeout, metadata=metadata
         )
         return response
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        state = fetch_state(args.balancer, args.service, args.timeout)
+        token = read_token(args.token_file)
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
+    except ValueError as err:
+        print(f"lbserver status: {err}", file=sys.stderr)
+        return 2
+    try:
+        state = fetch_state(
+            args.balancer, args.service, args.timeout, token=token, credentials=credentials
+        )
     except grpc.RpcError as err:
         code = err.code() if isinstance(err, grpc.Call) else None
         details = err.details() if isinstance(err, grpc.Call) else str(err)

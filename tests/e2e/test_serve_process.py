@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +81,51 @@ def test_metrics_count_backends_and_heartbeats(processes: ProcessManager) -> Non
         if line.startswith('lbserver_heartbeats_total{result="accepted"}')
     ]
     assert accepted and float(accepted[0].split()[-1]) >= 1
+
+
+def test_token_protected_registration_and_status(processes: ProcessManager, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("let-me-in\n")
+    balancer = processes.start_balancer(
+        env={"LBSERVER_AUTH_TOKEN_FILE": str(token_file), "LBSERVER_HEARTBEAT_INTERVAL": "1"}
+    )
+    wrong = tmp_path / "wrong"
+    wrong.write_text("guess\n")
+    intruder = processes.start_registrar(
+        balancers=[balancer.address],
+        service="oap",
+        backend=f"127.0.0.1:{free_port()}",
+        args=["--token-file", str(wrong)],
+    )
+    trusted_port = free_port()
+    processes.start_registrar(
+        balancers=[balancer.address],
+        service="oap",
+        backend=f"127.0.0.1:{trusted_port}",
+        args=["--token-file", str(token_file)],
+    )
+
+    def status(env_token: str | None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in os.environ.items() if k != "LBSERVER_TOKEN"}
+        if env_token:
+            env["LBSERVER_TOKEN"] = env_token
+        return subprocess.run(
+            [sys.executable, "-m", "lbserver", "status", "--balancer", balancer.address, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            check=False,
+        )
+
+    wait_until(
+        lambda: f'"port": {trusted_port}' in status("let-me-in").stdout,
+        timeout=15,
+        message="the trusted backend never registered",
+    )
+    document = json.loads(status("let-me-in").stdout)
+    assert [b["port"] for s in document["services"] for b in s["backends"]] == [trusted_port]
+    refused = status(None)
+    assert refused.returncode == 1
+    assert "UNAUTHENTICATED" in refused.stderr
+    assert "PERMISSION_DENIED" in intruder.logs()

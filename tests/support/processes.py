@@ -390,11 +390,15 @@ class ProcessManager:
         interval: float | None = None,
         ttl: float | None = None,
         zone: str | None = None,
+        drain_seconds: float = 0.0,
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         name: str | None = None,
     ) -> RegistrarProcess:
-        """Start `lbserver register --balancer ... --service ... --backend ...`."""
+        """Start `lbserver register --balancer ... --service ... --backend ...`.
+
+        Tests drain for 0 s unless they ask otherwise: a SIGTERM then
+        deregisters at once and cleanup stays fast."""
         balancer_arg = balancers if isinstance(balancers, str) else ",".join(balancers)
         argv = [
             sys.executable,
@@ -416,6 +420,7 @@ class ProcessManager:
             argv += ["--ttl", _num(ttl)]
         if zone is not None:
             argv += ["--zone", zone]
+        argv += ["--drain-seconds", _num(drain_seconds)]
         argv += list(args)
         unique, log_path = self._log_path(name or f"register-{backend.replace(':', '-')}")
         proc = RegistrarProcess(unique, argv, _base_env(env), log_path, service, backend)
