@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from lbserver.balancer import Balancer
@@ -51,7 +51,7 @@ class BalancerCollector(Collector):
     def __init__(self, balancer: Balancer) -> None:
         self._balancer = balancer
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         backends = GaugeMetricFamily(
             "lbserver_backends",
             "Registered backends by service and state.",
@@ -62,22 +62,64 @@ class BalancerCollector(Collector):
             "Entries of each backend in its service's current server list.",
             labels=["service", "instance"],
         )
+        weights = GaugeMetricFamily(
+            "lbserver_backend_weight",
+            "The weight the balancer computed for each backend (load-aware, clamped, "
+            "ramped); 0 while draining.",
+            labels=["service", "instance"],
+        )
+        shares = GaugeMetricFamily(
+            "lbserver_backend_share",
+            "Each backend's share of its service's server list, 0..1.",
+            labels=["service", "instance"],
+        )
+        utilization = GaugeMetricFamily(
+            "lbserver_backend_cpu_utilization",
+            "CPU utilization each backend last reported (absent when unknown).",
+            labels=["service", "instance"],
+        )
+        drops = GaugeMetricFamily(
+            "lbserver_drop_share",
+            "Share of the server list that is drop entries (overload shedding), by service.",
+            labels=["service"],
+        )
         clients = GaugeMetricFamily(
             "lbserver_connected_clients", "Open BalanceLoad streams by service.", labels=["service"]
         )
+        calls = CounterMetricFamily(
+            "lbserver_client_calls",
+            "Calls grpclb clients reported in their ClientStats, by service and outcome "
+            "(started, finished, failed_to_send, known_received, dropped).",
+            labels=["service", "outcome"],
+        )
         for view in self._balancer.view():
             by_state: dict[str, int] = {"serving": 0, "draining": 0}
+            total = len(view.servers)
             for backend in view.backends:
                 by_state[backend.registration.state.value] += 1
-                entries.add_metric(
-                    [view.name, backend.instance_id], view.servers.count(backend.token)
-                )
-            for state, count in by_state.items():
-                backends.add_metric([view.name, state], count)
+                labels = [view.name, backend.instance_id]
+                count = view.servers.count(backend.token)
+                entries.add_metric(labels, count)
+                weights.add_metric(labels, view.weights.get(backend.token, 0.0))
+                shares.add_metric(labels, count / total if total else 0.0)
+                cpu = backend.registration.load.cpu_utilization
+                if cpu is not None:
+                    utilization.add_metric(labels, cpu)
+            for state, number in by_state.items():
+                backends.add_metric([view.name, state], number)
+            dropped_entries = sum(1 for entry in view.servers.entries if entry.drop)
+            drops.add_metric([view.name], dropped_entries / total if total else 0.0)
             clients.add_metric([view.name], view.clients)
-        yield backends
-        yield entries
-        yield clients
+            stats = view.client_stats
+            for outcome, value in (
+                ("started", stats.calls_started),
+                ("finished", stats.calls_finished),
+                ("failed_to_send", stats.calls_finished_with_client_failed_to_send),
+                ("known_received", stats.calls_finished_known_received),
+                ("dropped", sum(stats.calls_dropped_by_token.values())),
+            ):
+                calls.add_metric([view.name, outcome], value)
+        yield from (backends, entries, weights, shares, utilization, drops, clients, calls)
 
 
 def register_balancer(balancer: Balancer, registry: CollectorRegistry) -> BalancerCollector:
