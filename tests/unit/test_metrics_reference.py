@@ -20,7 +20,7 @@ def test_every_metric_is_in_the_reference() -> None:
     metrics.register_balancer(balancer, registry)
     names = {family.name for family in registry.collect()}
     names |= {
-        collector._name  # type: ignore[attr-defined]
+        collector._name
         for collector in vars(metrics).values()
         if hasattr(collector, "_name") and hasattr(collector, "_documentation")
     }
