@@ -55,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 import grpc
@@ -118,6 +119,15 @@ def add_parser(subparsers: Any) -> None:
         metavar="S",
         help="seconds to wait for the balancer (default: %(default)s)",
     )
+    parser.add_argument(
+        "--watch",
+        type=_positive_seconds,
+        nargs="?",
+        const=2.0,
+        default=None,
+        metavar="S",
+        help="redraw the tables every S seconds (default 2) until Ctrl-C",
+    )
     add_credential_options(parser)
     parser.set_defaults(run=run)
 
@@ -151,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"lbserver status: {err}", file=sys.stderr)
         return 2
+    if args.watch is not None and not args.json:
+        return _watch(args, token, credentials)
     try:
         state = fetch_state(
             args.balancer, args.service, args.timeout, token=token, credentials=credentials
@@ -174,6 +186,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(render_tables(state, args.balancer), end="")
     return 0
+
+
+def _watch(
+    args: argparse.Namespace, token: str | None, credentials: grpc.ChannelCredentials | None
+) -> int:
+    """Redraws the tables until Ctrl-C; an unreachable balancer is shown, not fatal."""
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            try:
+                state = fetch_state(
+                    args.balancer, args.service, args.timeout, token=token, credentials=credentials
+                )
+                body = render_tables(state, args.balancer)
+            except grpc.RpcError as err:
+                code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
+                body = f"balancer {args.balancer}: unreachable ({code}); retrying\n"
+            print(clear + body, end="", flush=True)
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
 
 
 def _timestamp(value: timestamp_pb2.Timestamp) -> str | None:

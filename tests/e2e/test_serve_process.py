@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -129,3 +130,69 @@ def test_token_protected_registration_and_status(processes: ProcessManager, tmp_
     assert refused.returncode == 1
     assert "UNAUTHENTICATED" in refused.stderr
     assert "PERMISSION_DENIED" in intruder.logs()
+
+
+def test_status_json_matches_known_registrations(processes: ProcessManager) -> None:
+    balancer = processes.start_balancer(
+        env={"LBSERVER_HEARTBEAT_INTERVAL": "1", "LBSERVER_BLACKOUT": "0"}
+    )
+    ports = [free_port(), free_port()]
+    processes.start_registrar(
+        balancers=[balancer.address],
+        service="oap",
+        backend=f"127.0.0.1:{ports[0]}",
+        weight=1,
+        zone="eu-1a",
+        args=["--label", "pod=oap-0", "--load-static", "cpu=0.9,rps=100", "--instance-id", "oap-0"],
+    )
+    processes.start_registrar(
+        balancers=[balancer.address],
+        service="oap",
+        backend=f"127.0.0.1:{ports[1]}",
+        weight=1,
+        zone="eu-1b",
+        args=["--load-static", "cpu=0.3,rps=100", "--instance-id", "oap-1"],
+    )
+
+    def document() -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, "-m", "lbserver", "status", "--balancer", balancer.address, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        parsed: dict[str, Any] = json.loads(result.stdout)
+        return parsed
+
+    def backends() -> list[dict[str, Any]]:
+        return [b for s in document()["services"] for b in s["backends"]]
+
+    wait_until(
+        lambda: sorted(b["list_entries"] for b in backends()) == [25, 75],
+        timeout=20,
+        message="load-aware shares never showed",
+    )
+    full = document()
+    assert full["balancer"] == balancer.address
+    (service,) = full["services"]
+    assert service["name"] == "oap" and service["list_length"] == 100
+    by_id = {b["instance_id"]: b for b in service["backends"]}
+    busy, idle = by_id["oap-0"], by_id["oap-1"]
+    assert (busy["address"], busy["zone"], busy["labels"]) == (
+        f"127.0.0.1:{ports[0]}",
+        "eu-1a",
+        {"pod": "oap-0"},
+    )
+    assert busy["state"] == idle["state"] == "serving"
+    assert busy["load"] == {
+        "cpu_utilization": 0.9,
+        "requests_per_second": 100.0,
+        "errors_per_second": None,
+        "in_flight": None,
+    }
+    assert (busy["share"], idle["share"]) == (0.25, 0.75)
+    assert abs(idle["effective_weight"] / busy["effective_weight"] - 3) < 1e-6
+    assert busy["load_balance_token"] != idle["load_balance_token"]
+    assert 0 <= busy["last_heartbeat_age_seconds"] < 5
+    assert busy["ttl_seconds"] == 10.0

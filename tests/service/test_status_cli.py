@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -192,3 +194,17 @@ def test_bad_balancer_address_exits_2(capsys: pytest.CaptureFixture[str]) -> Non
         main(["status", "--balancer", "nope"])
     assert exit_info.value.code == 2
     assert "HOST:PORT" in capsys.readouterr().err
+
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "status_table.txt"
+
+
+def test_table_snapshot() -> None:
+    """The whole table for a known state; regenerate on purpose with
+    LBSERVER_UPDATE_SNAPSHOTS=1 and review the diff."""
+    from lbserver.cli.status import render_tables
+
+    rendered = render_tables(known_state(), "127.0.0.1:11810")
+    if os.environ.get("LBSERVER_UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(rendered)
+    assert rendered == SNAPSHOT.read_text()
