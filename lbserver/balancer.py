@@ -368,9 +368,17 @@ class Balancer:
         that are due and ends the startup grace; call it periodically
         (run_timers does)."""
         now = self._clock()
-        changed = self.membership.expire(now)
-        for service in changed:
-            log.warning("backend expired", service=service)
+        changed: set[str] = set()
+        for backend in self.membership.expire(now):
+            registration = backend.registration
+            changed.add(registration.service)
+            log.warning(
+                "backend expired",
+                service=registration.service,
+                instance=registration.instance_id,
+                address=registration.address,
+                silent_for=round(now - backend.last_heartbeat, 3),
+            )
         due = {
             service
             for service in self._pending

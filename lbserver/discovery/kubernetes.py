@@ -34,6 +34,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
@@ -303,6 +304,14 @@ class KubernetesEndpointSource:
         finally:
             await self._shutdown()
 
+    def resource_version(self, namespace: str, kubernetes_service: str) -> str | None:
+        """Where the watch of that Service would resume (None before a list,
+        or when not running); for status pages and tests."""
+        for watcher in self._watchers:
+            if (watcher.namespace, watcher.name) == (namespace, kubernetes_service):
+                return watcher.resource_version
+        return None
+
     def stop(self) -> None:
         """Make `run()` return (call on the event loop thread)."""
         if self._wake is not None:
@@ -356,38 +365,16 @@ class KubernetesEndpointSource:
             _log.exception("kubernetes endpoints callback failed", service=service)
 
 
+@dataclass(frozen=True, slots=True)
 class _Options:
-    __slots__ = (
-        "backoff_initial",
-        "backoff_max",
-        "connect_timeout",
-        "list_timeout",
-        "read_timeout",
-        "rng",
-        "unknown_after",
-        "watch_timeout",
-    )
-
-    def __init__(
-        self,
-        *,
-        watch_timeout: int,
-        read_timeout: float,
-        connect_timeout: float,
-        list_timeout: float,
-        backoff_initial: float,
-        backoff_max: float,
-        unknown_after: float,
-        rng: random.Random,
-    ) -> None:
-        self.watch_timeout = watch_timeout
-        self.read_timeout = read_timeout
-        self.connect_timeout = connect_timeout
-        self.list_timeout = list_timeout
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.unknown_after = unknown_after
-        self.rng = rng
+    watch_timeout: int
+    read_timeout: float
+    connect_timeout: float
+    list_timeout: float
+    backoff_initial: float
+    backoff_max: float
+    unknown_after: float
+    rng: random.Random
 
 
 class _ServiceWatcher:
@@ -425,6 +412,10 @@ class _ServiceWatcher:
         self._thread = threading.Thread(
             target=self._main, name=f"k8s-watch-{namespace}/{name}", daemon=True
         )
+
+    @property
+    def resource_version(self) -> str | None:
+        return self._resource_version
 
     def start(self) -> None:
         self._thread.start()

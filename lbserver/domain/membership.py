@@ -99,17 +99,17 @@ class Membership:
             del self._services[service]
         return True
 
-    def expire(self, now: float) -> set[str]:
-        """Drops backends whose TTL ran out; returns the services that lost one."""
-        changed: set[str] = set()
+    def expire(self, now: float) -> list[Backend]:
+        """Drops backends whose TTL ran out and returns them."""
+        expired: list[Backend] = []
         for service, members in list(self._services.items()):
-            expired = [iid for iid, b in members.items() if b.expires_at <= now]
-            for instance_id in expired:
-                del members[instance_id]
-                changed.add(service)
+            for instance_id, backend in list(members.items()):
+                if backend.expires_at <= now:
+                    del members[instance_id]
+                    expired.append(backend)
             if not members:
                 del self._services[service]
-        return changed
+        return expired
 
     def count(self, service: str) -> int:
         return len(self._services.get(service, {}))

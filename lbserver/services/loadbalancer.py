@@ -143,7 +143,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         logger.info("client connected", service=watch.service)
         reader = asyncio.create_task(self._read_stats(context, watch, logger))
         try:
-            await self._stream_answers(context, watch, reader)
+            await self._stream_answers(context, watch, reader, logger)
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -156,6 +156,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
         watch: Watch,
         reader: asyncio.Task[None],
+        logger: structlog.typing.FilteringBoundLogger,
     ) -> None:
         version, answer = watch.current()
         # What this stream last wrote: ("list", servers) or ("fallback", None).
@@ -170,9 +171,14 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
                     )
                     if version:
                         metrics.PUSH_LATENCY.observe(time.monotonic() - watch.published_at)
-                    metrics.LIST_PUSHES.labels(
-                        "server_list" if servers is not None else "fallback"
-                    ).inc()
+                    kind = "server_list" if servers is not None else "fallback"
+                    metrics.LIST_PUSHES.labels(kind).inc()
+                    logger.debug(
+                        "list pushed",
+                        kind=kind,
+                        service=answer.service,
+                        entries=len(servers) if servers is not None else 0,
+                    )
                     sent = reply
             waiter = asyncio.ensure_future(watch.next(version))
             done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
