@@ -1,4 +1,29 @@
 """agent_shim: per-call balancing for gRPC clients that cannot use the grpclb
-policy themselves (SkyWalking agents): a Python channel and a sidecar proxy."""
+policy themselves (SkyWalking agents): a Python channel and a sidecar proxy.
+
+    channel = agent_shim.balanced_channel("lbserver:11810", "oap", fallback=["oap:11800"])
+    stub = MyServiceStub(channel)          # any generated stub
+    reply = stub.Method(request, timeout=5)
+
+`aio_balanced_channel` is the same for grpc.aio. `Selector` is the grpclb
+client underneath, for code that makes its own calls (the proxy).
+"""
+
+from agent_shim._aio_channel import aio_balanced_channel
+from agent_shim._channel import balanced_channel
+from agent_shim._errors import DroppedCallError, NoBackendError, ShimError
+from agent_shim._selector import LB_TOKEN_METADATA_KEY, Choice, Selector
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "LB_TOKEN_METADATA_KEY",
+    "Choice",
+    "DroppedCallError",
+    "NoBackendError",
+    "Selector",
+    "ShimError",
+    "__version__",
+    "aio_balanced_channel",
+    "balanced_channel",
+]

@@ -17,37 +17,68 @@ API CONTRACT (the proxy and the channels are written against it):
     ... make the call on choice.channel with ("lb-token", choice.token) metadata ...
     selector.finished(choice, reached_backend=True)   # for client stats
     await selector.close()
+
+Every choose() that returns must be matched by exactly one finished(): it
+feeds client stats, the failing-backend marks, and the count of calls still
+running on a backend that left the list (its channel is closed when that count
+reaches zero, or after `retire_grace` seconds). A retry of a call that did not
+reach its backend passes the failed address in `exclude`; such a retry is
+never dropped.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
+import ipaddress
+import random
+import threading
+import time
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from typing import Generic, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import grpc
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from agent_shim._errors import DroppedCallError, NoBackendError, ShimError
+from agent_shim._picker import Backoff, Picker, ServerEntry, StatsDelta
+from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
+from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
+
+__all__ = [
+    "LB_TOKEN_METADATA_KEY",
+    "Choice",
+    "DroppedCallError",
+    "NoBackendError",
+    "Selector",
+    "ShimError",
+    "aio_insecure_channel",
+]
+
+log = structlog.get_logger("agent_shim.selector")
 
 ChannelT = TypeVar("ChannelT")
 
 LB_TOKEN_METADATA_KEY = "lb-token"
 
+# gRPC C-core's reconnect backoff for the balancer call.
+BALANCER_BACKOFF = Backoff(initial=1.0, multiplier=1.6, maximum=120.0, jitter=0.2)
+MIN_RECONNECT_INTERVAL = 1.0
+# C-core raises shorter report intervals to 1 s.
+MIN_STATS_INTERVAL = 1.0
+DEFAULT_RETIRE_GRACE = 30.0
+# Keepalive notices a balancer that vanished without closing its connections
+# (node loss); 20 s is what grpc-go uses, and lbserver permits it.
+BALANCER_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+)
 
-class ShimError(Exception):
-    """Base of the errors agent_shim raises."""
-
-
-class NoBackendError(ShimError):
-    """No backend can take a call now (empty list, all failing, no fallback).
-    Maps to UNAVAILABLE."""
-
-
-class DroppedCallError(ShimError):
-    """The balancer's list said to drop this call (load shedding). Maps to
-    UNAVAILABLE; counted per token in client stats."""
-
-    def __init__(self, token: str) -> None:
-        super().__init__(f"call dropped by the load balancer (token {token!r})")
-        self.token = token
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +88,8 @@ class Choice(Generic[ChannelT]):
     address: str  # "ip:port" or "[v6]:port"
     token: str  # "" in fallback mode
     channel: ChannelT  # cached per address, reused across list updates
+    # False for fallback choices: gRPC reports stats only for balancer lists.
+    from_balancer: bool = True
 
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -65,6 +98,49 @@ class Choice(Generic[ChannelT]):
 
 def aio_insecure_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address)
+
+
+def _aio_transient_failure(channel: object) -> bool:
+    return (
+        isinstance(channel, grpc.aio.Channel)
+        and channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.TRANSIENT_FAILURE
+    )
+
+
+@dataclass(slots=True)
+class _Slot(Generic[ChannelT]):
+    channel: ChannelT
+    in_flight: int = 0
+    retire_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
+
+
+def server_address(server: lb_pb2.Server) -> str | None:
+    """`ip:port` / `[v6]:port` of a list entry, None when it is malformed."""
+    if not 0 < server.port < 65536:
+        return None
+    try:
+        ip = ipaddress.ip_address(server.ip_address)
+    except ValueError:
+        return None
+    host = f"[{ip}]" if ip.version == 6 else str(ip)
+    return f"{host}:{server.port}"
+
+
+def client_stats_message(delta: StatsDelta, now: float) -> lb_pb2.LoadBalanceRequest:
+    stats = lb_pb2.ClientStats(
+        num_calls_started=delta.calls_started,
+        num_calls_finished=delta.calls_finished,
+        num_calls_finished_with_client_failed_to_send=(
+            delta.calls_finished_with_client_failed_to_send
+        ),
+        num_calls_finished_known_received=delta.calls_finished_known_received,
+        calls_finished_with_drop=[
+            lb_pb2.ClientStatsPerToken(load_balance_token=token, num_calls=n)
+            for token, n in sorted(delta.calls_dropped_by_token.items())
+        ],
+    )
+    stats.timestamp.FromNanoseconds(int(now * 1e9))
+    return lb_pb2.LoadBalanceRequest(client_stats=stats)
 
 
 class Selector(Generic[ChannelT]):
@@ -80,24 +156,581 @@ class Selector(Generic[ChannelT]):
         channel_factory: Callable[[str], ChannelT],
         close_channel: Callable[[ChannelT], object] | None = None,
         fallback_timeout: float = 10.0,
+        connection_failing: Callable[[ChannelT], bool] | None = None,
+        balancer_channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
+        retire_grace: float = DEFAULT_RETIRE_GRACE,
+        rng: random.Random | None = None,
     ) -> None:
-        raise NotImplementedError
+        """`close_channel` may return an awaitable; by default the channel's
+        own close() is called (and awaited for grpc.aio channels).
+        `connection_failing` tells whether a backend's connection is down, so
+        it is skipped; by default grpc.aio channels in TRANSIENT_FAILURE are."""
+        self._balancers = (balancers,) if isinstance(balancers, str) else tuple(balancers)
+        if not self._balancers:
+            raise ValueError("at least one balancer address is needed")
+        if not service:
+            raise ValueError("the service name must not be empty")
+        if fallback_timeout < 0 or retire_grace < 0:
+            raise ValueError("timeouts must not be negative")
+        self._service = service
+        self._fallback = (fallback,) if isinstance(fallback, str) else tuple(fallback)
+        self._channel_factory = channel_factory
+        self._close_channel = close_channel
+        self._fallback_timeout = fallback_timeout
+        self._connection_failing = connection_failing
+        self._default_connection_check = connection_failing is None
+        self._balancer_channel_factory = balancer_channel_factory or (
+            lambda address: grpc.aio.insecure_channel(address, options=BALANCER_CHANNEL_OPTIONS)
+        )
+        self._retire_grace = retire_grace
+        self._rng = rng or random.Random()
+        self._clock = time.monotonic
+
+        self._lock = threading.Lock()
+        self._picker = Picker(connection_failing=self._address_failing)
+        self._slots: dict[str, _Slot[ChannelT]] = {}
+        self._retiring: dict[str, _Slot[ChannelT]] = {}
+        self._empty_reason = "no server list from the balancer yet"
+        self._server_list: tuple[ServerEntry, ...] | None = None
+        self._in_fallback = False
+        self._closed = False
+        self._ready = threading.Event()
+        self._settled = threading.Event()
+        self._ready_async: asyncio.Event | None = None
+        self._settled_async: asyncio.Event | None = None
+
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: int | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._fallback_timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._balancer_channels: dict[str, grpc.aio.Channel] = {}
+        self._balancer_down_logged = False
+        self._listeners: list[Callable[[], None]] = []
+        self._log = log.bind(service=service)
+
+    # ---- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
-        raise NotImplementedError
+        self.start_nowait()
 
-    async def wait_ready(self, timeout: float | None = None) -> bool:
-        raise NotImplementedError
+    def start_nowait(self) -> None:
+        """start() for synchronous code running on the loop."""
+        if self._loop is not None:
+            raise RuntimeError("the selector was already started")
+        if self._closed:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
+        self._ready_async = asyncio.Event()
+        self._settled_async = asyncio.Event()
+        self._fallback_timer = self._loop.call_later(
+            self._fallback_timeout, self._on_fallback_timeout
+        )
+        self._runner = self._loop.create_task(self._run(), name=f"grpclb-{self._service}")
+
+    async def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            slots = [*self._slots.values(), *self._retiring.values()]
+            self._slots.clear()
+            self._retiring.clear()
+            self._picker.update((), count_stats=False)
+        self._empty_reason = "the selector is closed"
+        self._cancel_fallback_timer()
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        for slot in slots:
+            if slot.retire_timer is not None:
+                slot.retire_timer.cancel()
+        # Pending closes of retired channels finish first; then the rest.
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for channel in self._balancer_channels.values():
+            await channel.close(None)
+        self._balancer_channels.clear()
+        for slot in slots:
+            await self._close_one(slot.channel)
+        # Wake anyone still waiting for a list: there will be none, and
+        # choose() now says the selector is closed.
+        self._set_ready()
+
+    # ---- readiness -------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def mode(self) -> str:
+        """What is in force: "list" (the balancer's), "fallback" (told to, or
+        no list in time) or "waiting" (nothing yet)."""
+        if self._in_fallback:
+            return "fallback"
+        return "list" if self._server_list is not None else "waiting"
+
+    @property
+    def ready(self) -> bool:
+        """A server list or fallback is in force."""
+        return self._ready.is_set()
+
+    @property
+    def settled(self) -> bool:
+        """Ready, or the fallback timeout passed without a list (and without
+        fallback addresses): waiting longer is only for wait_for_ready calls."""
+        return self._settled.is_set()
+
+    # The contract's signature; a bool answer reads better than TimeoutError here.
+    async def wait_ready(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        return await self._wait(self._ready, self._ready_async, timeout)
+
+    async def wait_settled(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        return await self._wait(self._settled, self._settled_async, timeout)
+
+    def wait_ready_blocking(self, timeout: float | None = None) -> bool:
+        """For threads other than the selector's loop."""
+        return self._ready.wait(timeout)
+
+    def wait_settled_blocking(self, timeout: float | None = None) -> bool:
+        return self._settled.wait(timeout)
+
+    async def _wait(
+        self, flag: threading.Event, event: asyncio.Event | None, limit: float | None
+    ) -> bool:
+        if flag.is_set():
+            return True
+        if event is None or asyncio.get_running_loop() is not self._loop:
+            return await asyncio.to_thread(flag.wait, limit)
+        try:
+            await asyncio.wait_for(event.wait(), limit)
+        except TimeoutError:
+            return flag.is_set()
+        return True
+
+    def _set_ready(self) -> None:
+        self._ready.set()
+        if self._ready_async is not None:
+            self._ready_async.set()
+        self._set_settled()
+
+    def _set_settled(self) -> None:
+        self._settled.set()
+        if self._settled_async is not None:
+            self._settled_async.set()
+        self._notify()
+
+    def connectivity(self) -> grpc.ChannelConnectivity:
+        """A channel-like summary: READY while a list or fallback with at least
+        one backend is in force (whether or not its connections are up)."""
+        with self._lock:
+            if self._closed:
+                return grpc.ChannelConnectivity.SHUTDOWN
+            has_backends = any(not e.drop for e in self._picker.entries)
+        if not self._ready.is_set():
+            return (
+                grpc.ChannelConnectivity.TRANSIENT_FAILURE
+                if self._settled.is_set()
+                else grpc.ChannelConnectivity.CONNECTING
+            )
+        return (
+            grpc.ChannelConnectivity.READY
+            if has_backends
+            else grpc.ChannelConnectivity.TRANSIENT_FAILURE
+        )
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """`callback` runs on the selector's loop after anything that may
+        change connectivity(); it must not block."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            try:
+                callback()
+            except Exception:
+                self._log.exception("a selector listener failed")
+
+    # ---- choosing ----------------------------------------------------------------
 
     def choose(self, exclude: Collection[str] = ()) -> Choice[ChannelT]:
-        raise NotImplementedError
+        with self._lock:
+            if self._closed:
+                raise NoBackendError("the selector is closed")
+            if not self._picker.entries:
+                raise NoBackendError(self._empty_reason)
+            entry = self._picker.pick(self._clock(), exclude)
+            slot = self._slots[entry.address]
+            slot.in_flight += 1
+            return Choice(
+                entry.address, entry.token, slot.channel, from_balancer=self._picker.counts_stats
+            )
 
     def finished(
         self, choice: Choice[ChannelT], *, reached_backend: bool, failed: bool = False
     ) -> None:
         """Counts the call for client stats; a call that did not reach its
-        backend marks that backend as failing for a while."""
-        raise NotImplementedError
+        backend marks that backend as failing for a while (with backoff), and
+        one that reached it without failing clears the mark."""
+        retired: _Slot[ChannelT] | None = None
+        with self._lock:
+            self._picker.finished(
+                choice.address,
+                self._clock(),
+                counted=choice.from_balancer,
+                reached_backend=reached_backend,
+                failed=failed,
+            )
+            slot = self._slots.get(choice.address)
+            if slot is not None and slot.channel is choice.channel:
+                slot.in_flight = max(0, slot.in_flight - 1)
+            else:
+                slot = self._retiring.get(choice.address)
+                if slot is not None and slot.channel is choice.channel:
+                    slot.in_flight = max(0, slot.in_flight - 1)
+                    if slot.in_flight == 0:
+                        retired = self._retiring.pop(choice.address)
+        if retired is not None:
+            self._close_soon(retired)
 
-    async def close(self) -> None:
-        raise NotImplementedError
+    def failing(self) -> list[str]:
+        """Backends skipped now because a call failed to reach them."""
+        with self._lock:
+            return self._picker.failing(self._clock())
+
+    def _address_failing(self, address: str) -> bool:
+        """Called by the picker, under the lock."""
+        slot = self._slots.get(address)
+        if slot is None:
+            return False
+        if self._default_connection_check:
+            # grpc.aio channels belong to the loop's thread.
+            return threading.get_ident() == self._loop_thread and _aio_transient_failure(
+                slot.channel
+            )
+        assert self._connection_failing is not None
+        return self._connection_failing(slot.channel)
+
+    # ---- applying lists ------------------------------------------------------------
+
+    def _reconfigure(self) -> None:
+        """Installs what is in force now: the fallback addresses in fallback
+        mode (if any), else the balancer's last list. Runs on the loop."""
+        count_stats = False
+        if self._in_fallback and self._fallback:
+            entries: tuple[ServerEntry, ...] = tuple(ServerEntry(a, "") for a in self._fallback)
+        elif self._server_list is not None:
+            entries, count_stats = self._server_list, True
+            self._empty_reason = "the balancer's server list is empty"
+        else:
+            entries = ()
+            self._empty_reason = (
+                "the balancer asked for fallback and there are no fallback addresses"
+                if self._in_fallback
+                else "no server list from the balancer yet"
+            )
+        created: list[ChannelT] = []
+        to_close: list[_Slot[ChannelT]] = []
+        with self._lock:
+            if self._closed:
+                return
+            wanted = {e.address for e in entries if not e.drop}
+            broken: set[str] = set()
+            for address in wanted:
+                if address in self._slots:
+                    continue
+                slot = self._retiring.pop(address, None)
+                if slot is not None:
+                    if slot.retire_timer is not None:
+                        slot.retire_timer.cancel()
+                        slot.retire_timer = None
+                else:
+                    try:
+                        slot = _Slot(self._channel_factory(address))
+                    except Exception:
+                        self._log.exception("cannot create a channel", address=address)
+                        broken.add(address)
+                        continue
+                    created.append(slot.channel)
+                self._slots[address] = slot
+            for address in [a for a in self._slots if a not in wanted]:
+                slot = self._slots.pop(address)
+                if slot.in_flight:
+                    self._retiring[address] = slot
+                    assert self._loop is not None
+                    slot.retire_timer = self._loop.call_later(
+                        self._retire_grace, self._retire_expired, address, slot
+                    )
+                else:
+                    to_close.append(slot)
+            if broken:
+                entries = tuple(e for e in entries if e.address not in broken)
+            self._picker.update(
+                entries, count_stats=count_stats, start=self._rng.randrange(max(1, len(entries)))
+            )
+        for slot in to_close:
+            self._close_soon(slot)
+        for channel in created:
+            # Connect ahead of the first call.
+            if isinstance(channel, grpc.aio.Channel):
+                channel.get_state(try_to_connect=True)
+        self._notify()
+
+    def _retire_expired(self, address: str, slot: _Slot[ChannelT]) -> None:
+        with self._lock:
+            if self._retiring.get(address) is not slot:
+                return
+            del self._retiring[address]
+        self._log.info(
+            "closing a removed backend's channel with calls still running",
+            address=address,
+            calls=slot.in_flight,
+        )
+        self._close_soon(slot)
+
+    def _close_soon(self, slot: _Slot[ChannelT]) -> None:
+        """Closes a channel on the loop; callable from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            result = self._close_fn(slot.channel)
+            if inspect.iscoroutine(result):
+                result.close()
+            return
+        if threading.get_ident() == self._loop_thread:
+            self._spawn(self._close_one(slot.channel))
+        else:
+            with contextlib.suppress(RuntimeError):  # the loop stopped meanwhile
+                loop.call_soon_threadsafe(self._spawn, self._close_one(slot.channel))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _close_fn(self, channel: ChannelT) -> object:
+        if self._close_channel is not None:
+            return self._close_channel(channel)
+        if isinstance(channel, grpc.aio.Channel):
+            return channel.close(None)
+        close = getattr(channel, "close", None)
+        return close() if callable(close) else None
+
+    async def _close_one(self, channel: ChannelT) -> None:
+        try:
+            result = self._close_fn(channel)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self._log.exception("closing a backend channel failed")
+
+    def _on_server_list(self, message: lb_pb2.ServerList) -> None:
+        entries: list[ServerEntry] = []
+        invalid = 0
+        for server in message.servers:
+            if server.drop:
+                entries.append(ServerEntry("", server.load_balance_token, drop=True))
+                continue
+            address = server_address(server)
+            if address is None:
+                invalid += 1
+                continue
+            entries.append(ServerEntry(address, server.load_balance_token))
+        if invalid:
+            self._log.warning("ignoring malformed server list entries", count=invalid)
+        new = tuple(entries)
+        # gRPC ignores a list identical to the last one (keeping its position).
+        if new == self._server_list and not self._in_fallback:
+            return
+        left_fallback = self._in_fallback
+        self._server_list = new
+        self._in_fallback = False
+        self._cancel_fallback_timer()
+        self._reconfigure()
+        self._set_ready()
+        self._log.info(
+            "server list received",
+            entries=len(new),
+            backends=len({e.address for e in new if not e.drop}),
+            drops=sum(e.drop for e in new),
+            left_fallback=left_fallback,
+        )
+
+    def _on_fallback_response(self) -> None:
+        self._cancel_fallback_timer()
+        if self._in_fallback:
+            return
+        self._in_fallback = True
+        self._reconfigure()
+        self._set_ready()
+        if self._fallback:
+            self._log.info("the balancer asked for fallback", fallback=list(self._fallback))
+        elif self._server_list is not None:
+            self._log.warning(
+                "the balancer asked for fallback but there are no fallback addresses;"
+                " keeping the last server list"
+            )
+        else:
+            self._log.warning("the balancer asked for fallback but there are no fallback addresses")
+
+    def _on_fallback_timeout(self) -> None:
+        self._fallback_timer = None
+        if self._server_list is not None or self._in_fallback or self._closed:
+            return
+        if self._fallback:
+            self._log.warning(
+                "no server list from the balancer in time; using the fallback addresses",
+                timeout=self._fallback_timeout,
+                fallback=list(self._fallback),
+            )
+            self._in_fallback = True
+            self._reconfigure()
+            self._set_ready()
+        else:
+            self._log.warning(
+                "no server list from the balancer in time and no fallback addresses;"
+                " calls fail until a list arrives",
+                timeout=self._fallback_timeout,
+            )
+            self._set_settled()
+
+    def _cancel_fallback_timer(self) -> None:
+        if self._fallback_timer is not None:
+            self._fallback_timer.cancel()
+            self._fallback_timer = None
+
+    # ---- the balancer stream ----------------------------------------------------------
+
+    async def _run(self) -> None:
+        attempt = 0  # failed rounds through all balancers since the last good stream
+        failures_in_round = 0
+        index = 0
+        last_reconnect = -MIN_RECONNECT_INTERVAL
+        while True:
+            address = self._balancers[index]
+            try:
+                started = await self._stream(address)
+            except Exception:
+                # A bug or an unexpected grpc error must not end balancing for
+                # good: log it and carry on as if the balancer had failed.
+                self._log.exception("the balancer stream failed unexpectedly", balancer=address)
+                started = False
+            if started:
+                # The stream had started: reconnect at once, to the same
+                # balancer; but not in a tight loop to one that keeps
+                # hanging up right after answering.
+                attempt = failures_in_round = 0
+                since = time.monotonic() - last_reconnect
+                if since < MIN_RECONNECT_INTERVAL:
+                    await asyncio.sleep(MIN_RECONNECT_INTERVAL - since)
+                last_reconnect = time.monotonic()
+                continue
+            index = (index + 1) % len(self._balancers)
+            failures_in_round += 1
+            if failures_in_round >= len(self._balancers):
+                failures_in_round = 0
+                attempt += 1
+                delay = BALANCER_BACKOFF.delay(attempt, self._rng)
+                self._log.debug("retrying the balancers later", delay=round(delay, 2))
+                await asyncio.sleep(delay)
+
+    def _balancer_channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._balancer_channels.get(address)
+        if channel is None:
+            channel = self._balancer_channels[address] = self._balancer_channel_factory(address)
+        return channel
+
+    async def _stream(self, address: str) -> bool:
+        """One BalanceLoad stream; True if it had started (got initial_response)."""
+        stub = lb_grpc.LoadBalancerStub(self._balancer_channel(address))
+        call = stub.BalanceLoad(None)
+        started = False
+        reporter: asyncio.Task[None] | None = None
+        logger = self._log.bind(balancer=address)
+        try:
+            await call.write(
+                lb_pb2.LoadBalanceRequest(
+                    initial_request=lb_pb2.InitialLoadBalanceRequest(name=self._service)
+                )
+            )
+            first = await call.read()
+            if first is _EOF:
+                self._balancer_failed(logger, "the balancer closed the stream before answering")
+                return False
+            assert isinstance(first, lb_pb2.LoadBalanceResponse)
+            if first.WhichOneof("load_balance_response_type") != "initial_response":
+                # grpc-go drops such a stream too.
+                self._balancer_failed(logger, "the first response was not initial_response")
+                return False
+            started = True
+            interval = first.initial_response.client_stats_report_interval.ToTimedelta()
+            seconds = interval.total_seconds()
+            with self._lock:
+                self._picker.reset_stats()
+            if seconds > 0:
+                reporter = asyncio.create_task(
+                    self._report_stats(call, max(MIN_STATS_INTERVAL, seconds), logger)
+                )
+            if self._balancer_down_logged:
+                logger.info("balancer reachable again", stats_interval=seconds)
+            else:
+                logger.debug("balancer stream started", stats_interval=seconds)
+            self._balancer_down_logged = False
+            while True:
+                message = await call.read()
+                if message is _EOF:
+                    logger.info("the balancer ended the stream")
+                    return True
+                assert isinstance(message, lb_pb2.LoadBalanceResponse)
+                kind = message.WhichOneof("load_balance_response_type")
+                if kind == "server_list":
+                    self._on_server_list(message.server_list)
+                elif kind == "fallback_response":
+                    self._on_fallback_response()
+                else:
+                    logger.debug("ignoring an unexpected response", kind=kind)
+        except grpc.aio.AioRpcError as exc:
+            if started:
+                logger.warning(
+                    "the balancer stream broke", code=exc.code().name, details=exc.details()
+                )
+            else:
+                self._balancer_failed(logger, f"{exc.code().name}: {exc.details()}")
+            return started
+        finally:
+            if reporter is not None:
+                reporter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reporter
+            call.cancel()
+
+    def _balancer_failed(self, logger: FilteringBoundLogger, reason: str) -> None:
+        # One warning per outage; the retries in between are debug noise.
+        if self._balancer_down_logged:
+            logger.debug("balancer unreachable", reason=reason)
+        else:
+            self._balancer_down_logged = True
+            logger.warning("balancer unreachable; retrying with backoff", reason=reason)
+
+    async def _report_stats(self, call: Any, interval: float, logger: FilteringBoundLogger) -> None:
+        last_empty = False
+        while True:
+            await asyncio.sleep(interval)
+            with self._lock:
+                delta = self._picker.take_stats()
+            empty = delta.is_empty()
+            # C-core skips a report when this one and the last were both empty.
+            if empty and last_empty:
+                continue
+            last_empty = empty
+            try:
+                await call.write(client_stats_message(delta, time.time()))
+            except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
+                logger.debug("could not send client stats", error=repr(exc))
+                return
