@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from lbserver import __version__
-from lbserver.cli import register, serve, status
+from lbserver.cli import demo, register, serve, status
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lbserver {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (serve, register, status):
+    for module in (serve, register, status, demo):
         module.add_parser(commands)
     return parser
 
