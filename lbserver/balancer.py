@@ -60,6 +60,8 @@ class Answer:
 
 
 PENDING = Answer("pending")
+# A gap between timer ticks longer than this means the process was paused.
+PAUSE_THRESHOLD = 2.0
 
 
 @dataclass(slots=True)
@@ -253,6 +255,7 @@ class Balancer:
         # Kubernetes discovery: the mode per service, and the endpoints last
         # reported for it (absent: not known yet).
         self._discovery = dict(discovery or {})
+        self._last_tick: float | None = None
         self._endpoints: dict[str, frozenset[Endpoint]] = {}
         self.closed = False
 
@@ -368,6 +371,14 @@ class Balancer:
         that are due and ends the startup grace; call it periodically
         (run_timers does)."""
         now = self._clock()
+        gap = now - self._last_tick if self._last_tick is not None else 0.0
+        self._last_tick = now
+        if gap > PAUSE_THRESHOLD:
+            # This process did not run for `gap` seconds (SIGSTOP, a VM or
+            # container freeze, a blocked loop): heartbeats could not be
+            # received, so the silence is ours, not the backends'.
+            self.membership.extend_expiries(gap)
+            log.warning("balancer was paused; extended every TTL", paused_for=round(gap, 3))
         changed: set[str] = set()
         for backend in self.membership.expire(now):
             registration = backend.registration

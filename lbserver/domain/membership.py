@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lbserver.domain.model import Backend, Registration
 from lbserver.domain.weights import LoadWeightSettings, update_capacity
@@ -110,6 +110,12 @@ class Membership:
             if not members:
                 del self._services[service]
         return expired
+
+    def extend_expiries(self, seconds: float) -> None:
+        """Pushes every expiry back, after a pause of the balancer itself."""
+        for members in self._services.values():
+            for instance_id, backend in members.items():
+                members[instance_id] = replace(backend, expires_at=backend.expires_at + seconds)
 
     def count(self, service: str) -> int:
         return len(self._services.get(service, {}))
