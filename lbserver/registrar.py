@@ -33,6 +33,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from lbserver.backendprobe import BackendProbe
 from lbserver.domain.model import LoadReport
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 
@@ -154,6 +155,8 @@ class Registrar:
         token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         resolve: Resolver | None = None,
+        probe: BackendProbe | None = None,
+        probe_failures: int = 2,
     ) -> None:
         if isinstance(balancers, str):
             raise ValueError("balancers must be a sequence of HOST:PORT strings, not one string")
@@ -206,7 +209,14 @@ class Registrar:
         )
         self._credentials = credentials
         self._resolve = resolve or resolve_balancer
-        self._state: lbserver_pb2.BackendState.ValueType = lbserver_pb2.BACKEND_STATE_SERVING
+        if probe_failures < 1:
+            raise ValueError(f"probe_failures: must be >= 1, not {probe_failures}")
+        # DRAINING when asked to drain, or while the probe says the backend is down.
+        self._drained = False
+        self._probe = probe
+        self._probe_failures = probe_failures
+        self._probe_down = False
+        self._probe_task: asyncio.Task[None] | None = None
         self._links: list[_Link] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._resolver_task: asyncio.Task[None] | None = None
@@ -217,6 +227,10 @@ class Registrar:
         self._closed = asyncio.Event()
         self._load_failing = False
         self._background: asyncio.Task[None] | None = None
+
+    @property
+    def _address(self) -> str:
+        return join_host_port(self._ip, self._port)
 
     @property
     def _log(self) -> structlog.typing.FilteringBoundLogger:
@@ -268,6 +282,17 @@ class Registrar:
     def draining(self) -> bool:
         return self._state == lbserver_pb2.BACKEND_STATE_DRAINING
 
+    @property
+    def backend_down(self) -> bool:
+        """The probe found the backend not answering (it is reported DRAINING)."""
+        return self._probe_down
+
+    @property
+    def _state(self) -> lbserver_pb2.BackendState.ValueType:
+        if self._drained or self._probe_down:
+            return lbserver_pb2.BACKEND_STATE_DRAINING
+        return lbserver_pb2.BACKEND_STATE_SERVING
+
     async def run(self) -> None:
         """Heartbeats to every balancer until stop() has finished.
 
@@ -281,6 +306,10 @@ class Registrar:
             return
         await self._update_links(await self._resolve_targets())
         self._resolver_task = asyncio.create_task(self._resolver_loop(), name="resolve balancers")
+        if self._probe is not None:
+            self._probe_task = asyncio.create_task(
+                self._probe_loop(self._probe), name="probe backend"
+            )
         self._log.info(
             "registrar started",
             balancers=list(self._balancers),
@@ -310,13 +339,40 @@ class Registrar:
         """Marks the backend DRAINING and tells every balancer right away, so it
         leaves the server lists while still alive. Later heartbeats keep saying
         DRAINING. Returns how many balancers acknowledged."""
-        self._state = lbserver_pb2.BACKEND_STATE_DRAINING
+        self._drained = True
+        count = await self._announce()
+        self._log.info("draining", acknowledged=count, balancers=len(self._links))
+        return count
+
+    async def _announce(self) -> int:
+        """Sends the current state to every balancer now, not at the next beat."""
         if self._stopping or not self._links:
             return 0
         acknowledged = await asyncio.gather(*(self._drain_one(link) for link in self._links))
-        count = sum(acknowledged)
-        self._log.info("draining", acknowledged=count, balancers=len(self._links))
-        return count
+        return sum(acknowledged)
+
+    async def _probe_loop(self, probe: BackendProbe) -> None:
+        failures = 0
+        while True:
+            try:
+                alive = await probe()
+            except Exception:
+                self._log.exception("backend probe failed")
+                alive = False
+            failures = 0 if alive else failures + 1
+            if alive and self._probe_down:
+                self._probe_down = False
+                self._log.info("backend answers again: serving", backend=self._address)
+                await self._announce()
+            elif failures >= self._probe_failures and not self._probe_down:
+                self._probe_down = True
+                self._log.warning(
+                    "backend not answering: reported draining until it does",
+                    backend=self._address,
+                    failures=failures,
+                )
+                await self._announce()
+            await asyncio.sleep(self._interval)
 
     async def __aenter__(self) -> Self:
         self._background = asyncio.create_task(self.run(), name="registrar")
@@ -521,9 +577,13 @@ class Registrar:
 
     async def _shutdown(self, *, deregister: bool, deadline: float) -> None:
         try:
-            if self._resolver_task is not None:
-                self._resolver_task.cancel()
-                await asyncio.gather(self._resolver_task, return_exceptions=True)
+            for background in (self._resolver_task, self._probe_task):
+                if background is not None:
+                    background.cancel()
+                    await asyncio.gather(background, return_exceptions=True)
+            close_probe = getattr(self._probe, "close", None)
+            if close_probe is not None:
+                await close_probe()
             for task in self._tasks:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -19,6 +19,7 @@ from typing import Any
 import structlog
 
 from lbserver._logging import LOG_LEVELS, configure_logging
+from lbserver.backendprobe import PROBE_KINDS, make_probe
 from lbserver.cli._credentials import add_credential_options, channel_credentials, read_token
 from lbserver.domain.model import LoadReport
 from lbserver.loadprobe import (
@@ -190,10 +191,11 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
     balancers = list(dict.fromkeys(a for group in args.balancer for a in group))
     host, port = args.backend
     labels = dict(args.label or [])
+    ip = resolve_ip(host, port)
     return Registrar(
         balancers,
         args.service,
-        resolve_ip(host, port),
+        ip,
         port,
         instance_id=args.instance_id,
         weight=args.weight,
@@ -204,6 +206,13 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
         load=build_load(args),
         token=read_token(args.token_file),
         credentials=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
+        probe=make_probe(
+            args.probe,
+            ip,
+            port,
+            args.probe_timeout if args.probe_timeout is not None else min(1.0, args.interval),
+        ),
+        probe_failures=args.probe_failures,
     )
 
 
@@ -272,6 +281,30 @@ def add_parser(subparsers: Any) -> None:
         f"(default {DEFAULT_DRAIN_SECONDS:g}; 0 deregisters at once)",
     )
     add_credential_options(parser)
+    parser.add_argument(
+        "--probe",
+        choices=PROBE_KINDS,
+        default="grpc",
+        help="how to check that the backend answers before each heartbeat: 'grpc' "
+        "(grpc.health.v1 Check with a deadline; a server without the health service "
+        "counts as alive), 'tcp' (a connect) or 'none'. A backend that fails "
+        "--probe-failures checks in a row is reported DRAINING until it answers again "
+        "(default grpc)",
+    )
+    parser.add_argument(
+        "--probe-timeout",
+        type=positive_seconds,
+        default=None,
+        metavar="S",
+        help="deadline of one probe (default: the smaller of 1 s and --interval)",
+    )
+    parser.add_argument(
+        "--probe-failures",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="consecutive failed probes before the backend is drained (default 2)",
+    )
     parser.add_argument(
         "--instance-id",
         default=None,

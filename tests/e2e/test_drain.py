@@ -30,6 +30,7 @@ def test_sigterm_drains_then_deregisters(processes: ProcessManager) -> None:
         balancers=[balancer.address],
         service="oap",
         backend=f"127.0.0.1:{port}",
+        probe="none",
         interval=0.5,
         drain_seconds=3.0,
     )
@@ -55,6 +56,7 @@ def test_second_sigterm_ends_the_drain(processes: ProcessManager) -> None:
         balancers=[balancer.address],
         service="oap",
         backend=f"127.0.0.1:{port}",
+        probe="none",
         interval=0.5,
         drain_seconds=60.0,
     )

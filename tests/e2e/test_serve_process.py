@@ -56,6 +56,7 @@ def test_metrics_count_backends_and_heartbeats(processes: ProcessManager) -> Non
         balancers=[balancer.address],
         service="oap",
         backend=f"127.0.0.1:{backend_port}",
+        probe="none",
         weight=2,
         interval=0.5,
     )
@@ -96,6 +97,7 @@ def test_token_protected_registration_and_status(processes: ProcessManager, tmp_
         balancers=[balancer.address],
         service="oap",
         backend=f"127.0.0.1:{free_port()}",
+        probe="none",
         args=["--token-file", str(wrong)],
     )
     trusted_port = free_port()
@@ -103,6 +105,7 @@ def test_token_protected_registration_and_status(processes: ProcessManager, tmp_
         balancers=[balancer.address],
         service="oap",
         backend=f"127.0.0.1:{trusted_port}",
+        probe="none",
         args=["--token-file", str(token_file)],
     )
 
@@ -141,6 +144,7 @@ def test_status_json_matches_known_registrations(processes: ProcessManager) -> N
         balancers=[balancer.address],
         service="oap",
         backend=f"127.0.0.1:{ports[0]}",
+        probe="none",
         weight=1,
         zone="eu-1a",
         args=["--label", "pod=oap-0", "--load-static", "cpu=0.9,rps=100", "--instance-id", "oap-0"],
@@ -149,6 +153,7 @@ def test_status_json_matches_known_registrations(processes: ProcessManager) -> N
         balancers=[balancer.address],
         service="oap",
         backend=f"127.0.0.1:{ports[1]}",
+        probe="none",
         weight=1,
         zone="eu-1b",
         args=["--load-static", "cpu=0.3,rps=100", "--instance-id", "oap-1"],

@@ -391,6 +391,7 @@ class ProcessManager:
         ttl: float | None = None,
         zone: str | None = None,
         drain_seconds: float = 0.0,
+        probe: str = "grpc",
         args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         name: str | None = None,
@@ -398,7 +399,8 @@ class ProcessManager:
         """Start `lbserver register --balancer ... --service ... --backend ...`.
 
         Tests drain for 0 s unless they ask otherwise: a SIGTERM then
-        deregisters at once and cleanup stays fast."""
+        deregisters at once and cleanup stays fast. A backend address where
+        nothing listens needs `probe="none"`, or it is reported DRAINING."""
         balancer_arg = balancers if isinstance(balancers, str) else ",".join(balancers)
         argv = [
             sys.executable,
@@ -420,7 +422,7 @@ class ProcessManager:
             argv += ["--ttl", _num(ttl)]
         if zone is not None:
             argv += ["--zone", zone]
-        argv += ["--drain-seconds", _num(drain_seconds)]
+        argv += ["--drain-seconds", _num(drain_seconds), "--probe", probe]
         argv += list(args)
         unique, log_path = self._log_path(name or f"register-{backend.replace(':', '-')}")
         proc = RegistrarProcess(unique, argv, _base_env(env), log_path, service, backend)

@@ -1,0 +1,148 @@
+"""The registrar's backend probe: a crashed or hung backend is reported
+DRAINING while its sidecar keeps heartbeating, and SERVING once it answers."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from lbserver._grpc_compat import AsyncHealthServicer
+from lbserver.backendprobe import GrpcProbe, TcpProbe, make_probe
+from lbserver.proto.v1 import lbserver_pb2 as pb
+from lbserver.registrar import Registrar
+from tests.service.test_registrar import FakeRegistry, eventually, running, start_registry
+
+
+async def plain_server() -> tuple[grpc.aio.Server, int]:
+    """A gRPC server without the health service, like many backends."""
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
+@pytest.fixture
+def hung_port() -> Iterator[int]:
+    """Accepts TCP connections and never says a word: a hung process."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    yield listener.getsockname()[1]
+    listener.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe_socket:
+        probe_socket.bind(("127.0.0.1", 0))
+        return int(probe_socket.getsockname()[1])
+
+
+async def test_grpc_probe_outcomes(hung_port: int) -> None:
+    server, port = await plain_server()
+    health_server = grpc.aio.server()
+    health = AsyncHealthServicer()
+    from grpc_health.v1 import health_pb2_grpc
+
+    health_pb2_grpc.add_HealthServicer_to_server(health, health_server)
+    health_port = health_server.add_insecure_port("127.0.0.1:0")
+    await health_server.start()
+    try:
+        assert await GrpcProbe(f"127.0.0.1:{port}", timeout=1)()  # UNIMPLEMENTED: alive
+        await health.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert await GrpcProbe(f"127.0.0.1:{health_port}", timeout=1)()
+        await health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert not await GrpcProbe(f"127.0.0.1:{health_port}", timeout=1)()
+        assert not await GrpcProbe(f"127.0.0.1:{hung_port}", timeout=0.3)()
+        assert not await GrpcProbe(f"127.0.0.1:{free_port()}", timeout=0.3)()
+        assert await TcpProbe("127.0.0.1", hung_port, timeout=0.3)()  # tcp cannot see a hang
+        assert not await TcpProbe("127.0.0.1", free_port(), timeout=0.3)()
+        assert make_probe("none", "127.0.0.1", 1, 1.0) is None
+    finally:
+        await server.stop(0)
+        await health_server.stop(0)
+
+
+async def test_crashed_backend_is_drained_then_serves_again() -> None:
+    registry = FakeRegistry(interval=0.1)
+    registry_server, registry_address = await start_registry(registry)
+    backend, port = await plain_server()
+    registrar = Registrar(
+        [registry_address],
+        "oap",
+        "127.0.0.1",
+        port,
+        interval=0.1,
+        probe=GrpcProbe(f"127.0.0.1:{port}", timeout=0.3),
+        probe_failures=2,
+    )
+
+    def last_state() -> int:
+        return registry.heartbeats[-1].state if registry.heartbeats else -1
+
+    try:
+        async with running(registrar):
+            await eventually(lambda: last_state() == pb.BACKEND_STATE_SERVING, "serving")
+            await backend.stop(0)
+            await eventually(lambda: last_state() == pb.BACKEND_STATE_DRAINING, "drained")
+            assert registrar.backend_down
+            backend = grpc.aio.server()
+            backend.add_insecure_port(f"127.0.0.1:{port}")
+            await backend.start()
+            await eventually(lambda: last_state() == pb.BACKEND_STATE_SERVING, "serving again")
+            assert not registrar.backend_down
+    finally:
+        await backend.stop(0)
+        await registry_server.stop(0)
+
+
+async def test_hung_backend_is_drained(hung_port: int) -> None:
+    registry = FakeRegistry(interval=0.1)
+    registry_server, registry_address = await start_registry(registry)
+    registrar = Registrar(
+        [registry_address],
+        "oap",
+        "127.0.0.1",
+        hung_port,
+        interval=0.1,
+        probe=GrpcProbe(f"127.0.0.1:{hung_port}", timeout=0.2),
+    )
+    try:
+        async with running(registrar):
+            await eventually(
+                lambda: any(h.state == pb.BACKEND_STATE_DRAINING for h in registry.heartbeats),
+                "drained",
+            )
+            # The backend is still registered (heartbeats go on), just out of the lists.
+            count = len(registry.heartbeats)
+            await asyncio.sleep(0.3)
+            assert len(registry.heartbeats) > count
+    finally:
+        await registry_server.stop(0)
+
+
+async def test_an_explicit_drain_is_never_undone_by_the_probe() -> None:
+    registry = FakeRegistry(interval=0.1)
+    registry_server, registry_address = await start_registry(registry)
+    backend, port = await plain_server()
+    registrar = Registrar(
+        [registry_address],
+        "oap",
+        "127.0.0.1",
+        port,
+        interval=0.1,
+        probe=GrpcProbe(f"127.0.0.1:{port}", timeout=0.3),
+    )
+    try:
+        async with running(registrar):
+            await eventually(lambda: bool(registry.heartbeats), "registered")
+            await registrar.drain()
+            await asyncio.sleep(0.4)  # several healthy probes
+            assert registry.heartbeats[-1].state == pb.BACKEND_STATE_DRAINING
+    finally:
+        await backend.stop(0)
+        await registry_server.stop(0)
