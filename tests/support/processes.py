@@ -286,6 +286,27 @@ class BalancerProcess(ManagedProcess):
         )
 
 
+class BackendProcess(ManagedProcess):
+    """A counting test backend in its own process."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        log_path: Path,
+        backend_name: str,
+        port: int,
+    ) -> None:
+        super().__init__(name, argv, env, log_path)
+        self.backend_name = backend_name
+        self.port = port
+
+    @property
+    def address(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+
 class RegistrarProcess(ManagedProcess):
     """`lbserver register` heartbeating one backend."""
 
@@ -427,6 +448,27 @@ class ProcessManager:
         unique, log_path = self._log_path(name or f"register-{backend.replace(':', '-')}")
         proc = RegistrarProcess(unique, argv, _base_env(env), log_path, service, backend)
         self.processes.append(proc)
+        return proc
+
+    def start_backend(self, name: str, port: int | None = None) -> BackendProcess:
+        """A counting backend in its own process (see backend_process.py),
+        answering with `name`; returns once it listens."""
+        port = port or free_port()
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.support.backend_process",
+            "--port",
+            str(port),
+            "--name",
+            name,
+        ]
+        unique, log_path = self._log_path(f"backend-{name}")
+        proc = BackendProcess(unique, argv, _base_env(None), log_path, name, port)
+        self.processes.append(proc)
+        wait_until(lambda: "ready" in proc.logs() or not proc.alive(), 20, message="backend")
+        if not proc.alive():
+            raise ProcessError(f"backend {name} died:\n{proc.logs()}")
         return proc
 
     def all_logs(self, tail: int | None = 8000) -> str:

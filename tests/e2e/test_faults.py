@@ -1,0 +1,240 @@
+"""Faults with real processes, under load from grpcio's own grpclb client.
+Each test prints what was lost; the target is zero (or only the calls that
+were on the wire when a backend died)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from tests.e2e.conftest import E2E_BALANCER_ENV
+from tests.support.backends import call_stub, grpclb_channel
+from tests.support.dns import DnsServer
+from tests.support.processes import (
+    BackendProcess,
+    BalancerProcess,
+    ProcessManager,
+    RegistrarProcess,
+    wait_until,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+INTERVAL = 0.5
+TTL = 3.0
+THREADS = 4
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    backend: str | None  # the name in the reply; None when the call failed
+    code: grpc.StatusCode | None = None
+
+
+@dataclass
+class Traffic:
+    """THREADS callers in a loop, recording every call's outcome."""
+
+    stub: grpc.UnaryUnaryMultiCallable[bytes, bytes]
+    deadline: float = 2.0
+    outcomes: list[Outcome] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                reply = self.stub(b"x", timeout=self.deadline)
+                outcome = Outcome(started, time.monotonic(), reply.decode())
+            except grpc.RpcError as error:
+                code = error.code() if isinstance(error, grpc.Call) else None
+                outcome = Outcome(started, time.monotonic(), None, code)
+            with self._lock:
+                self.outcomes.append(outcome)
+            time.sleep(0.002)
+
+    def calls_to(self, backend: str, after: float = 0.0) -> int:
+        with self._lock:
+            return sum(1 for o in self.outcomes if o.backend == backend and o.started > after)
+
+    def failures(self) -> list[Outcome]:
+        with self._lock:
+            return [o for o in self.outcomes if o.backend is None]
+
+    def total(self) -> int:
+        with self._lock:
+            return len(self.outcomes)
+
+    @classmethod
+    @contextlib.contextmanager
+    def running(cls, stub: grpc.UnaryUnaryMultiCallable[bytes, bytes]) -> Iterator[Traffic]:
+        traffic = cls(stub)
+        threads = [threading.Thread(target=traffic._run, daemon=True) for _ in range(THREADS)]
+        for thread in threads:
+            thread.start()
+        try:
+            yield traffic
+        finally:
+            traffic._stop.set()
+            for thread in threads:
+                thread.join(10)
+
+
+@dataclass
+class Cluster:
+    balancer: BalancerProcess
+    backends: list[BackendProcess]
+    registrars: list[RegistrarProcess]
+    channel: grpc.Channel
+
+
+@pytest.fixture
+def cluster(dns_server: DnsServer, processes: ProcessManager) -> Iterator[Cluster]:
+    balancer = processes.start_balancer(env=E2E_BALANCER_ENV)
+    backends = [processes.start_backend(f"b{i}") for i in range(3)]
+    registrars = [
+        processes.start_registrar(
+            balancers=[balancer.address],
+            service="faults",
+            backend=b.address,
+            interval=INTERVAL,
+            ttl=TTL,
+            args=["--instance-id", b.backend_name],
+        )
+        for b in backends
+    ]
+    balancer.wait_backends("faults", [b.port for b in backends])
+    dns_server.set_balancers("faults.test", [(balancer.host, balancer.port)])
+    dns_server.set_addresses("faults.test", ["127.0.0.1"])
+    with grpclb_channel(dns_server.target("faults.test", 1)) as channel:
+        yield Cluster(balancer, backends, registrars, channel)
+
+
+def start_traffic(cluster: Cluster) -> contextlib.AbstractContextManager[Traffic]:
+    return Traffic.running(call_stub(cluster.channel))
+
+
+def warm(traffic: Traffic, cluster: Cluster) -> None:
+    wait_until(
+        lambda: all(traffic.calls_to(b.backend_name) > 10 for b in cluster.backends),
+        timeout=20,
+        message="traffic never reached every backend",
+    )
+
+
+def report(name: str, traffic: Traffic) -> None:
+    failures = traffic.failures()
+    codes = Counter(o.code.name if o.code else "?" for o in failures)
+    print(f"\n[{name}] calls {traffic.total()}, lost {len(failures)} {dict(codes)}")
+
+
+def listed(balancer: BalancerProcess, backend: BackendProcess) -> bool:
+    service = balancer.service_state("faults")
+    return service is not None and any(
+        b.port == backend.port and b.list_entries > 0 for b in service.backends
+    )
+
+
+def test_backend_sigkill_loses_only_calls_in_flight(cluster: Cluster) -> None:
+    victim = cluster.backends[0]
+    with start_traffic(cluster) as traffic:
+        warm(traffic, cluster)
+        killed_at = time.monotonic()
+        victim.kill()
+        # The registrar's probe finds it dead: out of every list well within the TTL.
+        wait_until(lambda: not listed(cluster.balancer, victim), timeout=TTL, message="listed")
+        out_at = time.monotonic()
+        time.sleep(1.0)
+    report("backend SIGKILL", traffic)
+    lost = traffic.failures()
+    assert len(lost) <= THREADS, lost
+    assert all(o.started <= killed_at + 0.5 for o in lost), lost
+    assert traffic.calls_to(victim.backend_name, after=killed_at) == 0
+    for backend in cluster.backends[1:]:
+        assert traffic.calls_to(backend.backend_name, after=out_at) > 0
+
+
+def test_hung_backend_is_drained_and_comes_back(cluster: Cluster) -> None:
+    victim = cluster.backends[0]
+    with start_traffic(cluster) as traffic:
+        warm(traffic, cluster)
+        victim.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+        hung_at = time.monotonic()
+        wait_until(lambda: not listed(cluster.balancer, victim), timeout=TTL, message="listed")
+        drained_at = time.monotonic()
+        time.sleep(1.5)
+        victim.send_signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+        wait_until(lambda: listed(cluster.balancer, victim), timeout=10, message="not back")
+        wait_until(
+            lambda: traffic.calls_to(victim.backend_name, after=resumed_at) > 0,
+            timeout=10,
+            message="no calls after it came back",
+        )
+    report("backend hung (SIGSTOP)", traffic)
+    lost = traffic.failures()
+    # Only calls that went to the hung backend before it left the list fail,
+    # each after its deadline; none started after the drain reached clients.
+    assert all(o.code == grpc.StatusCode.DEADLINE_EXCEEDED for o in lost), lost
+    assert all(hung_at - 0.1 <= o.started <= drained_at + 0.5 for o in lost), lost
+    print(f"[backend hung] drained {drained_at - hung_at:.2f} s after the hang")
+
+
+def test_balancer_stall_loses_nothing_and_expires_nobody(cluster: Cluster) -> None:
+    with start_traffic(cluster) as traffic:
+        warm(traffic, cluster)
+        cluster.balancer.send_signal(signal.SIGSTOP)
+        time.sleep(TTL + 2.0)  # longer than every backend's TTL
+        cluster.balancer.send_signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+        time.sleep(1.0)
+        for backend in cluster.backends:
+            assert listed(cluster.balancer, backend), f"{backend.backend_name} expired"
+        wait_until(
+            lambda: all(
+                traffic.calls_to(b.backend_name, after=resumed_at) for b in cluster.backends
+            ),
+            timeout=10,
+            message="traffic did not continue",
+        )
+    report("balancer SIGSTOP/SIGCONT", traffic)
+    assert traffic.failures() == []
+    assert "balancer was paused" in cluster.balancer.logs()
+
+
+def test_registrar_restart_loses_nothing(cluster: Cluster, processes: ProcessManager) -> None:
+    victim = cluster.registrars[0]
+    backend = cluster.backends[0]
+    with start_traffic(cluster) as traffic:
+        warm(traffic, cluster)
+        victim.kill()
+        processes.start_registrar(
+            balancers=[cluster.balancer.address],
+            service="faults",
+            backend=backend.address,
+            interval=INTERVAL,
+            ttl=TTL,
+            args=["--instance-id", backend.backend_name],
+        )
+        restarted_at = time.monotonic()
+        for _ in range(int(TTL / 0.25) + 4):  # beyond the old registration's TTL
+            assert listed(cluster.balancer, backend)
+            time.sleep(0.25)
+        wait_until(
+            lambda: traffic.calls_to(backend.backend_name, after=restarted_at + TTL) > 0,
+            timeout=10,
+            message="backend stopped getting calls",
+        )
+    report("registrar SIGKILL + restart", traffic)
+    assert traffic.failures() == []
