@@ -100,7 +100,9 @@ class RegistryService(pb_grpc.RegistryServicer):
             )
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
-            backend = self._balancer.heartbeat(registration)
+            # The balancer's events (joined, state changed) name the peer too.
+            with structlog.contextvars.bound_contextvars(peer=context.peer()):
+                backend = self._balancer.heartbeat(registration)
         except RegistrationRefusedError as exc:
             metrics.HEARTBEATS.labels(exc.status).inc()
             log.warning(
@@ -128,7 +130,8 @@ class RegistryService(pb_grpc.RegistryServicer):
             check_text("instance_id", request.instance_id, max_bytes=MAX_INSTANCE_ID_BYTES)
         except InvalidArgumentError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        removed = self._balancer.deregister(request.service, request.instance_id)
+        with structlog.contextvars.bound_contextvars(peer=context.peer()):
+            removed = self._balancer.deregister(request.service, request.instance_id)
         if removed:
             metrics.DEREGISTRATIONS.inc()
         return pb.DeregisterResponse(removed=removed)
