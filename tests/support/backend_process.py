@@ -23,7 +23,7 @@ def main() -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     stop.wait()
-    backend.stop(0)
+    backend.stop(2.0)  # let calls in flight finish, as a real backend would
     return 0
 
 
