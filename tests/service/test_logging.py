@@ -11,7 +11,6 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from lbserver._logging import configure_logging
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
 from lbserver.proto.v1 import lbserver_pb2 as pb
@@ -22,11 +21,13 @@ from tests.service.harness import Harness
 @pytest.fixture
 def events() -> Iterator[LogCapture]:
     capture = LogCapture()
+    previous = structlog.get_config()
     structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
     try:
         yield capture
     finally:
-        configure_logging("warning")
+        # Other tests capture info-level events: leave the configuration as found.
+        structlog.configure(**previous)
 
 
 def find(capture: LogCapture, event: str) -> MutableMapping[str, Any]:
