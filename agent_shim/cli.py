@@ -1,12 +1,200 @@
-"""The `agent-shim` command."""
+"""The `agent-shim` command.
+
+    agent-shim proxy --listen HOST:PORT --balancer HOST:PORT[,HOST:PORT...] --service NAME
+                     [--fallback HOST:PORT ...] [--max-buffer-bytes N] [--fallback-timeout S]
+                     [--no-backend-wait S] [--shutdown-grace S]
+                     [--log-level L] [--log-format F]
+
+Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 if it cannot listen,
+2 for bad options.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import math
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
+
+import grpc
+import structlog
 
 from agent_shim import __version__
+from agent_shim._selector import Selector
+from agent_shim.proxy import (
+    DEFAULT_MAX_BUFFER_BYTES,
+    DEFAULT_NO_BACKEND_WAIT,
+    DEFAULT_SHUTDOWN_GRACE,
+    Proxy,
+    ProxyServer,
+    backend_channel,
+)
+from lbserver._logging import LOG_LEVELS, configure_logging
+from lbserver.registrar import join_host_port, parse_host_port
+
+_log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.cli")
+
+
+def _address(value: str) -> str:
+    host, port = parse_host_port(value)
+    return join_host_port(host, port)
+
+
+def address_list(value: str) -> list[str]:
+    """argparse type: one or more comma-separated HOST:PORT."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{value!r} names no address")
+    try:
+        return [_address(part) for part in parts]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def listen_address(value: str) -> str:
+    """argparse type: HOST:PORT or [IPV6]:PORT to listen on (port 0: any free port)."""
+    text = value.strip()
+    if text.endswith(":0"):
+        try:
+            host, _ = parse_host_port(text[:-1] + "1")
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return join_host_port(host, 0)
+    try:
+        return _address(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def byte_count(value: str) -> int:
+    """argparse type: a number of bytes >= 0, with an optional Ki/Mi/Gi suffix."""
+    text = value.strip()
+    units = {"ki": 1024, "mi": 1024**2, "gi": 1024**3, "k": 1000, "m": 1000**2, "g": 1000**3}
+    multiplier = 1
+    lowered = text.lower().removesuffix("b")
+    for suffix, size in units.items():
+        if lowered.endswith(suffix):
+            multiplier, lowered = size, lowered[: -len(suffix)]
+            break
+    try:
+        number = int(lowered) * multiplier
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of bytes") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    return number
+
+
+def seconds(value: str) -> float:
+    """argparse type: a finite number of seconds >= 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {value}")
+    return number
+
+
+def service_name(value: str) -> str:
+    """argparse type: a non-empty service name."""
+    text = value.strip()
+    if not text:
+        raise argparse.ArgumentTypeError("the service name must not be empty")
+    return text
+
+
+def _add_proxy_parser(commands: Any) -> None:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "proxy",
+        help="run a local gRPC proxy that balances every call through a grpclb balancer",
+        description=(
+            "Listens for gRPC calls (any service, any method) and forwards each one to a "
+            "backend chosen from the balancer's server list, so agents that open one "
+            "long-lived connection are balanced per call. Runs until SIGTERM or SIGINT, "
+            "then stops taking calls and lets running ones finish."
+        ),
+    )
+    parser.add_argument(
+        "--listen",
+        required=True,
+        type=listen_address,
+        metavar="HOST:PORT",
+        help="address to serve on, e.g. 127.0.0.1:11800 (point the agent's collector "
+        "backend service here); IPv6 as [::1]:11800",
+    )
+    parser.add_argument(
+        "--balancer",
+        action="append",
+        type=address_list,
+        required=True,
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="grpclb balancer address(es) (lbserver serve); repeat the option or separate "
+        "with commas; the next one is tried when one is unreachable",
+    )
+    parser.add_argument(
+        "--service",
+        required=True,
+        type=service_name,
+        metavar="NAME",
+        help="service name sent to the balancer (e.g. oap, or oap.skywalking:11800)",
+    )
+    parser.add_argument(
+        "--fallback",
+        action="append",
+        type=address_list,
+        default=[],
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="backend address(es) used only when the balancer gives no list within "
+        "--fallback-timeout or answers with fallback; repeatable",
+    )
+    parser.add_argument(
+        "--max-buffer-bytes",
+        type=byte_count,
+        default=DEFAULT_MAX_BUFFER_BYTES,
+        metavar="N",
+        help="request bytes kept per call until the backend accepts it, to replay the call "
+        "on another backend if the first one fails before accepting; beyond this the "
+        "call cannot be replayed and a failure is passed to the client. Accepts Ki/Mi "
+        "suffixes (default: 4Mi)",
+    )
+    parser.add_argument(
+        "--fallback-timeout",
+        type=seconds,
+        default=10.0,
+        metavar="S",
+        help="seconds without a server list before the fallback addresses are used "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-backend-wait",
+        type=seconds,
+        default=DEFAULT_NO_BACKEND_WAIT,
+        metavar="S",
+        help="seconds a call waits for a backend when none can take it (no list yet, all "
+        "failing) before it fails with UNAVAILABLE; bounded by the call's deadline "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=seconds,
+        default=DEFAULT_SHUTDOWN_GRACE,
+        metavar="S",
+        help="seconds running calls get to finish after SIGTERM/SIGINT (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("auto", "json", "console"),
+        default="auto",
+        help="log format; auto is JSON unless stderr is a terminal (default: auto)",
+    )
+    parser.set_defaults(run=run_proxy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,13 +203,91 @@ def build_parser() -> argparse.ArgumentParser:
         description="Per-call gRPC balancing for clients without the grpclb policy.",
     )
     parser.add_argument("--version", action="version", version=f"agent-shim {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_proxy_parser(commands)
     return parser
 
 
+def run_proxy(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level, args.log_format)
+    balancers = list(dict.fromkeys(a for group in args.balancer for a in group))
+    fallback = list(dict.fromkeys(a for group in args.fallback for a in group))
+    return asyncio.run(
+        serve_proxy(
+            listen=args.listen,
+            balancers=balancers,
+            service=args.service,
+            fallback=fallback,
+            max_buffer_bytes=args.max_buffer_bytes,
+            fallback_timeout=args.fallback_timeout,
+            no_backend_wait=args.no_backend_wait,
+            shutdown_grace=args.shutdown_grace,
+        )
+    )
+
+
+async def serve_proxy(
+    *,
+    listen: str,
+    balancers: Sequence[str],
+    service: str,
+    fallback: Sequence[str] = (),
+    max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+    fallback_timeout: float = 10.0,
+    no_backend_wait: float = DEFAULT_NO_BACKEND_WAIT,
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+) -> int:
+    """Runs the proxy until SIGTERM or SIGINT; returns the exit code."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stop_requested.set)
+    selector: Selector[grpc.aio.Channel] = Selector(
+        balancers,
+        service,
+        fallback=fallback,
+        channel_factory=backend_channel,
+        fallback_timeout=fallback_timeout,
+    )
+    server = ProxyServer(
+        Proxy(selector, max_buffer_bytes=max_buffer_bytes, no_backend_wait=no_backend_wait),
+        listen,
+    )
+    try:
+        try:
+            port = await server.start()
+        except OSError as err:
+            _log.error("cannot listen", listen=listen, error=str(err))
+            return 1
+        await selector.start()
+        _log.info(
+            "agent-shim proxy serving",
+            listen=listen,
+            port=port,
+            balancers=list(balancers),
+            service=service,
+            fallback=list(fallback),
+            max_buffer_bytes=max_buffer_bytes,
+        )
+        await stop_requested.wait()
+        _log.info("stopping: finishing running calls", grace=shutdown_grace)
+        await server.stop(shutdown_grace)
+        _log.info(
+            "agent-shim proxy stopped", calls=server.proxy.calls, replays=server.proxy.replays
+        )
+        return 0
+    finally:
+        await server.stop(0)
+        await selector.close()
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    build_parser().parse_args(argv)
-    print("agent-shim: no subcommand is available in this version yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    exit_code: int = args.run(args)
+    return exit_code
 
 
 if __name__ == "__main__":
