@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import weakref
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Collection,
     Generator,
@@ -26,28 +26,31 @@ from collections.abc import (
     Sequence,
 )
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 import structlog
 
 from agent_shim._common import (
     DEFAULT_RETRY_BUFFER_MESSAGES,
+    NO_LIST_BEFORE_DEADLINE,
+    ChannelFactories,
     ChannelOptions,
+    MultiCallableBase,
+    StartCall,
+    attempt_ended,
+    backend_channel_factory,
     balancer_addresses,
+    check_retry_buffer,
     deadline_after,
     expired,
-    failed_before_backend,
     remaining,
-    with_token,
+    start_attempt,
 )
 from agent_shim._selector import Choice, Selector, ShimError
 
 log = structlog.get_logger("agent_shim.aio_channel")
 
-Serializer = Callable[[Any], bytes] | None
-Deserializer = Callable[[bytes], Any] | None
-StartCall = Callable[[Choice[grpc.aio.Channel], float | None], Any]
 
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 _WRITE_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
@@ -126,7 +129,7 @@ class _BalancedCall:
     def __init__(
         self,
         owner: AioBalancedChannel,
-        start: StartCall,
+        start: StartCall[grpc.aio.Channel],
         timeout: float | None,
         wait_for_ready: bool | None,
         *,
@@ -171,10 +174,7 @@ class _BalancedCall:
                     previous.next.set_result(attempt)
                 code = await attempt.call.code()
                 metadata = await attempt.call.initial_metadata()
-                early = failed_before_backend(code, metadata)
-                self._owner.selector.finished(
-                    choice, reached_backend=not early, failed=code is not grpc.StatusCode.OK
-                )
+                early = attempt_ended(self._owner.selector, choice, code, metadata)
                 if not early or not self._may_retry(previous):
                     attempt.next.set_result(None)
                     return
@@ -216,11 +216,7 @@ class _BalancedCall:
             last.next.set_result(None)
 
     async def _launch(self, choice: Choice[grpc.aio.Channel], *, first: bool) -> _Attempt:
-        try:
-            call = self._start(choice, remaining(self._deadline))
-        except BaseException:
-            self._owner.selector.finished(choice, reached_backend=False, failed=True)
-            raise
+        call = start_attempt(self._owner.selector, self._start, choice, self._deadline)
         attempt = _Attempt(choice, call)
         tape = self._tape
         if tape is not None:
@@ -309,16 +305,7 @@ class _BalancedCall:
         return details
 
     async def wait_for_connection(self) -> None:
-        attempt = await self._first_attempt()
-        while True:
-            try:
-                await attempt.call.wait_for_connection()
-                return
-            except grpc.aio.AioRpcError:
-                successor = await self._after(attempt)
-                if successor is None:
-                    raise
-                attempt = successor
+        await self._on_current(lambda call: call.wait_for_connection())
 
     def cancelled(self) -> bool:
         if self._attempt is not None:
@@ -351,27 +338,24 @@ class _BalancedCall:
 
     # ---- responses ----------------------------------------------------------------------
 
-    async def _response(self) -> Any:
+    async def _on_current(self, operation: Callable[[Any], Awaitable[Any]]) -> Any:
+        """`operation` on the current attempt's call; when that attempt fails
+        and a retry replaced it, on the retry's call instead."""
         attempt = await self._first_attempt()
         while True:
             try:
-                return await attempt.call
+                return await operation(attempt.call)
             except grpc.aio.AioRpcError:
                 successor = await self._after(attempt)
                 if successor is None:
                     raise
                 attempt = successor
 
+    async def _response(self) -> Any:
+        return await self._on_current(lambda call: call)
+
     async def read(self) -> Any:
-        attempt = await self._first_attempt()
-        while True:
-            try:
-                return await attempt.call.read()
-            except grpc.aio.AioRpcError:
-                successor = await self._after(attempt)
-                if successor is None:
-                    raise
-                attempt = successor
+        return await self._on_current(lambda call: call.read())
 
     async def _responses(self) -> AsyncIterator[Any]:
         while True:
@@ -459,94 +443,26 @@ class _StreamStreamCall(_BalancedCall, _StreamStreamCallBase):
         return self._responses()
 
 
-class _MultiCallable:
-    def __init__(
-        self,
-        owner: AioBalancedChannel,
-        method: str,
-        request_serializer: Serializer,
-        response_deserializer: Deserializer,
-        registered: bool | None,
-    ) -> None:
-        self._owner = owner
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = registered
-        # One multicallable per backend channel, made on first use.
-        self._per_channel: weakref.WeakKeyDictionary[grpc.aio.Channel, Any] = (
-            weakref.WeakKeyDictionary()
-        )
+class _MultiCallable(MultiCallableBase["AioBalancedChannel", grpc.aio.Channel]):
+    call_class: ClassVar[type[_BalancedCall]]
 
-    def _on(self, channel: grpc.aio.Channel, kind: str) -> Any:
-        multicallable = self._per_channel.get(channel)
-        if multicallable is None:
-            multicallable = getattr(channel, kind)(
-                self._method,
-                request_serializer=self._serializer,
-                response_deserializer=self._deserializer,
-                _registered_method=self._registered,
-            )
-            self._per_channel[channel] = multicallable
-        return multicallable
 
-    def _starter(
+class _UnaryRequest(_MultiCallable):
+    def __call__(
         self,
-        kind: str,
         request: Any,
-        metadata: Any,
-        credentials: grpc.CallCredentials | None,
-        wait_for_ready: bool | None,
-        compression: grpc.Compression | None,
-    ) -> StartCall:
+        timeout: float | None = None,
+        metadata: Any = None,
+        credentials: grpc.CallCredentials | None = None,
+        wait_for_ready: bool | None = None,
+        compression: grpc.Compression | None = None,
+    ) -> Any:
         self._owner.ensure_started()
-
-        def start(choice: Choice[grpc.aio.Channel], left: float | None) -> Any:
-            return self._on(choice.channel, kind)(
-                request,
-                timeout=left,
-                metadata=with_token(metadata, choice),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-
-        return start
+        start = self._starter(lambda: request, metadata, credentials, wait_for_ready, compression)
+        return self.call_class(self._owner, start, timeout, wait_for_ready)
 
 
-class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        start = self._starter(
-            "unary_unary", request, metadata, credentials, wait_for_ready, compression
-        )
-        return _UnaryUnaryCall(self._owner, start, timeout, wait_for_ready)
-
-
-class _UnaryStream(_MultiCallable, _UnaryStreamBase):
-    def __call__(
-        self,
-        request: Any,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        start = self._starter(
-            "unary_stream", request, metadata, credentials, wait_for_ready, compression
-        )
-        return _UnaryStreamCall(self._owner, start, timeout, wait_for_ready)
-
-
-class _StreamUnary(_MultiCallable, _StreamUnaryBase):
+class _RequestStream(_MultiCallable):
     def __call__(
         self,
         request_iterator: Any = None,
@@ -556,11 +472,10 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
+        self._owner.ensure_started()
         # Attempts always use the write() API; a given iterator is fed in.
-        start = self._starter(
-            "stream_unary", None, metadata, credentials, wait_for_ready, compression
-        )
-        return _StreamUnaryCall(
+        start = self._starter(lambda: None, metadata, credentials, wait_for_ready, compression)
+        return self.call_class(
             self._owner,
             start,
             timeout,
@@ -570,31 +485,33 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         )
 
 
-class _StreamStream(_MultiCallable, _StreamStreamBase):
-    def __call__(
-        self,
-        request_iterator: Any = None,
-        timeout: float | None = None,
-        metadata: Any = None,
-        credentials: grpc.CallCredentials | None = None,
-        wait_for_ready: bool | None = None,
-        compression: grpc.Compression | None = None,
-    ) -> Any:
-        start = self._starter(
-            "stream_stream", None, metadata, credentials, wait_for_ready, compression
-        )
-        return _StreamStreamCall(
-            self._owner,
-            start,
-            timeout,
-            wait_for_ready,
-            request_stream=True,
-            request_iterator=request_iterator,
-        )
+class _UnaryUnary(_UnaryRequest, _UnaryUnaryBase):
+    kind = "unary_unary"
+    call_class = _UnaryUnaryCall
 
 
-class AioBalancedChannel(grpc.aio.Channel):
+class _UnaryStream(_UnaryRequest, _UnaryStreamBase):
+    kind = "unary_stream"
+    call_class = _UnaryStreamCall
+
+
+class _StreamUnary(_RequestStream, _StreamUnaryBase):
+    kind = "stream_unary"
+    call_class = _StreamUnaryCall
+
+
+class _StreamStream(_RequestStream, _StreamStreamBase):
+    kind = "stream_stream"
+    call_class = _StreamStreamCall
+
+
+class AioBalancedChannel(ChannelFactories, grpc.aio.Channel):
     """See `aio_balanced_channel`."""
+
+    unary_unary_class = _UnaryUnary
+    unary_stream_class = _UnaryStream
+    stream_unary_class = _StreamUnary
+    stream_stream_class = _StreamStream
 
     def __init__(
         self,
@@ -608,21 +525,14 @@ class AioBalancedChannel(grpc.aio.Channel):
         retry_buffer_messages: int = DEFAULT_RETRY_BUFFER_MESSAGES,
         selector_options: Mapping[str, Any] | None = None,
     ) -> None:
-        if retry_buffer_messages < 0:
-            raise ValueError("retry_buffer_messages must not be negative")
-        self.retry_buffer_messages = retry_buffer_messages
-        backend_options = tuple(options)
-
-        def backend_channel(address: str) -> grpc.aio.Channel:
-            if credentials is None:
-                return grpc.aio.insecure_channel(address, options=backend_options)
-            return grpc.aio.secure_channel(address, credentials, options=backend_options)
-
+        self.retry_buffer_messages = check_retry_buffer(retry_buffer_messages)
         self.selector: Selector[grpc.aio.Channel] = Selector(
             balancer_addresses(balancer),
             service,
             fallback=fallback,
-            channel_factory=backend_channel,
+            channel_factory=backend_channel_factory(
+                grpc.aio.insecure_channel, grpc.aio.secure_channel, credentials, options
+            ),
             fallback_timeout=fallback_timeout,
             **(selector_options or {}),
         )
@@ -654,60 +564,13 @@ class AioBalancedChannel(grpc.aio.Channel):
                 selector.wait_ready(left) if wait_for_ready else selector.wait_settled(left)
             )
             if not waited:
-                raise local_error(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "deadline exceeded while waiting for a server list from the balancer",
-                )
+                raise local_error(grpc.StatusCode.DEADLINE_EXCEEDED, NO_LIST_BEFORE_DEADLINE)
         try:
             return selector.choose(exclude)
         except ShimError as error:
             raise local_error(grpc.StatusCode.UNAVAILABLE, str(error)) from None
 
     # ---- grpc.aio.Channel ------------------------------------------------------------------
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _UnaryUnary(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _UnaryStream(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _StreamUnary(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _StreamStream(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
         if not self.selector.started:

@@ -23,21 +23,26 @@ import structlog
 
 from agent_shim._common import (
     DEFAULT_RETRY_BUFFER_MESSAGES,
+    NO_LIST_BEFORE_DEADLINE,
+    ChannelFactories,
     ChannelOptions,
+    MultiCallableBase,
+    StartCall,
+    attempt_ended,
+    backend_channel_factory,
     balancer_addresses,
+    check_retry_buffer,
     deadline_after,
     expired,
     failed_before_backend,
     remaining,
-    with_token,
+    start_attempt,
 )
 from agent_shim._selector import Choice, Selector, ShimError
 
 log = structlog.get_logger("agent_shim.channel")
 
 T = TypeVar("T")
-Serializer = Callable[[Any], bytes] | None
-Deserializer = Callable[[bytes], Any] | None
 ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]
 
 # grpcio's classes are generic only in their type stubs.
@@ -202,7 +207,7 @@ class RetryingCall(grpc.RpcError, grpc.Call, _Future):
     def __init__(
         self,
         owner: BalancedChannel,
-        start: Callable[[Choice[grpc.Channel], float | None], Any],
+        start: StartCall[grpc.Channel],
         choice: Choice[grpc.Channel],
         deadline: float | None,
         can_retry: Callable[[], bool],
@@ -221,11 +226,7 @@ class RetryingCall(grpc.RpcError, grpc.Call, _Future):
         self._attempt = self._launch(choice)
 
     def _launch(self, choice: Choice[grpc.Channel]) -> _Attempt:
-        try:
-            call = self._start(choice, remaining(self._deadline))
-        except BaseException:
-            self._owner.selector.finished(choice, reached_backend=False, failed=True)
-            raise
+        call = start_attempt(self._owner.selector, self._start, choice, self._deadline)
         attempt = _Attempt(choice, call)
         self._attempt = attempt
         # grpcio runs done callbacks on the thread that also delivers the
@@ -235,10 +236,8 @@ class RetryingCall(grpc.RpcError, grpc.Call, _Future):
 
     def _attempt_done(self, attempt: _Attempt) -> None:
         call = attempt.call
-        code = call.code()
-        failed_early = failed_before_backend(code, call.initial_metadata())
-        self._owner.selector.finished(
-            attempt.choice, reached_backend=not failed_early, failed=code is not grpc.StatusCode.OK
+        failed_early = attempt_ended(
+            self._owner.selector, attempt.choice, call.code(), call.initial_metadata()
         )
         successor = None
         if (
@@ -385,40 +384,61 @@ class RetryingCall(grpc.RpcError, grpc.Call, _Future):
         return f"<RetryingCall to {self._attempt.choice.address}: {self._attempt.call!r}>"
 
 
-class _MultiCallable:
-    def __init__(
-        self,
-        owner: BalancedChannel,
-        method: str,
-        request_serializer: Serializer,
-        response_deserializer: Deserializer,
-        registered: bool | None,
-    ) -> None:
-        self._owner = owner
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = registered
-        # One multicallable per backend channel, made on first use: creating
-        # one costs about as much as a small call.
-        self._per_channel: weakref.WeakKeyDictionary[grpc.Channel, Any] = (
-            weakref.WeakKeyDictionary()
-        )
+def _always() -> bool:
+    return True
 
-    def _on(self, choice: Choice[grpc.Channel], kind: str) -> Any:
-        multicallable = self._per_channel.get(choice.channel)
-        if multicallable is None:
-            multicallable = getattr(choice.channel, kind)(
-                self._method,
-                request_serializer=self._serializer,
-                response_deserializer=self._deserializer,
-                _registered_method=self._registered,
-            )
-            self._per_channel[choice.channel] = multicallable
-        return multicallable
+
+class _MultiCallable(MultiCallableBase["BalancedChannel", grpc.Channel]):
+    def _requests(self, request: Any) -> tuple[Callable[[], Any], Callable[[], bool]]:
+        """What each attempt sends, and whether a failed call may still be
+        retried (by what it has sent so far)."""
+        return (lambda: request), _always
+
+    def _blocking(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> tuple[Any, grpc.Call]:
+        requests, can_retry = self._requests(request)
+        invoke = self._starter(
+            requests, metadata, credentials, wait_for_ready, compression, via="with_call"
+        )
+        result: tuple[Any, grpc.Call] = self._owner.blocking_call(
+            invoke, deadline_after(timeout), wait_for_ready, can_retry
+        )
+        return result
+
+    def _retrying(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+        *,
+        via: str | None = None,
+    ) -> Any:
+        requests, can_retry = self._requests(request)
+        start = self._starter(requests, metadata, credentials, wait_for_ready, compression, via=via)
+        return self._owner.retrying_call(start, deadline_after(timeout), wait_for_ready, can_retry)
+
+
+class _RequestStream(_MultiCallable):
+    def _requests(
+        self, request_iterator: Iterable[Any]
+    ) -> tuple[Callable[[], Any], Callable[[], bool]]:
+        tape = RequestTape(request_iterator, self._owner.retry_buffer_messages)
+        return tape.view, tape.replayable
 
 
 class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
+    kind = "unary_unary"
+
     def __call__(
         self,
         request: Any,
@@ -428,7 +448,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        response, _ = self.with_call(
+        response, _ = self._blocking(
             request, timeout, metadata, credentials, wait_for_ready, compression
         )
         return response
@@ -442,18 +462,7 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        def invoke(choice: Choice[grpc.Channel], left: float | None) -> tuple[Any, grpc.Call]:
-            result: tuple[Any, grpc.Call] = self._on(choice, "unary_unary").with_call(
-                request,
-                timeout=left,
-                metadata=with_token(metadata, choice),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-            return result
-
-        return self._owner.blocking_call(invoke, deadline_after(timeout), wait_for_ready)
+        return self._blocking(request, timeout, metadata, credentials, wait_for_ready, compression)
 
     def future(
         self,
@@ -464,20 +473,14 @@ class _UnaryUnary(_MultiCallable, _UnaryUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        def start(choice: Choice[grpc.Channel], left: float | None) -> Any:
-            return self._on(choice, "unary_unary").future(
-                request,
-                timeout=left,
-                metadata=with_token(metadata, choice),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-
-        return self._owner.retrying_call(start, deadline_after(timeout), wait_for_ready)
+        return self._retrying(
+            request, timeout, metadata, credentials, wait_for_ready, compression, via="future"
+        )
 
 
 class _UnaryStream(_MultiCallable, _UnaryStreamBase):
+    kind = "unary_stream"
+
     def __call__(
         self,
         request: Any,
@@ -487,20 +490,12 @@ class _UnaryStream(_MultiCallable, _UnaryStreamBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        def start(choice: Choice[grpc.Channel], left: float | None) -> Any:
-            return self._on(choice, "unary_stream")(
-                request,
-                timeout=left,
-                metadata=with_token(metadata, choice),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-
-        return self._owner.retrying_call(start, deadline_after(timeout), wait_for_ready)
+        return self._retrying(request, timeout, metadata, credentials, wait_for_ready, compression)
 
 
-class _StreamUnary(_MultiCallable, _StreamUnaryBase):
+class _StreamUnary(_RequestStream, _StreamUnaryBase):
+    kind = "stream_unary"
+
     def __call__(
         self,
         request_iterator: Iterable[Any],
@@ -510,7 +505,7 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        response, _ = self.with_call(
+        response, _ = self._blocking(
             request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
         return response
@@ -524,21 +519,8 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        tape = RequestTape(request_iterator, self._owner.retry_buffer_messages)
-
-        def invoke(choice: Choice[grpc.Channel], left: float | None) -> tuple[Any, grpc.Call]:
-            result: tuple[Any, grpc.Call] = self._on(choice, "stream_unary").with_call(
-                tape.view(),
-                timeout=left,
-                metadata=with_token(metadata, choice),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-            return result
-
-        return self._owner.blocking_call(
-            invoke, deadline_after(timeout), wait_for_ready, tape.replayable
+        return self._blocking(
+            request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
 
     def future(
@@ -550,24 +532,20 @@ class _StreamUnary(_MultiCallable, _StreamUnaryBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        tape = RequestTape(request_iterator, self._owner.retry_buffer_messages)
-
-        def start(choice: Choice[grpc.Channel], left: float | None) -> Any:
-            return self._on(choice, "stream_unary").future(
-                tape.view(),
-                timeout=left,
-                metadata=with_token(metadata, choice),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-
-        return self._owner.retrying_call(
-            start, deadline_after(timeout), wait_for_ready, tape.replayable
+        return self._retrying(
+            request_iterator,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+            via="future",
         )
 
 
-class _StreamStream(_MultiCallable, _StreamStreamBase):
+class _StreamStream(_RequestStream, _StreamStreamBase):
+    kind = "stream_stream"
+
     def __call__(
         self,
         request_iterator: Iterable[Any],
@@ -577,20 +555,8 @@ class _StreamStream(_MultiCallable, _StreamStreamBase):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        tape = RequestTape(request_iterator, self._owner.retry_buffer_messages)
-
-        def start(choice: Choice[grpc.Channel], left: float | None) -> Any:
-            return self._on(choice, "stream_stream")(
-                tape.view(),
-                timeout=left,
-                metadata=with_token(metadata, choice),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-
-        return self._owner.retrying_call(
-            start, deadline_after(timeout), wait_for_ready, tape.replayable
+        return self._retrying(
+            request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
 
 
@@ -640,8 +606,13 @@ def _shutdown(loop_thread: _LoopThread, selector: Selector[grpc.Channel]) -> Non
         loop_thread.stop()
 
 
-class BalancedChannel(grpc.Channel):
+class BalancedChannel(ChannelFactories, grpc.Channel):
     """See `balanced_channel`."""
+
+    unary_unary_class = _UnaryUnary
+    unary_stream_class = _UnaryStream
+    stream_unary_class = _StreamUnary
+    stream_stream_class = _StreamStream
 
     def __init__(
         self,
@@ -656,23 +627,14 @@ class BalancedChannel(grpc.Channel):
         selector_options: Mapping[str, Any] | None = None,
     ) -> None:
         """`selector_options` go to the Selector (e.g. retire_grace, rng)."""
-        if retry_buffer_messages < 0:
-            raise ValueError("retry_buffer_messages must not be negative")
-        self.retry_buffer_messages = retry_buffer_messages
-        backend_options = tuple(options)
-
-        # A plain closure, not a bound method: the loop thread must not keep
-        # the channel alive, so that an unclosed channel can still be collected.
-        def backend_channel(address: str) -> grpc.Channel:
-            if credentials is None:
-                return grpc.insecure_channel(address, options=backend_options)
-            return grpc.secure_channel(address, credentials, options=backend_options)
-
+        self.retry_buffer_messages = check_retry_buffer(retry_buffer_messages)
         self.selector: Selector[grpc.Channel] = Selector(
             balancer_addresses(balancer),
             service,
             fallback=fallback,
-            channel_factory=backend_channel,
+            channel_factory=backend_channel_factory(
+                grpc.insecure_channel, grpc.secure_channel, credentials, options
+            ),
             close_channel=lambda channel: channel.close(),
             fallback_timeout=fallback_timeout,
             **(selector_options or {}),
@@ -718,10 +680,7 @@ class BalancedChannel(grpc.Channel):
                 else selector.wait_settled_blocking(left)
             )
             if not waited:
-                raise LocalRpcError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "deadline exceeded while waiting for a server list from the balancer",
-                )
+                raise LocalRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, NO_LIST_BEFORE_DEADLINE)
         try:
             return selector.choose(exclude)
         except ShimError as error:
@@ -773,7 +732,7 @@ class BalancedChannel(grpc.Channel):
 
     def retrying_call(
         self,
-        start: Callable[[Choice[grpc.Channel], float | None], Any],
+        start: StartCall[grpc.Channel],
         deadline: float | None,
         wait_for_ready: bool | None,
         can_retry: Callable[[], bool] = lambda: True,
@@ -784,51 +743,7 @@ class BalancedChannel(grpc.Channel):
             return error
         return RetryingCall(self, start, choice, deadline, can_retry)
 
-    # ---- grpc.Channel -----------------------------------------------------------------
-
-    def unary_unary(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _UnaryUnary(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def unary_stream(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _UnaryStream(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_unary(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _StreamUnary(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
-
-    def stream_stream(
-        self,
-        method: str,
-        request_serializer: Serializer = None,
-        response_deserializer: Deserializer = None,
-        _registered_method: bool | None = False,
-    ) -> Any:
-        return _StreamStream(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
+    # ---- grpc.Channel ---------------------------------------------------------------
 
     def subscribe(self, callback: ConnectivityCallback, try_to_connect: bool = False) -> None:
         with self._lock:

@@ -10,7 +10,13 @@ import time
 import pytest
 
 from lbserver.proto.v1 import lbserver_pb2 as pb
-from tests.support.processes import BalancerProcess, ProcessManager, free_port, wait_until
+from tests.support.processes import (
+    BalancerProcess,
+    ProcessManager,
+    RegistrarProcess,
+    free_port,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
@@ -23,7 +29,10 @@ def states(balancer: BalancerProcess) -> dict[int, tuple[int, int]]:
     return {b.port: (b.state, b.list_entries) for b in service.backends}
 
 
-def test_sigterm_drains_then_deregisters(processes: ProcessManager) -> None:
+def registered(
+    processes: ProcessManager, drain_seconds: float
+) -> tuple[BalancerProcess, RegistrarProcess, int]:
+    """A balancer, and a registrar that has registered a backend port of oap."""
     balancer = processes.start_balancer(env={"LBSERVER_HEARTBEAT_INTERVAL": "1"})
     port = free_port()
     registrar = processes.start_registrar(
@@ -32,9 +41,14 @@ def test_sigterm_drains_then_deregisters(processes: ProcessManager) -> None:
         backend=f"127.0.0.1:{port}",
         probe="none",
         interval=0.5,
-        drain_seconds=3.0,
+        drain_seconds=drain_seconds,
     )
     wait_until(lambda: port in states(balancer), timeout=15, message="never registered")
+    return balancer, registrar, port
+
+
+def test_sigterm_drains_then_deregisters(processes: ProcessManager) -> None:
+    balancer, registrar, port = registered(processes, drain_seconds=3.0)
     registrar.send_signal(signal.SIGTERM)
     sent = time.monotonic()
     wait_until(
@@ -50,17 +64,7 @@ def test_sigterm_drains_then_deregisters(processes: ProcessManager) -> None:
 
 
 def test_second_sigterm_ends_the_drain(processes: ProcessManager) -> None:
-    balancer = processes.start_balancer(env={"LBSERVER_HEARTBEAT_INTERVAL": "1"})
-    port = free_port()
-    registrar = processes.start_registrar(
-        balancers=[balancer.address],
-        service="oap",
-        backend=f"127.0.0.1:{port}",
-        probe="none",
-        interval=0.5,
-        drain_seconds=60.0,
-    )
-    wait_until(lambda: port in states(balancer), timeout=15, message="never registered")
+    balancer, registrar, port = registered(processes, drain_seconds=60.0)
     registrar.send_signal(signal.SIGTERM)
     wait_until(
         lambda: states(balancer).get(port, (0, 0))[0] == pb.BACKEND_STATE_DRAINING,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -173,35 +173,67 @@ def _assert_no_failures(loop: CallLoop) -> None:
     )
 
 
+def _remove_first_backend_under_load(
+    dns_server: DnsServer,
+    processes: ProcessManager,
+    backend_fleet: FleetFactory,
+    balancer: BalancerProcess,
+    service: str,
+    end_registrar: Callable[[RegistrarProcess], float],
+    cutoff_text: str,
+    *,
+    interval: float,
+    ttl: float | None = None,
+) -> None:
+    """Three backends of `service` get calls without pause while the first
+    one's registrar is ended by `end_registrar`, which returns the time after
+    which that backend must get no more calls (`cutoff_text` says which)."""
+    fleet = backend_fleet(3)
+    fallback = backend_fleet(1, "fallback")[0]
+    registrars = _register_all(
+        processes, balancer, service, list(fleet), interval=interval, ttl=ttl
+    )
+    balancer.wait_backends(service, [b.port for b in fleet])
+    _publish(dns_server, f"{service}.test", balancer)
+
+    with grpclb_channel(dns_server.target(f"{service}.test", fallback.port)) as channel:
+        stub = call_stub(channel)
+        call_until_served(stub, list(fleet))
+        with CallLoop(stub) as loop:
+            cutoff = end_registrar(registrars[0])
+            time.sleep(max(0.0, cutoff + 2.0 - time.monotonic()))
+        _assert_no_failures(loop)
+
+    late = fleet[0].calls_since(cutoff)
+    assert late == 0, f"{fleet[0].name} got {late} calls more than {cutoff_text}"
+    for backend in list(fleet)[1:]:
+        assert backend.calls_since(cutoff) > 0, f"{backend.name} got no calls after the cutoff"
+    assert fallback.count == 0
+    assert balancer.backend_ports(service) == {fleet[1].port, fleet[2].port}
+
+
 def test_sigterm_registrar_deregisters_within_2s(
     dns_server: DnsServer,
     processes: ProcessManager,
     backend_fleet: FleetFactory,
     balancer: BalancerProcess,
 ) -> None:
-    fleet = backend_fleet(3)
-    fallback = backend_fleet(1, "fallback")[0]
-    registrars = _register_all(processes, balancer, "drain", list(fleet), interval=1)
-    balancer.wait_backends("drain", [b.port for b in fleet])
-    _publish(dns_server, "drain.test", balancer)
+    def sigterm(registrar: RegistrarProcess) -> float:
+        sigterm_at = time.monotonic()
+        registrar.send_signal(signal.SIGTERM)
+        assert registrar.wait(timeout=10) == 0, registrar.logs()
+        return sigterm_at + 2.0
 
-    with grpclb_channel(dns_server.target("drain.test", fallback.port)) as channel:
-        stub = call_stub(channel)
-        call_until_served(stub, list(fleet))
-        with CallLoop(stub) as loop:
-            sigterm_at = time.monotonic()
-            registrars[0].send_signal(signal.SIGTERM)
-            assert registrars[0].wait(timeout=10) == 0, registrars[0].logs()
-            cutoff = sigterm_at + 2.0
-            time.sleep(max(0.0, cutoff + 2.0 - time.monotonic()))
-        _assert_no_failures(loop)
-
-    late = fleet[0].calls_since(cutoff)
-    assert late == 0, f"{fleet[0].name} got {late} calls more than 2 s after its SIGTERM"
-    for backend in list(fleet)[1:]:
-        assert backend.calls_since(cutoff) > 0, f"{backend.name} got no calls after the cutoff"
-    assert fallback.count == 0
-    assert balancer.backend_ports("drain") == {fleet[1].port, fleet[2].port}
+    _remove_first_backend_under_load(
+        dns_server,
+        processes,
+        backend_fleet,
+        balancer,
+        "drain",
+        sigterm,
+        "2 s after its SIGTERM",
+        interval=1,
+    )
 
 
 def test_sigkilled_registrar_expires_after_ttl(
@@ -211,28 +243,23 @@ def test_sigkilled_registrar_expires_after_ttl(
     balancer: BalancerProcess,
 ) -> None:
     ttl = 2.0
-    fleet = backend_fleet(3)
-    fallback = backend_fleet(1, "fallback")[0]
-    registrars = _register_all(processes, balancer, "expire", list(fleet), interval=0.5, ttl=ttl)
-    balancer.wait_backends("expire", [b.port for b in fleet])
-    _publish(dns_server, "expire.test", balancer)
 
-    with grpclb_channel(dns_server.target("expire.test", fallback.port)) as channel:
-        stub = call_stub(channel)
-        call_until_served(stub, list(fleet))
-        with CallLoop(stub) as loop:
-            killed_at = time.monotonic()
-            registrars[0].kill()
-            cutoff = killed_at + ttl + 1.0
-            time.sleep(max(0.0, cutoff + 2.0 - time.monotonic()))
-        _assert_no_failures(loop)
+    def sigkill(registrar: RegistrarProcess) -> float:
+        killed_at = time.monotonic()
+        registrar.kill()
+        return killed_at + ttl + 1.0
 
-    late = fleet[0].calls_since(cutoff)
-    assert late == 0, f"{fleet[0].name} got {late} calls more than TTL+1 s after SIGKILL"
-    for backend in list(fleet)[1:]:
-        assert backend.calls_since(cutoff) > 0, f"{backend.name} got no calls after the cutoff"
-    assert fallback.count == 0
-    assert balancer.backend_ports("expire") == {fleet[1].port, fleet[2].port}
+    _remove_first_backend_under_load(
+        dns_server,
+        processes,
+        backend_fleet,
+        balancer,
+        "expire",
+        sigkill,
+        "TTL+1 s after SIGKILL",
+        interval=0.5,
+        ttl=ttl,
+    )
 
 
 def test_unknown_service_falls_back_to_resolver_addresses(

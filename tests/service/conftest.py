@@ -11,6 +11,7 @@ from tests.service.grpclb_client import Client
 from tests.service.harness import TEST_CONFIG, Harness
 from tests.support.backends import BackendFleet, CountingBackend
 from tests.support.dns import DnsServer
+from tests.support.shim_echo import EchoBackend
 
 __all__ = ["TEST_CONFIG", "Harness"]
 
@@ -40,6 +41,17 @@ def fleet() -> Iterator[BackendFleet]:
 def fallback_backend() -> Iterator[CountingBackend]:
     with CountingBackend("fallback") as backend:
         yield backend
+
+
+@pytest.fixture
+def echoes() -> Iterator[list[EchoBackend]]:
+    """Two echo backends for the balanced-channel tests."""
+    backends = [EchoBackend(f"e{i}").start() for i in range(2)]
+    try:
+        yield backends
+    finally:
+        for backend in backends:
+            backend.stop()
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ DRAINING while its sidecar keeps heartbeating, and SERVING once it answers."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -67,25 +69,38 @@ async def test_grpc_probe_outcomes(hung_port: int) -> None:
         await health_server.stop(0)
 
 
-async def test_crashed_backend_is_drained_then_serves_again() -> None:
+@contextlib.asynccontextmanager
+async def probing(
+    port: int, probe_timeout: float, **options: Any
+) -> AsyncIterator[tuple[FakeRegistry, Registrar]]:
+    """A running registrar of the backend at `port`, which it probes over
+    gRPC, heartbeating to a fake registry."""
     registry = FakeRegistry(interval=0.1)
     registry_server, registry_address = await start_registry(registry)
-    backend, port = await plain_server()
     registrar = Registrar(
         [registry_address],
         "oap",
         "127.0.0.1",
         port,
         interval=0.1,
-        probe=GrpcProbe(f"127.0.0.1:{port}", timeout=0.3),
-        probe_failures=2,
+        probe=GrpcProbe(f"127.0.0.1:{port}", timeout=probe_timeout),
+        **options,
     )
-
-    def last_state() -> int:
-        return registry.heartbeats[-1].state if registry.heartbeats else -1
-
     try:
         async with running(registrar):
+            yield registry, registrar
+    finally:
+        await registry_server.stop(0)
+
+
+async def test_crashed_backend_is_drained_then_serves_again() -> None:
+    backend, port = await plain_server()
+    try:
+        async with probing(port, 0.3, probe_failures=2) as (registry, registrar):
+
+            def last_state() -> int:
+                return registry.heartbeats[-1].state if registry.heartbeats else -1
+
             await eventually(lambda: last_state() == pb.BACKEND_STATE_SERVING, "serving")
             await backend.stop(0)
             await eventually(lambda: last_state() == pb.BACKEND_STATE_DRAINING, "drained")
@@ -97,52 +112,27 @@ async def test_crashed_backend_is_drained_then_serves_again() -> None:
             assert not registrar.backend_down
     finally:
         await backend.stop(0)
-        await registry_server.stop(0)
 
 
 async def test_hung_backend_is_drained(hung_port: int) -> None:
-    registry = FakeRegistry(interval=0.1)
-    registry_server, registry_address = await start_registry(registry)
-    registrar = Registrar(
-        [registry_address],
-        "oap",
-        "127.0.0.1",
-        hung_port,
-        interval=0.1,
-        probe=GrpcProbe(f"127.0.0.1:{hung_port}", timeout=0.2),
-    )
-    try:
-        async with running(registrar):
-            await eventually(
-                lambda: any(h.state == pb.BACKEND_STATE_DRAINING for h in registry.heartbeats),
-                "drained",
-            )
-            # The backend is still registered (heartbeats go on), just out of the lists.
-            count = len(registry.heartbeats)
-            await asyncio.sleep(0.3)
-            assert len(registry.heartbeats) > count
-    finally:
-        await registry_server.stop(0)
+    async with probing(hung_port, 0.2) as (registry, _):
+        await eventually(
+            lambda: any(h.state == pb.BACKEND_STATE_DRAINING for h in registry.heartbeats),
+            "drained",
+        )
+        # The backend is still registered (heartbeats go on), just out of the lists.
+        count = len(registry.heartbeats)
+        await asyncio.sleep(0.3)
+        assert len(registry.heartbeats) > count
 
 
 async def test_an_explicit_drain_is_never_undone_by_the_probe() -> None:
-    registry = FakeRegistry(interval=0.1)
-    registry_server, registry_address = await start_registry(registry)
     backend, port = await plain_server()
-    registrar = Registrar(
-        [registry_address],
-        "oap",
-        "127.0.0.1",
-        port,
-        interval=0.1,
-        probe=GrpcProbe(f"127.0.0.1:{port}", timeout=0.3),
-    )
     try:
-        async with running(registrar):
+        async with probing(port, 0.3) as (registry, registrar):
             await eventually(lambda: bool(registry.heartbeats), "registered")
             await registrar.drain()
             await asyncio.sleep(0.4)  # several healthy probes
             assert registry.heartbeats[-1].state == pb.BACKEND_STATE_DRAINING
     finally:
         await backend.stop(0)
-        await registry_server.stop(0)

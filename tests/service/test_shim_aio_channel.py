@@ -7,8 +7,7 @@ and close."""
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -16,40 +15,18 @@ import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 
 import agent_shim
-from lbserver.balancer import Balancer
-from lbserver.server import RunningServer
 from tests.service.conftest import Harness
 from tests.support.shim_echo import EchoBackend, EchoStub, values
+from tests.support.shim_fixtures import CALL_TIMEOUT, from_first_entry, ordered, share, weighted
 from tests.support.shim_lb import (
     SERVICE,
     Unreachable,
     balancer_address,
-    ordered_list,
-    register,
     service_state,
     tokens_by_name,
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-CALL_TIMEOUT = 10.0
-
-
-class FirstEntry(random.Random):
-    """Makes a Selector start at the first entry of every list."""
-
-    def randrange(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-
-@pytest.fixture
-def echoes() -> Iterator[list[EchoBackend]]:
-    backends = [EchoBackend(f"e{i}").start() for i in range(2)]
-    try:
-        yield backends
-    finally:
-        for backend in backends:
-            backend.stop()
 
 
 Opener = Callable[..., grpc.aio.Channel]
@@ -69,18 +46,6 @@ async def channels() -> AsyncIterator[Opener]:
     finally:
         for channel in opened:
             await channel.close(None)
-
-
-async def weighted(harness: Harness, echoes: list[EchoBackend]) -> RunningServer:
-    running = await harness.start()
-    admin = harness.channel(running)
-    await register(admin, echoes[0], weight=1)
-    await register(admin, echoes[1], weight=2)
-    return running
-
-
-def share(echoes: list[EchoBackend], method: str) -> list[int]:
-    return [e.counts()[method] for e in echoes]
 
 
 async def agen(items: list[StringValue]) -> AsyncIterator[StringValue]:
@@ -249,12 +214,7 @@ async def test_a_call_that_cannot_reach_its_backend_is_retried_on_another(
     harness: Harness, echoes: list[EchoBackend], channels: Opener
 ) -> None:
     dead = Unreachable("dead")
-    running = await harness.start(
-        balancer=Balancer(list_builder=ordered_list(["dead", "e0"]), startup_grace=0)
-    )
-    admin = harness.channel(running)
-    await register(admin, dead)
-    await register(admin, echoes[0])
+    running = await ordered(harness, ["dead", "e0"], dead, echoes[0])
 
     async def written(stub: EchoStub) -> str:
         call = stub.ClientStream(timeout=CALL_TIMEOUT)
@@ -292,8 +252,7 @@ async def test_a_call_that_cannot_reach_its_backend_is_retried_on_another(
         channel = channels(
             balancer_address(running),
             SERVICE,
-            options=[("grpc.use_local_subchannel_pool", 1)],
-            selector_options={"rng": FirstEntry(), "connection_failing": lambda _: False},
+            **from_first_entry(connection_failing=lambda _: False),
         )
         assert (await call(EchoStub(channel))).startswith("e0:"), kind
         assert channel.selector.failing() == [dead.address], kind  # type: ignore[attr-defined]
@@ -308,11 +267,7 @@ async def _value(call: Awaitable[StringValue]) -> str:
 async def test_client_stream_beyond_the_retry_buffer_is_not_replayed(
     harness: Harness, channels: Opener
 ) -> None:
-    dead = Unreachable("dead")
-    running = await harness.start(
-        balancer=Balancer(list_builder=ordered_list(["dead"]), startup_grace=0)
-    )
-    await register(harness.channel(running), dead)
+    running = await ordered(harness, ["dead"], Unreachable("dead"))
     stub = EchoStub(channels(balancer_address(running), SERVICE, retry_buffer_messages=1))
     code = await code_of(stub.ClientStream(agen(values(5)), timeout=CALL_TIMEOUT))
     assert code is grpc.StatusCode.UNAVAILABLE
@@ -321,12 +276,7 @@ async def test_client_stream_beyond_the_retry_buffer_is_not_replayed(
 async def test_dropped_calls_fail_with_unavailable(
     harness: Harness, echoes: list[EchoBackend], channels: Opener
 ) -> None:
-    running = await harness.start(
-        balancer=Balancer(
-            list_builder=ordered_list(["drop", "e0"], drops=["shed"]), startup_grace=0
-        )
-    )
-    await register(harness.channel(running), echoes[0])
+    running = await ordered(harness, ["drop", "e0"], echoes[0], drops=["shed"])
     stub = EchoStub(channels(balancer_address(running), SERVICE))
     outcomes = []
     for _ in range(10):

@@ -10,7 +10,6 @@ so that the in-process balancer on the test's loop keeps serving.
 from __future__ import annotations
 
 import asyncio
-import random
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -20,16 +19,13 @@ import pytest
 from google.protobuf.wrappers_pb2 import StringValue
 
 import agent_shim
-from lbserver.balancer import Balancer
-from lbserver.server import RunningServer
 from tests.service.conftest import Harness
 from tests.support.shim_echo import EchoBackend, EchoStub, values
+from tests.support.shim_fixtures import CALL_TIMEOUT, from_first_entry, ordered, share, weighted
 from tests.support.shim_lb import (
     SERVICE,
     Unreachable,
     balancer_address,
-    ordered_list,
-    register,
     service_state,
     tokens_by_name,
 )
@@ -37,14 +33,6 @@ from tests.support.shim_lb import (
 pytestmark = pytest.mark.timeout(60)
 
 T = TypeVar("T")
-CALL_TIMEOUT = 10.0
-
-
-class FirstEntry(random.Random):
-    """Makes a Selector start at the first entry of every list."""
-
-    def randrange(self, *args: Any, **kwargs: Any) -> int:
-        return 0
 
 
 async def blocking(fn: Callable[[], T]) -> T:
@@ -62,16 +50,6 @@ def code_of(call: Callable[[], object]) -> grpc.StatusCode:
 
 
 @pytest.fixture
-def echoes() -> Iterator[list[EchoBackend]]:
-    backends = [EchoBackend(f"e{i}").start() for i in range(2)]
-    try:
-        yield backends
-    finally:
-        for backend in backends:
-            backend.stop()
-
-
-@pytest.fixture
 def channels() -> Iterator[Callable[..., grpc.Channel]]:
     opened: list[grpc.Channel] = []
 
@@ -85,18 +63,6 @@ def channels() -> Iterator[Callable[..., grpc.Channel]]:
     finally:
         for channel in opened:
             channel.close()
-
-
-async def weighted(harness: Harness, echoes: list[EchoBackend]) -> RunningServer:
-    running = await harness.start()
-    admin = harness.channel(running)
-    await register(admin, echoes[0], weight=1)
-    await register(admin, echoes[1], weight=2)
-    return running
-
-
-def share(echoes: list[EchoBackend], method: str) -> list[int]:
-    return [e.counts()[method] for e in echoes]
 
 
 async def test_generated_stub_all_four_call_types_work_and_follow_the_weights(
@@ -287,12 +253,7 @@ async def test_a_call_that_cannot_reach_its_backend_is_retried_on_another(
     channels: Callable[..., grpc.Channel],
 ) -> None:
     dead = Unreachable("dead")
-    running = await harness.start(
-        balancer=Balancer(list_builder=ordered_list(["dead", "e0"]), startup_grace=0)
-    )
-    admin = harness.channel(running)
-    await register(admin, dead)
-    await register(admin, echoes[0])
+    running = await ordered(harness, ["dead", "e0"], dead, echoes[0])
     kinds: dict[str, Callable[[EchoStub], str]] = {
         "unary": lambda stub: stub.Unary(StringValue(value="u"), timeout=CALL_TIMEOUT).value,
         "with_call": lambda stub: (
@@ -314,12 +275,7 @@ async def test_a_call_that_cannot_reach_its_backend_is_retried_on_another(
     }
     for kind, call in kinds.items():
         # A fresh channel starting at the list's first entry: the dead one.
-        channel = channels(
-            balancer_address(running),
-            SERVICE,
-            options=[("grpc.use_local_subchannel_pool", 1)],
-            selector_options={"rng": FirstEntry()},
-        )
+        channel = channels(balancer_address(running), SERVICE, **from_first_entry())
         reply = await blocking(lambda: call(EchoStub(channel)))  # noqa: B023
         assert reply.startswith("e0:"), kind
         assert channel.selector.failing() == [dead.address], kind  # type: ignore[attr-defined]
@@ -331,11 +287,7 @@ async def test_client_stream_beyond_the_retry_buffer_is_not_replayed(
     echoes: list[EchoBackend],
     channels: Callable[..., grpc.Channel],
 ) -> None:
-    dead = Unreachable("dead")
-    running = await harness.start(
-        balancer=Balancer(list_builder=ordered_list(["dead"]), startup_grace=0)
-    )
-    await register(harness.channel(running), dead)
+    running = await ordered(harness, ["dead"], Unreachable("dead"))
     stub = EchoStub(channels(balancer_address(running), SERVICE, retry_buffer_messages=1))
 
     def call() -> grpc.StatusCode:
@@ -349,12 +301,7 @@ async def test_dropped_calls_fail_with_unavailable(
     echoes: list[EchoBackend],
     channels: Callable[..., grpc.Channel],
 ) -> None:
-    running = await harness.start(
-        balancer=Balancer(
-            list_builder=ordered_list(["drop", "e0"], drops=["shed"]), startup_grace=0
-        )
-    )
-    await register(harness.channel(running), echoes[0])
+    running = await ordered(harness, ["drop", "e0"], echoes[0], drops=["shed"])
     stub = EchoStub(channels(balancer_address(running), SERVICE))
 
     def calls() -> list[str]:

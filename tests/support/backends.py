@@ -21,10 +21,11 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Self
 
 import grpc
+
+from tests.support.started import Started
 
 LB_TOKEN_KEY = "lb-token"
 SERVICE_NAME = "lbtest.Echo"
@@ -72,7 +73,7 @@ class CallRecord:
     peer: str
 
 
-class CountingBackend:
+class CountingBackend(Started):
     """A gRPC server counting calls to `/lbtest.Echo/Call`, per `lb-token`."""
 
     def __init__(self, name: str = "", host: str = "127.0.0.1", max_workers: int = 16) -> None:
@@ -114,17 +115,6 @@ class CountingBackend:
         server, self._server = self._server, None
         if server is not None:
             server.stop(grace).wait(timeout=10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:
@@ -187,7 +177,7 @@ class CountingBackend:
             return True
 
 
-class BackendFleet:
+class BackendFleet(Started):
     """N counting backends, started and stopped together."""
 
     def __init__(self, n: int, prefix: str = "backend") -> None:
@@ -205,17 +195,6 @@ class BackendFleet:
     def stop(self) -> None:
         for b in self.backends:
             b.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __iter__(self) -> Iterator[CountingBackend]:
         return iter(self.backends)
@@ -279,7 +258,7 @@ class CallFailure:
     details: str | None
 
 
-class CallLoop:
+class CallLoop(Started):
     """Calls `stub` over and over in a background thread until stopped.
 
     Counts successes and records every failure (`failures`) with its time, so a
@@ -323,17 +302,6 @@ class CallLoop:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def snapshot(self) -> tuple[int, list[CallFailure]]:
         with self._lock:

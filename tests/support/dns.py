@@ -27,11 +27,12 @@ import ipaddress
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
 from dnslib import AAAA, QTYPE, RCODE, RR, SRV, A, DNSRecord
 from dnslib.server import DNSLogger, DNSServer
+
+from tests.support.started import Started
 
 GRPCLB_SRV_PREFIX = "_grpclb._tcp."
 
@@ -78,7 +79,7 @@ class _Resolver:
         return self._owner._answer(request)
 
 
-class DnsServer:
+class DnsServer(Started):
     """A dnslib UDP server on 127.0.0.1 (or ::1) with run-time editable records."""
 
     def __init__(self, host: str = "127.0.0.1", ttl: int = 0) -> None:
@@ -109,17 +110,6 @@ class DnsServer:
         server.server.shutdown()
         server.server.server_close()
         server.thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def port(self) -> int:

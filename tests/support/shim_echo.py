@@ -25,11 +25,12 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any, Self
 
 import grpc
 from google.protobuf.wrappers_pb2 import StringValue
+
+from tests.support.started import Started
 
 SERVICE = "shimtest.Echo"
 METHODS = ("Unary", "ServerStream", "ClientStream", "Bidi")
@@ -67,7 +68,7 @@ def _metadata(context: grpc.ServicerContext) -> dict[str, str]:
     }
 
 
-class EchoBackend:
+class EchoBackend(Started):
     def __init__(self, name: str) -> None:
         self.name = name
         self._lock = threading.Lock()
@@ -104,17 +105,6 @@ class EchoBackend:
         server, self._server = self._server, None
         if server is not None:
             server.stop(None).wait(10)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def address(self) -> str:
