@@ -9,13 +9,15 @@ weighted_round_robin (gRFC A58): a backend's capacity is
 so equally loaded backends get equal weights and a backend that needs more
 CPU per request (a busy node, a cold JVM) gets less. Capacities are smoothed
 across reports, not trusted during a blackout after a backend's first report,
-forgotten when reports stop, and clamped around the mean; new backends ramp up
+forgotten when reports stop, and clamped around the median (one wild report
+cannot drag the centre along with it); new backends ramp up
 over a slow-start period.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +49,7 @@ class LoadWeightSettings:
     # Seconds over which a new backend ramps from min_ramp to full weight.
     slow_start: float = 0.0
     min_ramp: float = 0.1
-    # Weights are clamped to [mean / max_ratio, mean * max_ratio].
+    # Weights are clamped to [median / max_ratio, median * max_ratio].
     max_ratio: float = 10.0
 
     def __post_init__(self) -> None:
@@ -74,6 +76,9 @@ def estimate_capacity(load: LoadReport, error_penalty: float) -> float | None:
     return capacity if math.isfinite(capacity) else None
 
 
+MAX_STEP = 2.0
+
+
 def update_capacity(
     previous: Capacity | None,
     load: LoadReport,
@@ -87,6 +92,9 @@ def update_capacity(
         return previous
     if previous is None or now - previous.updated_at > settings.report_expiry:
         return Capacity(value=estimate, updated_at=now, since=now)
+    # One report moves a capacity by at most a factor of MAX_STEP: a nearly
+    # idle interval (a few requests, tiny CPU) can estimate 100x the truth.
+    estimate = min(max(estimate, previous.value / MAX_STEP), previous.value * MAX_STEP)
     alpha = settings.smoothing
     return Capacity(
         value=alpha * estimate + (1 - alpha) * previous.value,
@@ -119,15 +127,15 @@ def load_aware_weights(
     serving = [b for b in backends if b.serving]
     capacities = {b.token: _trusted_capacity(b, now, settings) for b in serving}
     known = [c for c in capacities.values() if c is not None]
-    # Backends without a trusted report get the mean: neither starved nor
+    # Backends without a trusted report get the median: neither starved nor
     # flooded until they report. With no reports at all every base is 1 and
     # the static weights decide.
-    mean = math.fsum(known) / len(known) if known else 1.0
-    low, high = mean / settings.max_ratio, mean * settings.max_ratio
+    centre = statistics.median(known) if known else 1.0
+    low, high = centre / settings.max_ratio, centre * settings.max_ratio
     weights: dict[str, float] = {}
     for backend in serving:
         base = capacities[backend.token]
-        base = mean if base is None else min(max(base, low), high)
+        base = centre if base is None else min(max(base, low), high)
         weights[backend.token] = base * backend.registration.weight * ramp(backend, now, settings)
     return weights
 

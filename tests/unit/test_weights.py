@@ -136,7 +136,8 @@ def test_smoothing_damps_one_noisy_report() -> None:
         capacity, LoadReport(cpu_utilization=0.05, requests_per_second=100), 1.0, settings
     )
     assert capacity is not None and noisy is not None
-    assert noisy.value == pytest.approx(0.25 * 2000 + 0.75 * 200)
+    # The 10x outlier is first cut to 2x (MAX_STEP), then smoothed.
+    assert noisy.value == pytest.approx(0.25 * 400 + 0.75 * 200)
     assert noisy.since == 0.0
     # A report that cannot tell keeps the last value.
     assert update_capacity(noisy, LoadReport(), 2.0, settings) == noisy
@@ -160,3 +161,26 @@ def test_shedding_only_when_every_backend_is_over_the_threshold() -> None:
     assert drop_share([backend(1, cpu=1.0)], SheddingSettings()) == 0
     assert drop_entries_for(0.2, 8) == 2
     assert drop_entries_for(0.0, 8) == 0
+
+
+def test_one_outlier_report_cannot_take_over_the_list() -> None:
+    settings = LoadWeightSettings(blackout=0.0, smoothing=0.5, max_ratio=10.0)
+    steady = [backend(n, cpu=0.5, rps=100) for n in range(1, 5)]
+    # A nearly idle interval: 3 requests for almost no CPU estimates 100x.
+    previous = steady[0].capacity
+    outlier = update_capacity(
+        previous, LoadReport(cpu_utilization=0.0015, requests_per_second=3), 101.0, settings
+    )
+    assert outlier is not None and previous is not None
+    assert outlier.value <= 1.5 * previous.value
+    spiked = backend(9, capacity=outlier)
+    weights = load_aware_weights([*steady, spiked], 101.0, settings)
+    assert weights["t9"] / sum(weights.values()) < 0.3
+
+
+def test_clamp_is_centred_on_the_median() -> None:
+    settings = LoadWeightSettings(blackout=0.0, smoothing=1.0, max_ratio=2.0)
+    backends = [backend(n, cpu=0.5, rps=100) for n in range(1, 5)]
+    backends.append(backend(9, capacity=Capacity(value=1e6, updated_at=100.0, since=0.0)))
+    weights = load_aware_weights(backends, 100.0, settings)
+    assert weights["t9"] == pytest.approx(2 * weights["t1"])
