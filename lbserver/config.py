@@ -84,11 +84,11 @@ class Config:
     )
     blackout: float = _opt(
         10.0,
-        "Seconds after a backend's first load report during which it gets the mean weight "
+        "Seconds after a backend's first load report during which it gets the median weight "
         "(early reports of a starting process are not representative).",
     )
     report_expiry: float = _opt(
-        15.0, "Seconds after which a backend's last load report no longer counts (mean weight)."
+        15.0, "Seconds after which a backend's last load report no longer counts (median weight)."
     )
     slow_start: float = _opt(
         0.0,
@@ -96,7 +96,7 @@ class Config:
         "(JVM warm-up); 0 disables the ramp.",
     )
     max_weight_ratio: float = _opt(
-        10.0, "Load-aware weights are clamped to [mean / ratio, mean * ratio]."
+        10.0, "Load-aware weights are clamped to [median / ratio, median * ratio]."
     )
     share_threshold: float = _opt(
         0.02,
