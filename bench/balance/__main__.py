@@ -1,0 +1,173 @@
+"""`python -m bench.balance [--quick] [--out docs/benchmarks.md]`: runs every
+case and mode (see the package docstring), prints the report section and,
+with --out, writes it into that file's `## Balance (bench/balance)` section.
+Process logs, plans and raw results stay in --log-dir (a new temp folder by
+default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+
+from .cases import Settings, cases, describe_rates, run_case, run_convergence
+from .infra import REGISTRAR_INTERVAL, REGISTRAR_TTL, Infra, ensure_nginx
+from .modes import GRPCLB, PROXY
+from .report import ModeResult, Report, render, write_section
+
+
+def _cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _nginx_version(binary: str) -> str:
+    done = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)
+    return (done.stderr or done.stdout).strip().removeprefix("nginx version: ")
+
+
+def machine(nginx: str) -> dict[str, str]:
+    load = os.getloadavg()
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "CPU": _cpu_model(),
+        "nproc": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "nginx": _nginx_version(nginx),
+        "load average at start": f"{load[0]:.2f}",
+    }
+
+
+def settings_text(settings: Settings, lbserver_env: Mapping[str, str]) -> dict[str, str]:
+    lb = ", ".join(f"{k}={v}" for k, v in lbserver_env.items())
+    return {
+        "lbserver": f"{lb} (short timings so a run takes minutes; defaults are 3 s heartbeats, "
+        "10 s blackout, no slow start)",
+        "registrar": f"in-process Registrar, interval {REGISTRAR_INTERVAL:g} s, "
+        f"TTL {REGISTRAR_TTL:g} s, load = slot utilization and completed calls/s",
+        "backends": f"{settings.slots} slots x {settings.service_time * 1000:.0f} ms sleep "
+        f"({'fixed' if settings.service_dist == 'fixed' else 'exponentially distributed'}; "
+        f"{settings.slots / settings.service_time:.0f} calls/s capacity each)",
+        "clients": f"{settings.clients} channels in {settings.client_processes} processes, "
+        f"open loop (Poisson), {describe_rates(settings)}; seed {settings.seed}",
+        "offered load": "a share of the case's total capacity, given per case",
+        "deadline": f"{settings.deadline:g} s per call (a call that hits it counts as failed "
+        "and as that latency, so p99 shown as >=)",
+        "windows": f"each mode measured {settings.measure:g} s per case, in {settings.rounds} "
+        f"slice(s) of {settings.measure / settings.rounds:g} s, the modes taking turns "
+        "(d e a b c, d e a b c, ...) against the same backends; every slice opens new channels "
+        f"and starts with an unmeasured warm-up ({settings.lbserver_warmup:g} s for (d), which "
+        f"follows (c): lbserver's weights recover from it; {settings.warmup:g} s otherwise); "
+        f"slices are {settings.gap:g} s apart, so the previous slice's calls have ended and "
+        "no backend queue is left",
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.balance", description=__doc__)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="short windows, cases equal-5 and hetero-50, convergence under (d) only (< 2 min)",
+    )
+    parser.add_argument("--out", type=Path, help="Markdown file whose section to write")
+    parser.add_argument("--log-dir", type=Path, help="where process logs and raw data go")
+    parser.add_argument(
+        "--cases",
+        default="",
+        help="comma-separated subset of: equal-2, equal-5, hetero-50, hetero-65, convergence",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="LBSERVER_OPTION=VALUE",
+        help="override one of lbserver's environment settings (experiments; the report shows it)",
+    )
+    parser.add_argument(
+        "--service-dist",
+        choices=("fixed", "exp"),
+        default="fixed",
+        help="backend hold times: fixed (default) or exponential with the same mean",
+    )
+    args = parser.parse_args(argv)
+    for item in args.set:
+        if "=" not in item or not item.startswith("LBSERVER_"):
+            parser.error(f"--set takes LBSERVER_OPTION=VALUE, not {item!r}")
+
+    if args.quick:
+        settings = Settings(warmup=1.2, lbserver_warmup=4.0, measure=2.5, convergence_observe=2.0)
+    else:
+        settings = Settings(
+            warmup=1.5,
+            lbserver_warmup=5.0,
+            measure=10.0,
+            rounds=2,
+            service_dist=args.service_dist,
+        )
+    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="bench-balance-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.balance " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    print(f"bench/balance: logs in {log_dir}", flush=True)
+    began = time.monotonic()
+
+    nginx = ensure_nginx()
+    info = machine(nginx)
+    wanted = args.cases.split(",") if args.cases else []
+    if args.quick and not wanted:
+        wanted = ["equal-5", "hetero-50", "convergence"]
+    selected = [c for c in cases(settings) if not wanted or c.name in wanted]
+    results: dict[str, list[ModeResult]] = {}
+    convergence = []
+    overrides = dict(item.split("=", 1) for item in args.set)
+    with Infra(log_dir, overrides) as infra:
+        for case in selected:
+            print(f"case {case.name} ...", flush=True)
+            results[case.name] = run_case(infra, case, settings)
+        if not wanted or "convergence" in wanted:
+            for mode in (GRPCLB,) if args.quick else (GRPCLB, PROXY):
+                print(f"convergence ({mode.letter}) ...", flush=True)
+                convergence.append(run_convergence(infra, mode, settings))
+    info["load average at end"] = f"{os.getloadavg()[0]:.2f}"
+    info["run time"] = f"{time.monotonic() - began:.0f} s"
+
+    report = Report(
+        command=command.strip(),
+        machine=info,
+        settings=settings_text(settings, infra.lbserver_env),
+        cases=results,
+        case_notes={c.name: c.note for c in selected},
+        convergence=convergence,
+        slow_start=infra.setting("slow_start"),
+        heartbeat=infra.setting("heartbeat_interval"),
+        share_threshold=float(infra.lbserver_env.get("LBSERVER_SHARE_THRESHOLD", "0.02")),
+    )
+    section = render(report)
+    print(section)
+    (log_dir / "section.md").write_text(section)
+    if args.out:
+        write_section(args.out, section)
+        print(f"wrote {args.out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
