@@ -25,9 +25,14 @@ from lbserver.domain.model import Backend, Registration
 from lbserver.domain.naming import NameRules, resolve
 from lbserver.domain.serverlist import (
     DEFAULT_MAX_LIST_LENGTH,
+    DROP_TOKEN,
     ServerList,
     build_server_list,
+    list_counts,
+    list_from_counts,
     max_share_change,
+    max_share_change_of,
+    shares_of,
 )
 from lbserver.domain.subsetting import IndexPool, subset_positions
 from lbserver.domain.validation import parse_registration
@@ -90,7 +95,7 @@ class ClientCallStats:
 class _NameSlot:
     """Shared by every stream that asked for the same name."""
 
-    __slots__ = ("answer", "changed", "name", "published_at", "version", "watchers")
+    __slots__ = ("answer", "changed", "name", "published_at", "version", "waiters", "watchers")
 
     def __init__(self, name: str, answer: Answer) -> None:
         self.name = name
@@ -99,6 +104,9 @@ class _NameSlot:
         self.version = 0
         self.watchers = 0
         self.changed = asyncio.Event()
+        # One-shot futures of streams waiting for the next change (cheaper
+        # than a task per stream around Event.wait); insertion-ordered.
+        self.waiters: dict[asyncio.Future[None], None] = {}
 
     def publish(self, answer: Answer) -> None:
         if answer == self.answer:
@@ -110,6 +118,13 @@ class _NameSlot:
         # block on the new one.
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+        self.wake_waiters()
+
+    def wake_waiters(self) -> None:
+        waiters, self.waiters = self.waiters, {}
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class Watch:
@@ -119,6 +134,7 @@ class Watch:
         self._balancer = balancer
         self._slot = slot
         self._closed = False
+        self._waiter: asyncio.Future[None] | None = None
         # Subsetting: this client's index among the clients of its service.
         self._index_service: str | None = None
         self._index = 0
@@ -145,6 +161,26 @@ class Watch:
             await self._slot.changed.wait()
         return self._slot.version, self._slot.answer
 
+    def changed(self, seen_version: int) -> asyncio.Future[None] | None:
+        """A future that completes when the answer next changes (or the
+        balancer closes, or interrupt() is called); None when the answer's
+        version already differs from `seen_version` or the balancer is closed.
+        The non-blocking form of next() for a stream that also waits for
+        something else."""
+        if self._slot.version != seen_version or self._balancer.closed:
+            return None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            self._slot.waiters[waiter] = None
+        return waiter
+
+    def interrupt(self) -> None:
+        """Completes the future changed() returned, if any is pending."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     def servers(self, answer: Answer) -> ServerList | None:
         """The list this client gets for `answer`: the service's list, or its
         subset of it when the service is subsetted."""
@@ -167,6 +203,10 @@ class Watch:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None:
+                self._slot.waiters.pop(waiter, None)
+                waiter.cancel()
             self._release_index()
             self._balancer._release(self._slot)
 
@@ -179,6 +219,65 @@ class ServicePlan:
     weights: Mapping[str, float]
     drop_entries: int
     servers: ServerList
+    # Entries per token (list_counts) when the default list builder made the
+    # list; None with a custom ListBuilder.
+    counts: Mapping[str, int] | None = field(default=None, compare=False)
+
+
+class _Draft:
+    """A list a service could publish, built only as far as deciding needs.
+
+    With the default builder the list is a function of its counts (entries
+    per token) and the backends' addresses, and a token names one address:
+    two lists are equal exactly when their counts are, and their tokens and
+    shares follow from the counts. So a rebuild that ends up not published
+    (most heartbeats: equal list, or a share change under the hysteresis, or
+    rate-limited) never interleaves. A custom ListBuilder's list is compared
+    as it is."""
+
+    __slots__ = ("_servers", "backends", "counts", "weights")
+
+    def __init__(
+        self,
+        backends: tuple[Backend, ...],
+        weights: Mapping[str, float],
+        counts: dict[str, int] | None,
+        servers: ServerList | None = None,
+    ) -> None:
+        self.backends = backends
+        self.weights = weights
+        self.counts = counts
+        self._servers = servers
+
+    @property
+    def servers(self) -> ServerList:
+        if self._servers is None:
+            assert self.counts is not None
+            self._servers = list_from_counts(self.backends, self.counts)
+        return self._servers
+
+    def empty(self) -> bool:
+        return not self.counts if self.counts is not None else not self.servers.entries
+
+    def same_list(self, plan: ServicePlan) -> bool:
+        if self.counts is not None and plan.counts is not None:
+            return self.counts == plan.counts
+        return self.servers == plan.servers
+
+    def membership_changed(self, plan: ServicePlan) -> bool:
+        if self.counts is not None and plan.counts is not None:
+            return self.counts.keys() != plan.counts.keys()
+        return _membership_changed(plan.servers, self.servers)
+
+    def share_change(self, plan: ServicePlan) -> float:
+        if self.counts is not None and plan.counts is not None:
+            return max_share_change_of(shares_of(plan.counts), shares_of(self.counts))
+        return max_share_change(plan.servers, self.servers)
+
+    def plan(self) -> ServicePlan:
+        # A custom ListBuilder's plan counts no drop entries (subsets get none).
+        drops = self.counts.get(DROP_TOKEN, 0) if self.counts is not None else 0
+        return ServicePlan(self.backends, self.weights, drops, self.servers, self.counts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +356,8 @@ class Balancer:
         self._discovery = dict(discovery or {})
         self._last_tick: float | None = None
         self._endpoints: dict[str, frozenset[Endpoint]] = {}
+        # membership.services_generation when every slot was last answered.
+        self._answered_generation = self.membership.services_generation
         self.closed = False
 
     # --- membership -----------------------------------------------------
@@ -409,48 +510,46 @@ class Balancer:
 
     # --- lists ----------------------------------------------------------
 
-    def _build_plan(self, service: str, backends: list[Backend], now: float) -> ServicePlan:
+    def _draft(self, service: str, backends: list[Backend], now: float) -> _Draft:
         if self._list_builder is not None:
             servers = self._list_builder(service, backends, now)
-            return ServicePlan(tuple(backends), {}, 0, servers)
+            return _Draft(tuple(backends), {}, None, servers)
         weights = self._weight_policy(backends, now)
         settings = self.list_settings
-        servers = build_server_list(
+        counts = list_counts(
             backends,
             weights,
             max_length=settings.max_length,
             drop_share=drop_share(backends, settings.shedding),
         )
-        drops = sum(1 for entry in servers.entries if entry.drop)
-        return ServicePlan(tuple(backends), weights, drops, servers)
+        return _Draft(tuple(backends), weights, counts)
 
     def _refresh(self, services: Iterable[str]) -> None:
         now = self._clock()
+        published: set[str] = set()
         for service in services:
             self._pending.discard(service)
             backends = self._eligible(service, self.membership.backends(service))
-            plan = self._build_plan(service, backends, now) if backends else None
+            draft = self._draft(service, backends, now) if backends else None
             current = self._plans.get(service)
-            if plan is None or not plan.servers.entries:
+            if draft is None or draft.empty():
                 if current is not None:
                     self._publish(service, None, now)
+                    published.add(service)
                 continue
-            if current is not None and plan.servers == current.servers:
+            if current is not None and draft.same_list(current):
                 continue
-            if current is not None and not _membership_changed(current.servers, plan.servers):
-                if max_share_change(current.servers, plan.servers) <= (
-                    self.list_settings.share_threshold
-                ):
+            if current is not None and not draft.membership_changed(current):
+                if draft.share_change(current) <= self.list_settings.share_threshold:
                     continue
                 if now - self._published_at.get(service, -math.inf) < (
                     self.list_settings.min_push_interval
                 ):
                     self._pending.add(service)
                     continue
-            self._publish(service, plan, now)
-        # Re-answering every name also covers services appearing or vanishing;
-        # slots ignore answers equal to the one they hold.
-        self._reanswer_all()
+            self._publish(service, draft.plan(), now)
+            published.add(service)
+        self._reanswer(published)
 
     def _publish(self, service: str, plan: ServicePlan | None, now: float) -> None:
         if plan is None:
@@ -471,9 +570,25 @@ class Balancer:
         return Answer("fallback", service=service)
 
     def _reanswer_all(self) -> None:
+        self._answered_generation = self.membership.services_generation
         known = frozenset(self.membership.services())
         for slot in self._slots.values():
             slot.publish(self._answer(slot.name, known))
+
+    def _reanswer(self, published: set[str]) -> None:
+        """Re-answers the names whose answer may have changed: every name
+        when a service appeared or vanished (names resolve differently),
+        otherwise those resolving to a service whose list was (re)published
+        (the others' answers are what they hold; slots ignore equal answers)."""
+        if self.membership.services_generation != self._answered_generation:
+            self._reanswer_all()
+            return
+        if not published:
+            return
+        known = frozenset(self.membership.services())
+        for slot in self._slots.values():
+            if slot.answer.service in published:
+                slot.publish(self._answer(slot.name, known))
 
     def server_list(self, service: str) -> ServerList | None:
         plan = self._plans.get(service)
@@ -484,8 +599,10 @@ class Balancer:
         if plan is None:
             return None
         size = self.list_settings.subset_sizes.get(service, 0)
+        if size <= 0:
+            return plan.servers
         serving = [b for b in plan.backends if plan.weights.get(b.token, 0) > 0]
-        if size <= 0 or size >= len(serving):
+        if size >= len(serving):
             return plan.servers
         start = subset_positions(len(serving), size, watch.client_index(service))
         key = (service, start[0] if start else 0)
@@ -557,6 +674,7 @@ class Balancer:
         self.closed = True
         for slot in self._slots.values():
             slot.changed.set()
+            slot.wake_waiters()
 
 
 def _membership_changed(old: ServerList, new: ServerList) -> bool:

@@ -24,7 +24,7 @@ from lbserver.domain.membership import TtlPolicy
 from lbserver.domain.naming import NameRules
 from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
 from lbserver.errors import ConfigError
-from lbserver.proto.grpclb.v1 import load_balancer_pb2, load_balancer_pb2_grpc
+from lbserver.proto.grpclb.v1 import load_balancer_pb2
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 from lbserver.security import Authorizer, PeerRateLimiter, load_token, server_credentials
 from lbserver.services.admin import AdminService
@@ -174,15 +174,14 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
     )
     server = _grpc_server(config)
     registry_server = _grpc_server(config) if separate_registry else server
-    load_balancer_pb2_grpc.add_LoadBalancerServicer_to_server(
-        LoadBalancerService(
-            balancer,
-            client_stats_interval=config.client_stats_interval,
-            initial_request_timeout=config.initial_request_timeout,
-            max_streams=config.max_streams,
-        ),
-        server,
-    )
+    # Like load_balancer_pb2_grpc.add_LoadBalancerServicer_to_server, with a
+    # serializer that lets every stream write a list serialized once.
+    LoadBalancerService(
+        balancer,
+        client_stats_interval=config.client_stats_interval,
+        initial_request_timeout=config.initial_request_timeout,
+        max_streams=config.max_streams,
+    ).add_to_server(server)
     lbserver_pb2_grpc.add_RegistryServicer_to_server(
         RegistryService(balancer, authorizer, PeerRateLimiter(config.heartbeat_rate_per_peer)),
         registry_server,

@@ -46,6 +46,13 @@ class Membership:
         self.ttl_policy = ttl_policy or TtlPolicy()
         self.load_settings = load_settings or LoadWeightSettings()
         self._services: dict[str, dict[str, Backend]] = {}
+        # Per service: the instance at each address (at most one, since a new
+        # instance at an address replaces the old one), and the instance ids
+        # in backends() order, or None when it must be sorted again.
+        self._by_address: dict[str, dict[str, str]] = {}
+        self._order: dict[str, list[str] | None] = {}
+        # Bumped whenever a service appears or vanishes.
+        self.services_generation = 0
 
     def heartbeat(
         self,
@@ -56,25 +63,34 @@ class Membership:
     ) -> Backend:
         """Registers or refreshes a backend; `ttl` overrides the granted TTL
         (inf for members that come from Kubernetes, not heartbeats)."""
-        members = self._services.setdefault(registration.service, {})
+        members = self._services.get(registration.service)
+        if members is None:
+            members = self._services[registration.service] = {}
+            self._by_address[registration.service] = {}
+            self.services_generation += 1
+        addresses = self._by_address[registration.service]
+        address = registration.address
         # A new instance at an address replaces the old one there at once (a
         # restarted backend must not wait for its predecessor's TTL).
-        for other in list(members.values()):
-            if (
-                other.instance_id != registration.instance_id
-                and other.registration.address == registration.address
-            ):
-                del members[other.instance_id]
+        other = addresses.get(address)
+        if other is not None and other != registration.instance_id:
+            del members[other]
+            del addresses[address]
+            self._order[registration.service] = None
         if ttl is None:
             ttl = self.ttl_policy.grant(registration.requested_ttl)
         previous = members.get(registration.instance_id)
-        if previous is not None and previous.registration.address != registration.address:
-            previous = None  # same id, new address: a new process as far as load goes
+        if previous is None:
+            self._order[registration.service] = None
+        elif previous.registration.address != address:
+            # Same id, new address: a new process as far as load goes.
+            if addresses.get(previous.registration.address) == registration.instance_id:
+                del addresses[previous.registration.address]
+            self._order[registration.service] = None
+            previous = None
         backend = Backend(
             registration=registration,
-            token=backend_token(
-                registration.service, registration.instance_id, registration.address
-            ),
+            token=backend_token(registration.service, registration.instance_id, address),
             last_heartbeat=now,
             expires_at=now + ttl,
             last_heartbeat_wall=wall_now,
@@ -88,15 +104,26 @@ class Membership:
             ),
         )
         members[registration.instance_id] = backend
+        addresses[address] = registration.instance_id
         return backend
+
+    def _forget(self, service: str, backend: Backend) -> None:
+        """Index upkeep after `backend` left `service`'s members."""
+        addresses = self._by_address[service]
+        if addresses.get(backend.registration.address) == backend.instance_id:
+            del addresses[backend.registration.address]
+        self._order[service] = None
+        if not self._services[service]:
+            del self._services[service]
+            del self._by_address[service]
+            del self._order[service]
+            self.services_generation += 1
 
     def deregister(self, service: str, instance_id: str) -> bool:
         members = self._services.get(service)
         if members is None or instance_id not in members:
             return False
-        del members[instance_id]
-        if not members:
-            del self._services[service]
+        self._forget(service, members.pop(instance_id))
         return True
 
     def expire(self, now: float) -> list[Backend]:
@@ -107,8 +134,7 @@ class Membership:
                 if backend.expires_at <= now:
                     del members[instance_id]
                     expired.append(backend)
-            if not members:
-                del self._services[service]
+                    self._forget(service, backend)
         return expired
 
     def extend_expiries(self, seconds: float) -> None:
@@ -125,8 +151,17 @@ class Membership:
 
     def backends(self, service: str) -> list[Backend]:
         """In a stable order (by address) so replicas build the same lists."""
-        members = self._services.get(service, {})
-        return sorted(members.values(), key=lambda b: (b.registration.address, b.instance_id))
+        members = self._services.get(service)
+        if not members:
+            return []
+        order = self._order.get(service)
+        if order is None:
+            ordered = sorted(
+                members.values(), key=lambda b: (b.registration.address, b.instance_id)
+            )
+            self._order[service] = [b.instance_id for b in ordered]
+            return ordered
+        return [members[instance_id] for instance_id in order]
 
     def services(self) -> list[str]:
         return sorted(self._services)

@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
-from functools import reduce
+from functools import lru_cache, reduce
 
 from lbserver.domain.model import Backend, IPAddress
 
@@ -66,22 +65,34 @@ def multiplicities(weights: Mapping[str, float], max_length: int) -> dict[str, i
         if sum(reduced.values()) <= max_length:
             return reduced
     length = max(max_length, len(positive))
-    total = sum(Fraction(w) for w in positive.values())
-    quotas = {key: Fraction(w) * length / total for key, w in positive.items()}
-    counts = {key: max(1, math.floor(q)) for key, q in quotas.items()}
+    # Exact rational arithmetic on integers: every weight is n/d exactly
+    # (d a power of two for floats); over a common denominator D the weights
+    # are the integers scaled[key] = w * D, and key's quota w * length / total
+    # is scaled[key] * length / total_scaled. Same results as Fractions,
+    # without their per-operation gcd.
+    ratios = {key: w.as_integer_ratio() for key, w in positive.items()}
+    common = math.lcm(*(d for _, d in ratios.values()))
+    scaled = {key: n * (common // d) for key, (n, d) in ratios.items()}
+    total = sum(scaled.values())
+    counts: dict[str, int] = {}
+    remainders: dict[str, int] = {}
+    for key, value in scaled.items():
+        whole, remainders[key] = divmod(value * length, total)
+        counts[key] = max(1, whole)
     # Largest remainder: hand out what is left to the biggest fractional parts.
-    by_remainder = sorted(positive, key=lambda key: (-(quotas[key] - math.floor(quotas[key])), key))
+    by_remainder = sorted(positive, key=lambda key: (-remainders[key], key))
     spare = length - sum(counts.values())
     for key in by_remainder:
         if spare <= 0:
             break
         counts[key] += 1
         spare -= 1
-    # The at-least-one floor can overshoot; take back from the most over quota.
+    # The at-least-one floor can overshoot; take back from the most over quota
+    # (counts - quota, in units of 1/total).
     while spare < 0:
         key = max(
             (k for k in counts if counts[k] > 1),
-            key=lambda k: (counts[k] - quotas[k], k),
+            key=lambda k: (counts[k] * total - scaled[k] * length, k),
         )
         counts[key] -= 1
         spare += 1
@@ -92,17 +103,62 @@ def interleave(counts: Mapping[str, int]) -> list[str]:
     """Smooth weighted round robin (as in nginx): each step every key gains its
     count, the key with most credit is emitted and pays the total. Every
     window of the result holds each key within one entry of its share."""
-    keys = sorted(counts)
-    total = sum(counts.values())
-    credit = dict.fromkeys(keys, 0)
+    return list(_interleave(tuple(sorted(counts.items()))))
+
+
+@lru_cache(maxsize=1024)
+def _interleave(counts: tuple[tuple[str, int], ...]) -> tuple[str, ...]:
+    # Memoized: a service's counts rarely change between heartbeats.
+    keys = [key for key, _ in counts]
+    gains = [count for _, count in counts]
+    total = sum(gains)
+    credit = [0] * len(keys)
+    positions = range(len(keys))
     order: list[str] = []
     for _ in range(total):
-        for key in keys:
-            credit[key] += counts[key]
-        chosen = max(keys, key=lambda k: credit[k])  # max() keeps the first on ties
+        credit = [c + g for c, g in zip(credit, gains, strict=True)]
+        chosen = max(positions, key=credit.__getitem__)  # max() keeps the first on ties
         credit[chosen] -= total
-        order.append(chosen)
-    return order
+        order.append(keys[chosen])
+    return tuple(order)
+
+
+def list_counts(
+    backends: Sequence[Backend],
+    weights: Mapping[str, float],
+    *,
+    max_length: int = DEFAULT_MAX_LIST_LENGTH,
+    drop_entries: int = 0,
+    drop_share: float = 0.0,
+) -> dict[str, int]:
+    """Entries per token (drops under DROP_TOKEN) of build_server_list's
+    list: the list is a function of these counts and the backends' addresses."""
+    tokens = {b.token for b in backends}
+    usable = {t: w for t, w in weights.items() if t in tokens and w > 0}
+    if usable and 0 < drop_share < 1:
+        usable[DROP_TOKEN] = drop_share / (1 - drop_share) * math.fsum(usable.values())
+    counts = multiplicities(usable, max_length)
+    if drop_entries > 0 and counts:
+        counts[DROP_TOKEN] = drop_entries
+    return counts
+
+
+def list_from_counts(backends: Sequence[Backend], counts: Mapping[str, int]) -> ServerList:
+    """The interleaved list with counts[token] entries per backend token."""
+    by_token = {b.token: b for b in backends}
+    made: dict[str, Entry] = {}
+    entries = []
+    for token in interleave(counts):
+        entry = made.get(token)
+        if entry is None:
+            if token == DROP_TOKEN:
+                entry = Entry.for_drop()
+            else:
+                registration = by_token[token].registration
+                entry = Entry(ip=packed(registration.ip), port=registration.port, token=token)
+            made[token] = entry
+        entries.append(entry)
+    return ServerList(entries=tuple(entries))
 
 
 def build_server_list(
@@ -116,21 +172,14 @@ def build_server_list(
     """The list a client of these backends should get. Drops are spread
     through the list like a backend's entries: `drop_share` as a share of the
     list (rounded with the weights), or exactly `drop_entries` of them."""
-    by_token = {b.token: b for b in backends}
-    usable = {t: w for t, w in weights.items() if t in by_token and w > 0}
-    if usable and 0 < drop_share < 1:
-        usable[DROP_TOKEN] = drop_share / (1 - drop_share) * math.fsum(usable.values())
-    counts = multiplicities(usable, max_length)
-    if drop_entries > 0 and counts:
-        counts[DROP_TOKEN] = drop_entries
-    entries = []
-    for token in interleave(counts):
-        if token == DROP_TOKEN:
-            entries.append(Entry.for_drop())
-            continue
-        registration = by_token[token].registration
-        entries.append(Entry(ip=packed(registration.ip), port=registration.port, token=token))
-    return ServerList(entries=tuple(entries))
+    counts = list_counts(
+        backends,
+        weights,
+        max_length=max_length,
+        drop_entries=drop_entries,
+        drop_share=drop_share,
+    )
+    return list_from_counts(backends, counts)
 
 
 def shares(servers: ServerList) -> dict[str, float]:
@@ -143,7 +192,16 @@ def shares(servers: ServerList) -> dict[str, float]:
 
 
 def max_share_change(old: ServerList, new: ServerList) -> float:
-    before, after = shares(old), shares(new)
+    return max_share_change_of(shares(old), shares(new))
+
+
+def shares_of(counts: Mapping[str, int]) -> dict[str, float]:
+    """shares() of the list that has counts[token] entries per token."""
+    total = sum(counts.values())
+    return {token: count / total for token, count in counts.items()} if total else {}
+
+
+def max_share_change_of(before: Mapping[str, float], after: Mapping[str, float]) -> float:
     return max(
         (abs(after.get(t, 0.0) - before.get(t, 0.0)) for t in before.keys() | after.keys()),
         default=0.0,

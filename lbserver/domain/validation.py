@@ -35,7 +35,9 @@ def check_text(field: str, value: str, *, max_bytes: int, required: bool = True)
     size = len(value.encode())
     if size > max_bytes:
         raise InvalidArgumentError(field, f"is {size} bytes long, the limit is {max_bytes}")
-    if any(not ch.isprintable() or ch.isspace() for ch in value):
+    # Every whitespace character but " " is unprintable, so this is
+    # any(not ch.isprintable() or ch.isspace() for ch in value), in C.
+    if not value.isprintable() or " " in value:
         raise InvalidArgumentError(field, "must not contain whitespace or control characters")
     return value
 

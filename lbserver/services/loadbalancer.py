@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
@@ -40,6 +41,18 @@ def server_list_message(servers: ServerList) -> lb_pb2.LoadBalanceResponse:
 
 
 FALLBACK = lb_pb2.LoadBalanceResponse(fallback_response=lb_pb2.FallbackResponse())
+FALLBACK_BYTES = FALLBACK.SerializeToString()
+# Serialized lists kept (by ServerList identity) for the streams still to be
+# written: one serialization per list, not one per stream.
+ENCODED_LISTS_KEPT = 64
+
+
+def serialize_response(response: bytes | lb_pb2.LoadBalanceResponse) -> bytes:
+    """BalanceLoad's response serializer: pre-serialized responses pass
+    through as they are."""
+    if isinstance(response, bytes):
+        return response
+    return response.SerializeToString()
 
 
 def client_stats_delta(stats: lb_pb2.ClientStats) -> ClientCallStats:
@@ -77,6 +90,43 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         self._stats_interval = duration_pb2.Duration()
         self._stats_interval.FromNanoseconds(int(client_stats_interval * 1e9))
         self._initial_request_timeout = initial_request_timeout
+        self._initial_response = lb_pb2.LoadBalanceResponse(
+            initial_response=lb_pb2.InitialLoadBalanceResponse(
+                client_stats_report_interval=self._stats_interval
+            )
+        )
+        # Whether writes may be pre-serialized bytes (add_to_server registered
+        # BalanceLoad with serialize_response); otherwise messages.
+        self._writes_bytes = False
+        self._encoded: dict[int, tuple[ServerList, bytes]] = {}
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Registers BalanceLoad like add_LoadBalancerServicer_to_server, but
+        with a response serializer that lets the stream write each list
+        serialized once for all its clients."""
+        handlers = {
+            "BalanceLoad": grpc.stream_stream_rpc_method_handler(
+                self.BalanceLoad,
+                request_deserializer=lb_pb2.LoadBalanceRequest.FromString,
+                response_serializer=serialize_response,
+            )
+        }
+        service = "grpc.lb.v1.LoadBalancer"
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
+        server.add_registered_method_handlers(service, handlers)  # type: ignore[attr-defined]
+        self._writes_bytes = True
+
+    def _list_response(self, servers: ServerList) -> bytes | lb_pb2.LoadBalanceResponse:
+        if not self._writes_bytes:
+            return server_list_message(servers)
+        kept = self._encoded.get(id(servers))
+        if kept is not None and kept[0] is servers:
+            return kept[1]
+        encoded = server_list_message(servers).SerializeToString()
+        if len(self._encoded) >= ENCODED_LISTS_KEPT:
+            self._encoded.clear()
+        self._encoded[id(servers)] = (servers, encoded)
+        return encoded
 
     async def BalanceLoad(  # type: ignore[override]
         self,
@@ -132,13 +182,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
             await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), peer)
             return
         logger = log.bind(peer=peer, name=name)
-        await context.write(
-            lb_pb2.LoadBalanceResponse(
-                initial_response=lb_pb2.InitialLoadBalanceResponse(
-                    client_stats_report_interval=self._stats_interval
-                )
-            )
-        )
+        await context.write(self._initial_response)
         watch = self._balancer.watch(name)
         logger.info("client connected", service=watch.service)
         reader = asyncio.create_task(self._read_stats(context, watch, logger))
@@ -161,14 +205,18 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         version, answer = watch.current()
         # What this stream last wrote: ("list", servers) or ("fallback", None).
         sent: tuple[str, ServerList | None] | None = None
+        # The reader ending (client half-close or call end) wakes the wait below.
+        reader.add_done_callback(lambda _: watch.interrupt())
+        fallback: Any = FALLBACK_BYTES if self._writes_bytes else FALLBACK
         while not self._balancer.closed and not reader.done():
             if answer.kind != "pending":
                 servers = watch.servers(answer)
                 reply = ("list", servers) if servers is not None else ("fallback", None)
                 if reply != sent:
-                    await context.write(
-                        server_list_message(servers) if servers is not None else FALLBACK
+                    response: Any = (
+                        self._list_response(servers) if servers is not None else fallback
                     )
+                    await context.write(response)
                     if version:
                         metrics.PUSH_LATENCY.observe(time.monotonic() - watch.published_at)
                     kind = "server_list" if servers is not None else "fallback"
@@ -180,12 +228,12 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
                         entries=len(servers) if servers is not None else 0,
                     )
                     sent = reply
-            waiter = asyncio.ensure_future(watch.next(version))
-            done, _ = await asyncio.wait({waiter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter not in done:
-                waiter.cancel()
-                break
-            version, answer = waiter.result()
+            changed = watch.changed(version)
+            if changed is not None:
+                await changed
+                if reader.done():
+                    break
+            version, answer = watch.current()
 
     async def _read_stats(
         self,
