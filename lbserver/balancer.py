@@ -286,6 +286,9 @@ class ListSettings:
     # Hysteresis: a list whose backends are unchanged is pushed only when
     # some backend's share moves by more than this (0 = any change).
     share_threshold: float = 0.0
+    # A difference under the threshold that lasts this long is pushed anyway,
+    # so small errors (a ramp that ended, a rounding) never freeze in place.
+    settle_time: float = 10.0
     # Weight-only changes are pushed at most once per this many seconds per
     # service; membership changes (join, leave, drain) always go out at once.
     min_push_interval: float = 0.0
@@ -345,6 +348,9 @@ class Balancer:
         self._plans: dict[str, ServicePlan] = {}
         self._published_at: dict[str, float] = {}
         self._pending: set[str] = set()
+        # Since when each service's computed list has differed from its
+        # published one by less than the threshold.
+        self._drifting_since: dict[str, float] = {}
         self._subsets: dict[tuple[str, int], ServerList] = {}
         self._index_pools: dict[str, IndexPool] = {}
         self._slots: dict[str, _NameSlot] = {}
@@ -497,6 +503,11 @@ class Balancer:
             if now - self._published_at.get(service, -math.inf)
             >= self.list_settings.min_push_interval
         }
+        due |= {
+            service
+            for service, since in self._drifting_since.items()
+            if now - since >= self.list_settings.settle_time
+        }
         if changed or due:
             self._refresh(changed | due)
         if self._in_grace and now >= self._grace_ends:
@@ -533,15 +544,19 @@ class Balancer:
             draft = self._draft(service, backends, now) if backends else None
             current = self._plans.get(service)
             if draft is None or draft.empty():
+                self._drifting_since.pop(service, None)
                 if current is not None:
                     self._publish(service, None, now)
                     published.add(service)
                 continue
             if current is not None and draft.same_list(current):
+                self._drifting_since.pop(service, None)
                 continue
             if current is not None and not draft.membership_changed(current):
                 if draft.share_change(current) <= self.list_settings.share_threshold:
-                    continue
+                    since = self._drifting_since.setdefault(service, now)
+                    if now - since < self.list_settings.settle_time:
+                        continue
                 if now - self._published_at.get(service, -math.inf) < (
                     self.list_settings.min_push_interval
                 ):
@@ -552,6 +567,7 @@ class Balancer:
         self._reanswer(published)
 
     def _publish(self, service: str, plan: ServicePlan | None, now: float) -> None:
+        self._drifting_since.pop(service, None)
         if plan is None:
             self._plans.pop(service, None)
         else:

@@ -103,6 +103,11 @@ class Config:
         "Hysteresis: with unchanged membership, a new list is pushed only when some "
         "backend's share moves by more than this fraction.",
     )
+    share_settle_time: float = _opt(
+        10.0,
+        "A list that differs from the pushed one by less than share_threshold is pushed "
+        "anyway once the difference has lasted this many seconds.",
+    )
     min_push_interval: float = _opt(
         1.0,
         "Seconds between two weight-only list pushes per service; joins, leaves and drains "
@@ -229,6 +234,7 @@ class Config:
         )
         _require("max_list_length", 1 <= self.max_list_length <= 10_000, "must be 1-10000")
         _require("report_expiry", self.report_expiry > 0, "must be > 0")
+        _require("share_settle_time", self.share_settle_time >= 0, "must be >= 0")
         _require("min_push_interval", self.min_push_interval >= 0, "must be >= 0")
         for name in ("max_services", "max_backends_per_service", "max_streams"):
             _require(name, getattr(self, name) >= 1, "must be >= 1")

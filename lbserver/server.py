@@ -71,6 +71,7 @@ def build_balancer(config: Config) -> Balancer:
         list_settings=ListSettings(
             max_length=config.max_list_length,
             share_threshold=config.share_threshold,
+            settle_time=config.share_settle_time,
             min_push_interval=config.min_push_interval,
             shedding=SheddingSettings(
                 utilization=config.shed_utilization, max_drop_share=config.max_drop_share

@@ -251,3 +251,17 @@ def test_wall_clock_jumps_do_not_matter(clock: Clock) -> None:
     clock.now += 1.0
     balancer.tick()
     assert balancer.server_list("oap") is not None
+
+
+def test_a_small_difference_is_pushed_once_it_has_lasted(clock: Clock) -> None:
+    balancer = make_loaded(clock, share_threshold=0.05, settle_time=5.0, max_length=100)
+    balancer.heartbeat(loaded(1, cpu=0.5))
+    balancer.heartbeat(loaded(2, cpu=0.5))
+    before = balancer.server_list("oap")
+    balancer.heartbeat(loaded(1, cpu=0.52))  # about one point of share: held back...
+    assert balancer.server_list("oap") == before
+    run_for(balancer, clock, 4.0)
+    assert balancer.server_list("oap") == before
+    run_for(balancer, clock, 1.5)  # ...until it has lasted settle_time
+    settled = balancer.server_list("oap")
+    assert settled is not None and settled != before
