@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import math
 import signal
 import sys
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from agent_shim.proxy import (
     backend_channel,
 )
 from lbserver._logging import LOG_LEVELS, configure_logging
+from lbserver.cli._argtypes import non_negative_seconds
 from lbserver.registrar import join_host_port, parse_host_port
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.cli")
@@ -85,17 +85,6 @@ def byte_count(value: str) -> int:
         raise argparse.ArgumentTypeError(f"{value!r} is not a number of bytes") from None
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return number
-
-
-def seconds(value: str) -> float:
-    """argparse type: a finite number of seconds >= 0."""
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, not {value}")
     return number
 
 
@@ -163,7 +152,7 @@ def _add_proxy_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--fallback-timeout",
-        type=seconds,
+        type=non_negative_seconds,
         default=10.0,
         metavar="S",
         help="seconds without a server list before the fallback addresses are used "
@@ -171,7 +160,7 @@ def _add_proxy_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--no-backend-wait",
-        type=seconds,
+        type=non_negative_seconds,
         default=DEFAULT_NO_BACKEND_WAIT,
         metavar="S",
         help="seconds a call waits for a backend when none can take it (no list yet, all "
@@ -180,7 +169,7 @@ def _add_proxy_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--shutdown-grace",
-        type=seconds,
+        type=non_negative_seconds,
         default=DEFAULT_SHUTDOWN_GRACE,
         metavar="S",
         help="seconds running calls get to finish after SIGTERM/SIGINT (default: %(default)s)",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ipaddress
-import math
 import signal
 import socket
 import sys
@@ -20,6 +19,7 @@ import structlog
 
 from lbserver._logging import LOG_LEVELS, configure_logging
 from lbserver.backendprobe import PROBE_KINDS, make_probe
+from lbserver.cli._argtypes import non_negative_seconds, positive_seconds
 from lbserver.cli._credentials import add_credential_options, channel_credentials, read_token
 from lbserver.domain.model import LoadReport
 from lbserver.loadprobe import (
@@ -74,26 +74,6 @@ def positive_int(value: str) -> int:
 
 
 DEFAULT_DRAIN_SECONDS = 5.0
-
-
-def non_negative_seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not math.isfinite(seconds) or seconds < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, not {value}")
-    return seconds
-
-
-def positive_seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not math.isfinite(number) or number <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {value}")
-    return number
 
 
 def load_url(value: str) -> str:

@@ -61,6 +61,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from lbserver.cli._argtypes import positive_seconds
 from lbserver.cli._credentials import add_credential_options, channel_credentials, read_token
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 from lbserver.registrar import join_host_port, parse_host_port
@@ -79,16 +80,6 @@ def _address(value: str) -> str:
         return join_host_port(*parse_host_port(value))
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-
-
-def _positive_seconds(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
-    if not number > 0 or number == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {value}")
-    return number
 
 
 def add_parser(subparsers: Any) -> None:
@@ -114,14 +105,14 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=5.0,
         metavar="S",
         help="seconds to wait for the balancer (default: %(default)s)",
     )
     parser.add_argument(
         "--watch",
-        type=_positive_seconds,
+        type=positive_seconds,
         nargs="?",
         const=2.0,
         default=None,
