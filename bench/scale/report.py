@@ -1,0 +1,216 @@
+"""The `## Control-plane scale (bench/scale)` section of docs/benchmarks.md.
+
+Everything between the `bench/scale` markers is rewritten by each run: the
+generated figures, then the hand-written analysis kept in
+bench/scale/notes.md.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .run import Results
+
+BEGIN = "<!-- bench/scale:begin -->"
+END = "<!-- bench/scale:end -->"
+TITLE = "## Control-plane scale (bench/scale)"
+NOTES = Path(__file__).with_name("notes.md")
+
+# Issue 8's targets on this 2-core machine.
+MAX_RSS_MIB = 1024.0
+MAX_FANOUT_P99_MS = 1000.0
+MIN_HEARTBEATS_PER_CORE = 5000.0
+MAX_IDLE_CPU_PERCENT = 5.0
+
+
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:,.0f} ms" if value >= 10 else f"{value:.1f} ms"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+def _comparison(results: Results, before: Mapping[str, Any], source: str) -> list[str]:
+    """Before/after rows: the same run on the balancer before the fixes."""
+    lines = [
+        "",
+        f"Before and after the profiling fixes: the same command, run on the code before "
+        f"them ({source}).",
+        "",
+        "| measure | before | after |",
+        "|---|---|---|",
+    ]
+    old_streams = {s["streams"]: s for s in before.get("streams", [])}
+    for new in results.streams:
+        old = old_streams.get(new.streams)
+        if old is None:
+            continue
+        n = f"{new.streams:,} streams"
+        lines += [
+            f"| {n}: fan-out p50 / p99 / max | {_ms(old['fanout_p50_ms'])} / "
+            f"{_ms(old['fanout_p99_ms'])} / {_ms(old['fanout_max_ms'])} "
+            f"| {_ms(new.fanout_p50_ms)} / {_ms(new.fanout_p99_ms)} / {_ms(new.fanout_max_ms)} |",
+            f"| {n}: lbserver CPU per change | "
+            f"{old['fanout_server_cpu_ms_per_change']:,.0f} ms "
+            f"| {new.fanout_server_cpu_ms_per_change:,.0f} ms |",
+            f"| {n}: lbserver RSS, idle CPU | {old['rss_mib']:,.0f} MiB, "
+            f"{old['idle_cpu_percent']:.2f} % | {new.rss_mib:,.0f} MiB, "
+            f"{new.idle_cpu_percent:.2f} % |",
+        ]
+    old_shapes = {
+        (h["services"], h["backends"]): h
+        for h in before.get("heartbeats", [])
+        if h.get("server", "lbserver") == "lbserver"
+    }
+    for shape in results.heartbeats:
+        if shape.server != "lbserver":
+            continue
+        old = old_shapes.get((shape.services, shape.backends))
+        if old is None:
+            continue
+        label = f"{shape.services} x {shape.backends // shape.services} backends"
+        lines += [
+            f"| heartbeats/s at one core, {label} | {old['at_one_core']:,.0f}/s "
+            f"| {shape.at_one_core:,.0f}/s |",
+            f"| CPU per heartbeat at the fastest step, {label} "
+            f"| {old['cpu_us_per_heartbeat']:,.0f} µs | {shape.cpu_us_per_heartbeat:,.0f} µs |",
+        ]
+    return lines
+
+
+def render(
+    results: Results, before: Mapping[str, Any] | None = None, before_source: str = ""
+) -> str:
+    m = results.machine
+    lines = [
+        TITLE,
+        "",
+        f"Measured {m['date']} on {m['CPU']}, {m['RAM']} RAM, Linux {m['kernel']}, "
+        f"Python {m['Python']}, grpcio {m['grpcio']}; load average (1/5/15 min) "
+        f"{m['load average at start']} at the start, {results.load_at_end} at the end; "
+        f"the run took {results.seconds:.0f} s.",
+        "",
+        f"Command: `{results.command.strip()}`. One `lbserver serve` process "
+        "(settings: "
+        + ", ".join(f"`{k}={v}`" for k, v in results.settings["lbserver_env"].items())
+        + f", everything else default); {results.settings['client_processes']} client "
+        "processes each holding a share of the N BalanceLoad streams, every stream on its own "
+        "channel and TCP connection; the client processes share the machine's two cores with "
+        "the balancer. Service `oap` has "
+        f"{results.settings['base_backends']} backends; a fan-out change is one backend "
+        "joining (Registry.Heartbeat) or leaving (Registry.Deregister), timed from just "
+        "before the orchestrator's call to each stream's arrival of the new list "
+        f"({results.settings['trials']} joins and as many leaves per N).",
+        "",
+        "| streams | live | open time | lbserver RSS | peak RSS | idle CPU | fan-out p50 "
+        "| fan-out p99 | fan-out max | lbserver CPU per change | clients' CPU per change "
+        "| client RSS (all) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in results.streams:
+        lines.append(
+            f"| {s.streams:,} | {s.live:,} | {s.open_seconds:.1f} s | {s.rss_mib:,.0f} MiB "
+            f"| {s.peak_rss_mib:,.0f} MiB | {s.idle_cpu_percent:.2f} % "
+            f"| {_ms(s.fanout_p50_ms)} | {_ms(s.fanout_p99_ms)} | {_ms(s.fanout_max_ms)} "
+            f"| {s.fanout_server_cpu_ms_per_change:,.0f} ms "
+            f"| {s.fanout_clients_cpu_ms_per_change:,.0f} ms | {s.client_rss_mib:,.0f} MiB |"
+        )
+    lines.append("")
+    for s in results.streams:
+        per_change = ", ".join(
+            f"{c.kind} {_ms(c.p99_ms)}/{_ms(c.max_ms)}"
+            + (f" ({c.missing} missing)" if c.missing else "")
+            for c in s.changes
+        )
+        lines.append(f"- {s.streams:,} streams, p99/max per change: {per_change}.")
+        if s.errors or s.failed:
+            lines.append(f"  Streams that ended: {s.failed} ({s.errors}).")
+    if results.heartbeats:
+        lines += [
+            "",
+            "Heartbeat throughput: "
+            f"{results.settings['hb_generators']} generator processes (grpc.aio unary "
+            f"Heartbeat calls, {results.settings['hb_concurrency']} in flight each, every "
+            "heartbeat with a load report jittered around a per-backend level), first as fast "
+            "as they go (`max`), then paced at fractions of that rate; "
+            f"{results.settings['hb_window'][1]:g} s windows after "
+            f"{results.settings['hb_window'][0]:g} s warm-up. lbserver CPU is the process's "
+            "utime+stime over the window, in % of one core; the generators run on the same "
+            "two cores.",
+            "",
+            "| server | backends (services x per service) | offered | achieved | server CPU "
+            "| generators' CPU | p50 | p99 | errors |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for shape in results.heartbeats:
+            label = f"{shape.backends:,} ({shape.services} x {shape.backends // shape.services})"
+            for step in shape.steps:
+                offered = "max" if not step.offered else f"{step.offered:,.0f}/s"
+                errors = sum(step.errors.values())
+                lines.append(
+                    f"| {shape.server} | {label} | {offered} | {step.achieved:,.0f}/s "
+                    f"| {step.server_cpu_percent:.0f} % | {step.generators_cpu_percent:.0f} % "
+                    f"| {_ms(step.p50_ms)} | {_ms(step.p99_ms)} | {errors} |"
+                )
+        lines.append("")
+        for shape in results.heartbeats:
+            who = (
+                "lbserver"
+                if shape.server == "lbserver"
+                else "the no-op grpc.aio server (bench/scale/noop.py: the floor)"
+            )
+            lines.append(
+                f"- {who}, {shape.backends:,} backends in {shape.services} services: CPU reaches "
+                f"one core at **{shape.at_one_core:,.0f} heartbeats/s** (interpolated between "
+                f"the steps around 100 %); {shape.cpu_us_per_heartbeat:.0f} µs of server CPU per "
+                f"call at the fastest step; highest paced rate kept up with: "
+                f"{shape.max_sustained:,.0f}/s."
+            )
+    lines += ["", "Targets (issue 8):", "", "| target | measured | |", "|---|---|---|"]
+    largest = max(results.streams, key=lambda s: s.streams, default=None)
+    if largest is not None:
+        n = f"{largest.streams:,}"
+        fanout_ok = largest.fanout_p99_ms <= MAX_FANOUT_P99_MS and not largest.fanout_missing
+        lines += [
+            f"| {n} streams held, RSS <= 1 GiB | {largest.live:,} live, "
+            f"{largest.rss_mib:,.0f} MiB | "
+            f"{_met(largest.live == largest.streams and largest.rss_mib <= MAX_RSS_MIB)} |",
+            f"| fan-out p99 <= 1 s ({n} streams) | {_ms(largest.fanout_p99_ms)} "
+            f"| {_met(fanout_ok)} |",
+            f"| idle CPU < 5 % of a core ({n} streams) | {largest.idle_cpu_percent:.2f} % "
+            f"| {_met(largest.idle_cpu_percent < MAX_IDLE_CPU_PERCENT)} |",
+        ]
+    served = [h for h in results.heartbeats if h.server == "lbserver"]
+    if served:
+        worst = min(served, key=lambda h: h.at_one_core)
+        best = max(served, key=lambda h: h.at_one_core)
+        lines.append(
+            f"| >= 5,000 heartbeats/s on one core "
+            f"| {best.at_one_core:,.0f}/s ({best.backends // best.services} backends per "
+            f"service) to {worst.at_one_core:,.0f}/s ({worst.backends // worst.services} per "
+            f"service) at one core | {_met(worst.at_one_core >= MIN_HEARTBEATS_PER_CORE)} |"
+        )
+    if before is not None:
+        lines += _comparison(results, before, before_source)
+    if NOTES.exists():
+        lines += ["", NOTES.read_text().strip()]
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Replaces the text between the bench/scale markers (appends the
+    section when the file has none); other sections are left alone."""
+    block = f"{BEGIN}\n{text.rstrip()}\n\n{END}"
+    current = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in current and END in current:
+        head, _, rest = current.partition(BEGIN)
+        _, _, tail = rest.partition(END)
+        updated = head + block + tail
+    else:
+        updated = current.rstrip() + "\n\n" + block + "\n"
+    path.write_text(updated)
