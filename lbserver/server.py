@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 from dataclasses import dataclass
 from typing import Any, cast
@@ -38,6 +39,14 @@ SERVICE_NAMES = (
     lbserver_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
     lbserver_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
 )
+
+# The cyclic garbage collector's thresholds in `lbserver serve`. A balancer
+# holds thousands of long-lived objects per thousand streams, and every list
+# push allocates per stream; with CPython's defaults (700, 10, 10) the young
+# generations were collected hundreds of times per fan-out and a full
+# collection (0.3-0.7 s with 5,000 streams) ran every change or two. Memory
+# is still freed by reference counting; only cycles wait longer.
+GC_THRESHOLDS = (50_000, 20, 10)
 
 # grpc-go pings its balancer every 20 s even with no call active; without
 # these a server answers with GOAWAY too_many_pings. The server's own pings
@@ -239,10 +248,19 @@ def start_metrics(config: Config, balancer: Balancer) -> int | None:
     return bound
 
 
+def tune_gc() -> None:
+    """Freezes what startup allocated (modules, config: never garbage) out of
+    every later collection, and collects less often (GC_THRESHOLDS)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then stops gracefully."""
     running = await start(config)
     metrics_port = start_metrics(config, running.balancer)
+    tune_gc()
     log.info(
         "lbserver serving",
         listen=config.listen,

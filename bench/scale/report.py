@@ -166,8 +166,9 @@ def render(
             )
             lines.append(
                 f"- {who}, {shape.backends:,} backends in {shape.services} services: CPU reaches "
-                f"one core at **{shape.at_one_core:,.0f} heartbeats/s** (interpolated between "
-                f"the steps around 100 %); {shape.cpu_us_per_heartbeat:.0f} µs of server CPU per "
+                f"one core at **{shape.at_one_core:,.0f} heartbeats/s** (least-squares line of "
+                f"CPU over rate through the steps); {shape.cpu_us_per_heartbeat:,.0f} µs of "
+                f"server CPU per "
                 f"call at the fastest step; highest paced rate kept up with: "
                 f"{shape.max_sustained:,.0f}/s."
             )

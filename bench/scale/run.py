@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -161,6 +160,32 @@ class Results:
     heartbeats: list[HeartbeatShape] = field(default_factory=list)
     load_at_end: str = ""
     seconds: float = 0.0
+
+
+def results_from_json(data: Mapping[str, Any]) -> Results:
+    """A Results back from the results.json a run wrote."""
+    streams = [
+        StreamsResult(
+            **{
+                **s,
+                "changes": [FanoutChange(**c) for c in s["changes"]],
+            }
+        )
+        for s in data["streams"]
+    ]
+    heartbeats = [
+        HeartbeatShape(**{**h, "steps": [HeartbeatStep(**step) for step in h["steps"]]})
+        for h in data["heartbeats"]
+    ]
+    return Results(
+        machine=dict(data["machine"]),
+        command=data["command"],
+        settings=dict(data["settings"]),
+        streams=streams,
+        heartbeats=heartbeats,
+        load_at_end=data["load_at_end"],
+        seconds=data["seconds"],
+    )
 
 
 # --- processes -----------------------------------------------------------------
@@ -522,8 +547,10 @@ def measure_heartbeats(
     top = heartbeat_step(server, log_dir, rate=0.0, **{**common, "warmup": first_warmup})
     shape.steps.append(top)
     for fraction in fractions:
+        wait_idle(server.pid)
         rate = round(top.achieved * fraction, -1)
         shape.steps.append(heartbeat_step(server, log_dir, rate=rate, **common))
+    wait_idle(server.pid)
     if top.achieved > 0:
         shape.cpu_us_per_heartbeat = 1e6 * top.server_cpu_percent / 100 / top.achieved
     shape.at_one_core = rate_at_one_core(shape.steps)
@@ -533,17 +560,29 @@ def measure_heartbeats(
 
 
 def rate_at_one_core(steps: Sequence[HeartbeatStep]) -> float:
-    """The heartbeat rate at which the server's CPU is 100 % of one core:
-    interpolated between the two steps around 100 %, else scaled from the
-    step nearest to it (CPU per heartbeat taken as constant)."""
-    points = sorted((s.server_cpu_percent, s.achieved) for s in steps if s.achieved > 0)
-    for (cpu_a, rate_a), (cpu_b, rate_b) in itertools.pairwise(points):
-        if cpu_a <= 100 <= cpu_b and cpu_b > cpu_a:
-            return rate_a + (rate_b - rate_a) * (100 - cpu_a) / (cpu_b - cpu_a)
+    """The heartbeat rate at which the server's CPU is 100 % of one core, on
+    the least-squares line CPU = a + b * rate through every step (one noisy
+    5 s window moves it less than interpolating between two steps would)."""
+    points = [(s.achieved, s.server_cpu_percent) for s in steps if s.achieved > 0]
+    if len(points) >= 2:
+        fit = statistics.linear_regression([r for r, _ in points], [c for _, c in points])
+        if fit.slope > 0:
+            return (100 - fit.intercept) / fit.slope
     if not points:
         return 0.0
-    cpu, rate = min(points, key=lambda p: abs(p[0] - 100))
+    rate, cpu = max(points)
     return rate * 100 / cpu if cpu > 0 else 0.0
+
+
+def wait_idle(pid: int, limit: float = 15.0) -> None:
+    """Until the server has drained the previous step's backlog (its CPU
+    over half a second is under 15 %), so it does not count in the next."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        meter = CpuMeter(pid)
+        time.sleep(0.5)
+        if meter.percent() < 15:
+            return
 
 
 def measure_floor(
@@ -628,6 +667,12 @@ def main(argv: Sequence[str] | None = None) -> Results:
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--log-dir", default="")
     parser.add_argument(
+        "--render",
+        default="",
+        help="no measuring: write the section again from this results.json (e.g. after "
+        "editing bench/scale/notes.md)",
+    )
+    parser.add_argument(
         "--compare",
         default="",
         help="results.json of an earlier run (e.g. with --lbserver-root on the code before a "
@@ -642,6 +687,10 @@ def main(argv: Sequence[str] | None = None) -> Results:
     if args.quick:
         args.trials = min(args.trials, 2)
         args.idle_seconds = min(args.idle_seconds, 5.0)
+    if args.render:
+        results = results_from_json(json.loads(Path(args.render).read_text()))
+        write_report(results, args)
+        return results
     counts = sorted(int(n) for n in args.streams.split(","))
     shapes = (
         [parse_shape(s) for s in args.hb_shapes.split(",") if s] if not args.no_heartbeats else []
@@ -721,6 +770,15 @@ def main(argv: Sequence[str] | None = None) -> Results:
     results.load_at_end = procinfo.load_average()
     results.seconds = time.monotonic() - began
     (log_dir / "results.json").write_text(json.dumps(asdict(results), indent=2))
+    write_report(results, args)
+    if not args.no_write:
+        (Path(__file__).parent / "results.json").write_text(json.dumps(asdict(results), indent=2))
+        print("wrote bench/scale/results.json", flush=True)
+    return results
+
+
+def write_report(results: Results, args: argparse.Namespace) -> None:
+    """Prints the section and, unless --no-write, puts it into --out."""
     from .report import render, write_section
 
     before = json.loads(Path(args.compare).read_text()) if args.compare else None
@@ -732,6 +790,4 @@ def main(argv: Sequence[str] | None = None) -> Results:
     print(text)
     if not args.no_write:
         write_section(Path(args.out), text)
-        (Path(__file__).parent / "results.json").write_text(json.dumps(asdict(results), indent=2))
-        print(f"wrote {args.out} and bench/scale/results.json", flush=True)
-    return results
+        print(f"wrote {args.out}", flush=True)

@@ -6,6 +6,7 @@ import base64
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import lru_cache
 
 from lbserver.domain.model import Backend, Registration
 from lbserver.domain.weights import LoadWeightSettings, update_capacity
@@ -13,6 +14,7 @@ from lbserver.domain.weights import LoadWeightSettings, update_capacity
 TOKEN_BYTES = 10  # 16 base32 characters: far under grpclb's 50-byte limit
 
 
+@lru_cache(maxsize=65_536)  # asked again on every heartbeat of the backend
 def backend_token(service: str, instance_id: str, address: str) -> str:
     """Stable across heartbeats and identical on every replica (no shared
     store needed), unique per backend instance, printable, short."""

@@ -75,6 +75,11 @@ def client_stats_delta(stats: lb_pb2.ClientStats) -> ClientCallStats:
     return ClientCallStats(*values, calls_dropped_by_token=dropped, reports=1)
 
 
+# metrics.LIST_PUSHES's children, looked up once per kind instead of per push
+# (created at the first push of their kind, as labels() would).
+_LIST_PUSHES: dict[str, Any] = {}
+
+
 class LoadBalancerService(lb_grpc.LoadBalancerServicer):
     def __init__(
         self,
@@ -220,7 +225,10 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
                     if version:
                         metrics.PUSH_LATENCY.observe(time.monotonic() - watch.published_at)
                     kind = "server_list" if servers is not None else "fallback"
-                    metrics.LIST_PUSHES.labels(kind).inc()
+                    pushes = _LIST_PUSHES.get(kind)
+                    if pushes is None:
+                        pushes = _LIST_PUSHES[kind] = metrics.LIST_PUSHES.labels(kind)
+                    pushes.inc()
                     logger.debug(
                         "list pushed",
                         kind=kind,
