@@ -348,6 +348,9 @@ class Balancer:
         self._plans: dict[str, ServicePlan] = {}
         self._published_at: dict[str, float] = {}
         self._pending: set[str] = set()
+        # Services with load-only heartbeats not yet reflected in their list
+        # (refreshed by the next tick, or when something reads a list).
+        self._stale: set[str] = set()
         # Since when each service's computed list has differed from its
         # published one by less than the threshold.
         self._drifting_since: dict[str, float] = {}
@@ -397,7 +400,14 @@ class Balancer:
                 instance=registration.instance_id,
                 state=registration.state.value,
             )
-        self._refresh([registration.service])
+        if previous is not None and _same_member(previous.registration, registration):
+            # Only the load moved: its effect on weights is smoothed and
+            # hysteresis-gated anyway, so one rebuild per tick serves every
+            # heartbeat of the service in between (at scale a rebuild per
+            # heartbeat costs more than receiving it).
+            self._stale.add(registration.service)
+        else:
+            self._refresh([registration.service])
         return backend
 
     def _check_discovery(self, registration: Registration) -> None:
@@ -508,6 +518,7 @@ class Balancer:
             for service, since in self._drifting_since.items()
             if now - since >= self.list_settings.settle_time
         }
+        due |= self._stale
         if changed or due:
             self._refresh(changed | due)
         if self._in_grace and now >= self._grace_ends:
@@ -535,11 +546,16 @@ class Balancer:
         )
         return _Draft(tuple(backends), weights, counts)
 
+    def _refresh_stale(self) -> None:
+        if self._stale:
+            self._refresh(set(self._stale))
+
     def _refresh(self, services: Iterable[str]) -> None:
         now = self._clock()
         published: set[str] = set()
         for service in services:
             self._pending.discard(service)
+            self._stale.discard(service)
             backends = self._eligible(service, self.membership.backends(service))
             draft = self._draft(service, backends, now) if backends else None
             current = self._plans.get(service)
@@ -607,6 +623,7 @@ class Balancer:
                 slot.publish(self._answer(slot.name, known))
 
     def server_list(self, service: str) -> ServerList | None:
+        self._refresh_stale()
         plan = self._plans.get(service)
         return plan.servers if plan is not None else None
 
@@ -666,6 +683,7 @@ class Balancer:
         return counts
 
     def view(self, service: str | None = None) -> list[ServiceView]:
+        self._refresh_stale()
         clients = self.clients_per_service()
         names = sorted(set(self.membership.services()) | set(self._client_stats) | set(clients))
         views = []
@@ -691,6 +709,19 @@ class Balancer:
         for slot in self._slots.values():
             slot.changed.set()
             slot.wake_waiters()
+
+
+def _same_member(old: Registration, new: Registration) -> bool:
+    """Whether a heartbeat changes nothing that a list shows but the load
+    (a new TTL changes only when the backend expires)."""
+    return (
+        old.state is new.state
+        and old.port == new.port
+        and old.ip == new.ip
+        and old.weight == new.weight
+        and old.zone == new.zone
+        and old.labels == new.labels
+    )
 
 
 def _membership_changed(old: ServerList, new: ServerList) -> bool:

@@ -25,7 +25,7 @@ import ipaddress
 import math
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
@@ -122,6 +122,48 @@ def _nanos(seconds: float) -> int:
     return round(seconds * 1e9)
 
 
+_HeartbeatCall = grpc.aio.StreamStreamCall[
+    lbserver_pb2.HeartbeatRequest, lbserver_pb2.HeartbeatStreamResponse
+]
+
+
+async def _exchange(
+    call: _HeartbeatCall, request: lbserver_pb2.HeartbeatRequest
+) -> lbserver_pb2.HeartbeatStreamResponse:
+    """One request and its reply on a HeartbeatStream; AioRpcError when the
+    stream ended or fails."""
+    try:
+        await call.write(request)
+        reply = await call.read()
+        if isinstance(reply, lbserver_pb2.HeartbeatStreamResponse):
+            return reply
+    except asyncio.InvalidStateError:
+        pass  # written to or read from a stream that had already ended
+    code = await call.code()
+    if code == grpc.StatusCode.OK:
+        code = grpc.StatusCode.UNAVAILABLE
+    raise _rpc_error(code, await call.details() or "heartbeat stream ended")
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """The error a unary Heartbeat would have raised, so that failures are
+    handled alike whichever way the heartbeat went."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, "")
+
+
+def _drop_stream(link: _Link) -> None:
+    if link.stream is not None:
+        link.stream.cancel()
+        link.stream = None
+
+
+def _status_code(number: int) -> grpc.StatusCode:
+    for code in grpc.StatusCode:
+        if code.value[0] == number:
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
 @dataclass(slots=True)
 class _Link:
     """One balancer: its channel and what the registrar last heard from it."""
@@ -133,6 +175,12 @@ class _Link:
     # "" before the first attempt, then "ok", "unreachable", "rejected:CODE" or
     # "error"; logs are written only when it changes.
     status: str = ""
+    # The open Registry.HeartbeatStream, if any; unary Heartbeat calls once
+    # the balancer said it has no such method (an older lbserver).
+    stream: _HeartbeatCall | None = None
+    unary_only: bool = False
+    # One heartbeat at a time per stream: replies come back in order.
+    exchange: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 class Registrar:
@@ -481,6 +529,48 @@ class Registrar:
             await asyncio.sleep(delay)
 
     async def _send_heartbeat(self, link: _Link) -> lbserver_pb2.HeartbeatResponse:
+        timeout = max(link.interval, _MIN_RPC_TIMEOUT)
+        if not link.unary_only:
+            async with link.exchange:
+                # Built under the lock: a drain's DRAINING must not be
+                # overtaken by a SERVING heartbeat built before it.
+                request = await self._heartbeat_request()
+                try:
+                    return await self._stream_heartbeat(link, request, timeout)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+                    link.unary_only = True
+                    self._log.info(
+                        "balancer has no HeartbeatStream; using unary heartbeats",
+                        balancer=link.address,
+                    )
+        request = await self._heartbeat_request()
+        return await link.stub.Heartbeat(request, timeout=timeout, metadata=self._metadata)
+
+    async def _stream_heartbeat(
+        self, link: _Link, request: lbserver_pb2.HeartbeatRequest, reply_within: float
+    ) -> lbserver_pb2.HeartbeatResponse:
+        call = link.stream
+        if call is None or call.done():
+            # No request iterator: requests are written one by one.
+            call = link.stream = link.stub.HeartbeatStream(None, metadata=self._metadata)
+        try:
+            reply = await asyncio.wait_for(_exchange(call, request), reply_within)
+        except TimeoutError:
+            # A reply may still come: it would answer the next request.
+            _drop_stream(link)
+            raise _rpc_error(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "no heartbeat reply in time"
+            ) from None
+        except BaseException:
+            _drop_stream(link)
+            raise
+        if reply.code != grpc.StatusCode.OK.value[0]:
+            raise _rpc_error(_status_code(reply.code), reply.message)
+        return reply.accepted
+
+    async def _heartbeat_request(self) -> lbserver_pb2.HeartbeatRequest:
         request = lbserver_pb2.HeartbeatRequest(
             service=self._service,
             instance_id=self._instance_id,
@@ -494,9 +584,7 @@ class Registrar:
         )
         if self._ttl is not None:
             request.requested_ttl.FromNanoseconds(_nanos(self._ttl))
-        return await link.stub.Heartbeat(
-            request, timeout=max(link.interval, _MIN_RPC_TIMEOUT), metadata=self._metadata
-        )
+        return request
 
     async def _current_load(self) -> lbserver_pb2.LoadReport | None:
         if self._load is None:

@@ -3,14 +3,19 @@ Heartbeat load generator.
 
 Heartbeats for `--backends` distinct backends (global indexes `--first` ..
 `--first + --backends - 1`) spread round-robin over `--services` services
-(`hb-0`, `hb-1`, ...), each with a load report (CPU utilization and
+(`PREFIX-0`, `PREFIX-1`, ... for `--prefix`), each with a load report (CPU utilization and
 requests/s jittered around a per-backend level, so load-aware weights move
 as they do in production). Requests are serialized up front (a few load
 variants per backend) so the generator spends its CPU on calls, not on
 building messages.
 
-`--rate R` paces the calls open-loop at R/s (0: as fast as `--concurrency`
-in-flight calls allow). Calls completing between `--start + --warmup` and
+`--mode unary` sends Registry.Heartbeat calls; `--mode stream` gives every
+backend its own Registry.HeartbeatStream (as each `lbserver register`
+holds one per balancer), its heartbeats one after another on it.
+
+`--rate R` paces the heartbeats open-loop at R/s (0: as fast as
+`--concurrency` in-flight calls allow, or, streaming, one in flight per
+backend). Calls completing between `--start + --warmup` and
 `--start + --warmup + --duration` (CLOCK_MONOTONIC, comparable with the
 orchestrator's clock) are counted; one JSON line with the counts, latency
 percentiles and this process's CPU is printed at the end.
@@ -34,7 +39,9 @@ from lbserver.proto.v1 import lbserver_pb2 as pb
 from .procinfo import cpu_seconds, raise_fd_limit
 
 METHOD = "/lbserver.v1.Registry/Heartbeat"
+STREAM_METHOD = "/lbserver.v1.Registry/HeartbeatStream"
 VARIANTS = 8
+CODE_NAMES = {int(code.value[0]): code.name for code in grpc.StatusCode}
 
 
 def backend_ip(index: int) -> str:
@@ -44,15 +51,17 @@ def backend_ip(index: int) -> str:
     return f"10.{100 + (index >> 16)}.{(index >> 8) & 255}.{index & 255}"
 
 
-def requests_for(index: int, services: int, ttl: float, rng: random.Random) -> list[bytes]:
-    service = index % services
+def requests_for(
+    index: int, services: int, prefix: str, ttl: float, rng: random.Random
+) -> list[bytes]:
+    service = f"{prefix}-{index % services}"
     level_cpu = rng.uniform(0.3, 0.7)
     level_rps = rng.uniform(50, 150)
     out = []
     for _ in range(VARIANTS):
         request = pb.HeartbeatRequest(
-            service=f"hb-{service}",
-            instance_id=f"hb-{service}-{index}",
+            service=service,
+            instance_id=f"{service}-{index}",
             ip=backend_ip(index),
             port=9000,
             zone="zone-a",
@@ -78,7 +87,7 @@ def percentile(values: list[float], q: float) -> float:
 async def generate(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.first)
     requests = [
-        requests_for(index, args.services, args.ttl, rng)
+        requests_for(index, args.services, args.prefix, args.ttl, rng)
         for index in range(args.first, args.first + args.backends)
     ]
     channels = [
@@ -138,7 +147,47 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(max(0.0, window_to - time.monotonic()))
         cpu_to = cpu_seconds(os.getpid())
 
-    await asyncio.gather(meter(), *(worker(w) for w in range(args.concurrency)))
+    async def streamer(backend: int) -> None:
+        """One backend's heartbeats, in order, on its own stream."""
+        nonlocal counted, sent
+        channel = channels[backend % len(channels)]
+        call = channel.stream_stream(STREAM_METHOD, None, None)(None)
+        beat = 0
+        try:
+            while True:
+                if args.rate > 0:
+                    due = args.start + (beat * args.backends + backend) / args.rate
+                    delay = due - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                began = time.monotonic()
+                if began >= stop_at:
+                    return
+                sent += 1
+                await call.write(requests[backend][beat % VARIANTS])
+                reply = await call.read()
+                beat += 1
+                if not isinstance(reply, bytes):
+                    errors["stream ended"] += 1
+                    return
+                code = pb.HeartbeatStreamResponse.FromString(reply).code
+                if code:
+                    errors[CODE_NAMES.get(code, str(code))] += 1
+                    continue
+                done = time.monotonic()
+                if window_from <= done < window_to:
+                    counted += 1
+                    latencies.append(done - began)
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] += 1
+        finally:
+            call.cancel()
+
+    if args.mode == "stream":
+        workers = [streamer(b) for b in range(args.backends)]
+    else:
+        workers = [worker(w) for w in range(args.concurrency)]
+    await asyncio.gather(meter(), *workers)
     for channel in channels:
         await channel.close(None)
     return {
@@ -158,10 +207,14 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=10)
     parser.add_argument("--backends", type=int, default=1000)
     parser.add_argument("--first", type=int, default=0)
+    parser.add_argument("--mode", choices=("unary", "stream"), default="unary")
     parser.add_argument("--rate", type=float, default=0.0)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--channels", type=int, default=4)
-    parser.add_argument("--ttl", type=float, default=30.0)
+    parser.add_argument("--prefix", default="hb")
+    # Long enough that no backend expires between two of its heartbeats at
+    # the slowest paced rate (backends / rate seconds).
+    parser.add_argument("--ttl", type=float, default=3600.0)
     parser.add_argument("--start", type=float, default=0.0)
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--duration", type=float, default=6.0)

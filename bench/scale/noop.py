@@ -1,5 +1,5 @@
 """`python -m bench.scale.noop --listen HOST:PORT`: a grpc.aio server whose
-Registry.Heartbeat does nothing but answer, for the floor that grpc.aio
+Registry.Heartbeat and HeartbeatStream do nothing but answer, for the floor that grpc.aio
 itself puts under lbserver's heartbeat cost (same server options as
 lbserver, same generator)."""
 
@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.server import SERVER_OPTIONS
+
+ACCEPTED = pb.HeartbeatStreamResponse(accepted=pb.HeartbeatResponse())
 
 
 class NoopRegistry(pb_grpc.RegistryServicer):
@@ -22,6 +25,14 @@ class NoopRegistry(pb_grpc.RegistryServicer):
         context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatResponse],
     ) -> pb.HeartbeatResponse:
         return pb.HeartbeatResponse()
+
+    async def HeartbeatStream(
+        self,
+        request_iterator: AsyncIterator[pb.HeartbeatRequest],
+        context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatStreamResponse],
+    ) -> AsyncIterator[pb.HeartbeatStreamResponse]:
+        async for _ in request_iterator:
+            yield ACCEPTED
 
     async def Deregister(
         self,

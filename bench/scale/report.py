@@ -63,17 +63,17 @@ def _comparison(results: Results, before: Mapping[str, Any], source: str) -> lis
             f"{new.idle_cpu_percent:.2f} % |",
         ]
     old_shapes = {
-        (h["services"], h["backends"]): h
+        (h["services"], h["backends"], h.get("mode", "unary")): h
         for h in before.get("heartbeats", [])
         if h.get("server", "lbserver") == "lbserver"
     }
     for shape in results.heartbeats:
         if shape.server != "lbserver":
             continue
-        old = old_shapes.get((shape.services, shape.backends))
+        old = old_shapes.get((shape.services, shape.backends, shape.mode))
         if old is None:
             continue
-        label = f"{shape.services} x {shape.backends // shape.services} backends"
+        label = f"{shape.mode}, {shape.services} x {shape.backends // shape.services} backends"
         lines += [
             f"| heartbeats/s at one core, {label} | {old['at_one_core']:,.0f}/s "
             f"| {shape.at_one_core:,.0f}/s |",
@@ -134,8 +134,10 @@ def render(
         lines += [
             "",
             "Heartbeat throughput: "
-            f"{results.settings['hb_generators']} generator processes (grpc.aio unary "
-            f"Heartbeat calls, {results.settings['hb_concurrency']} in flight each, every "
+            f"{results.settings['hb_generators']} generator processes (`unary`: grpc.aio "
+            f"Registry.Heartbeat calls, {results.settings['hb_concurrency']} in flight each; "
+            "`stream`: one Registry.HeartbeatStream per backend, as `lbserver register` keeps, "
+            "one heartbeat in flight on each; every "
             "heartbeat with a load report jittered around a per-backend level), first as fast "
             "as they go (`max`), then paced at fractions of that rate; "
             f"{results.settings['hb_window'][1]:g} s windows after "
@@ -143,9 +145,9 @@ def render(
             "utime+stime over the window, in % of one core; the generators run on the same "
             "two cores.",
             "",
-            "| server | backends (services x per service) | offered | achieved | server CPU "
-            "| generators' CPU | p50 | p99 | errors |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| server | transport | backends (services x per service) | offered | achieved "
+            "| server CPU | generators' CPU | p50 | p99 | errors |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for shape in results.heartbeats:
             label = f"{shape.backends:,} ({shape.services} x {shape.backends // shape.services})"
@@ -153,7 +155,8 @@ def render(
                 offered = "max" if not step.offered else f"{step.offered:,.0f}/s"
                 errors = sum(step.errors.values())
                 lines.append(
-                    f"| {shape.server} | {label} | {offered} | {step.achieved:,.0f}/s "
+                    f"| {shape.server} | {shape.mode} | {label} | {offered} "
+                    f"| {step.achieved:,.0f}/s "
                     f"| {step.server_cpu_percent:.0f} % | {step.generators_cpu_percent:.0f} % "
                     f"| {_ms(step.p50_ms)} | {_ms(step.p99_ms)} | {errors} |"
                 )
@@ -165,7 +168,8 @@ def render(
                 else "the no-op grpc.aio server (bench/scale/noop.py: the floor)"
             )
             lines.append(
-                f"- {who}, {shape.backends:,} backends in {shape.services} services: CPU reaches "
+                f"- {who}, {shape.mode} heartbeats, {shape.backends:,} backends in "
+                f"{shape.services} services: CPU reaches "
                 f"one core at **{shape.at_one_core:,.0f} heartbeats/s** (least-squares line of "
                 f"CPU over rate through the steps); {shape.cpu_us_per_heartbeat:,.0f} µs of "
                 f"server CPU per "
@@ -186,12 +190,14 @@ def render(
             f"| idle CPU < 5 % of a core ({n} streams) | {largest.idle_cpu_percent:.2f} % "
             f"| {_met(largest.idle_cpu_percent < MAX_IDLE_CPU_PERCENT)} |",
         ]
-    served = [h for h in results.heartbeats if h.server == "lbserver"]
-    if served:
+    for mode in dict.fromkeys(h.mode for h in results.heartbeats):
+        served = [h for h in results.heartbeats if h.server == "lbserver" and h.mode == mode]
+        if not served:
+            continue
         worst = min(served, key=lambda h: h.at_one_core)
         best = max(served, key=lambda h: h.at_one_core)
         lines.append(
-            f"| >= 5,000 heartbeats/s on one core "
+            f"| >= 5,000 heartbeats/s on one core ({mode}) "
             f"| {best.at_one_core:,.0f}/s ({best.backends // best.services} backends per "
             f"service) to {worst.at_one_core:,.0f}/s ({worst.backends // worst.services} per "
             f"service) at one core | {_met(worst.at_one_core >= MIN_HEARTBEATS_PER_CORE)} |"
@@ -203,15 +209,25 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+# bench/balance rewrites its section from its heading to the next "## "
+# line, which would take a begin marker placed after it: a new bench/scale
+# section goes in front of it.
+BALANCE_TITLE = "## Balance (bench/balance)"
+
+
 def write_section(path: Path, text: str) -> None:
-    """Replaces the text between the bench/scale markers (appends the
-    section when the file has none); other sections are left alone."""
+    """Replaces the text between the bench/scale markers; without them, adds
+    the section before bench/balance's (or at the end). Other sections are
+    left alone."""
     block = f"{BEGIN}\n{text.rstrip()}\n\n{END}"
     current = path.read_text() if path.exists() else "# Benchmarks\n"
     if BEGIN in current and END in current:
         head, _, rest = current.partition(BEGIN)
         _, _, tail = rest.partition(END)
         updated = head + block + tail
+    elif f"\n{BALANCE_TITLE}\n" in current:
+        head, _, tail = current.partition(f"\n{BALANCE_TITLE}\n")
+        updated = f"{head.rstrip()}\n\n{block}\n\n{BALANCE_TITLE}\n{tail}"
     else:
         updated = current.rstrip() + "\n\n" + block + "\n"
     path.write_text(updated)

@@ -142,6 +142,8 @@ class HeartbeatShape:
     backends: int
     # "lbserver", or "no-op" for the grpc.aio floor (bench/scale/noop.py).
     server: str = "lbserver"
+    # "unary" (Registry.Heartbeat calls) or "stream" (HeartbeatStream).
+    mode: str = "unary"
     steps: list[HeartbeatStep] = field(default_factory=list)
     # Server CPU per call at the fastest (unpaced) step.
     cpu_us_per_heartbeat: float = 0.0
@@ -441,6 +443,7 @@ def heartbeat_step(
     concurrency: int,
     warmup: float,
     duration: float,
+    mode: str,
 ) -> HeartbeatStep:
     start = time.monotonic() + 1.5
     processes = []
@@ -464,6 +467,10 @@ def heartbeat_step(
                         str(count),
                         "--first",
                         str(first),
+                        "--prefix",
+                        f"hb{prefix_first // 100_000}",
+                        "--mode",
+                        mode,
                         "--rate",
                         str(rate / generators),
                         "--concurrency",
@@ -529,10 +536,12 @@ def measure_heartbeats(
     warmup: float,
     duration: float,
     first_warmup: float,
+    mode: str,
     label: str = "lbserver",
 ) -> HeartbeatShape:
-    shape = HeartbeatShape(services=services, backends=backends, server=label)
+    shape = HeartbeatShape(services=services, backends=backends, server=label, mode=mode)
     common: dict[str, Any] = {
+        "mode": mode,
         "prefix_first": 100_000 * (shape_index + 1),
         "services": services,
         "backends": backends,
@@ -591,6 +600,8 @@ def measure_floor(
     backends: int,
     args: argparse.Namespace,
     window: tuple[float, float],
+    mode: str,
+    shape_index: int,
 ) -> HeartbeatShape:
     """The same generators against bench/scale/noop.py: what one grpc.aio
     unary call costs a server that does nothing."""
@@ -610,7 +621,7 @@ def measure_floor(
             return measure_heartbeats(
                 Target(f"{LOOPBACK}:{port}", process.pid),
                 log_dir,
-                shape_index=9,
+                shape_index=shape_index,
                 services=services,
                 backends=backends,
                 generators=args.hb_generators,
@@ -619,6 +630,7 @@ def measure_floor(
                 warmup=window[0],
                 duration=window[1],
                 first_warmup=window[0],
+                mode=mode,
                 label="no-op",
             )
         finally:
@@ -653,6 +665,12 @@ def main(argv: Sequence[str] | None = None) -> Results:
         "--hb-shapes",
         default="50x20,4x250",
         help="heartbeat runs: SERVICESxBACKENDS_PER_SERVICE, comma separated",
+    )
+    parser.add_argument(
+        "--hb-modes",
+        default="stream,unary",
+        help="heartbeat transports to measure: stream (Registry.HeartbeatStream, what "
+        "`lbserver register` uses), unary (Registry.Heartbeat)",
     )
     parser.add_argument("--hb-generators", type=int, default=2)
     parser.add_argument("--hb-concurrency", type=int, default=64, help="in-flight per generator")
@@ -741,13 +759,17 @@ def main(argv: Sequence[str] | None = None) -> Results:
             client.stop()
         clients = []
         time.sleep(2.0)
-        for index, (services, backends) in enumerate(shapes):
-            print(f"heartbeats: {backends} backends in {services} services", flush=True)
+        modes = [m for m in args.hb_modes.split(",") if m]
+        for index, (mode, (services, backends)) in enumerate(
+            (mode, shape) for mode in modes for shape in shapes
+        ):
+            print(f"{mode} heartbeats: {backends} backends in {services} services", flush=True)
             results.heartbeats.append(
                 measure_heartbeats(
                     Target(server.address, server.pid),
                     log_dir,
                     shape_index=index,
+                    mode=mode,
                     services=services,
                     backends=backends,
                     generators=args.hb_generators,
@@ -758,10 +780,20 @@ def main(argv: Sequence[str] | None = None) -> Results:
                     first_warmup=BLACKOUT_WARMUP,
                 )
             )
-        if shapes and not args.no_floor:
+        for offset, mode in enumerate(modes if shapes and not args.no_floor else []):
             services, backends = shapes[0]
-            print(f"heartbeats to a no-op grpc.aio server: {backends} backends", flush=True)
-            results.heartbeats.append(measure_floor(log_dir, services, backends, args, hb_window))
+            print(f"{mode} heartbeats to a no-op grpc.aio server: {backends} backends", flush=True)
+            results.heartbeats.append(
+                measure_floor(
+                    log_dir,
+                    services,
+                    backends,
+                    args,
+                    hb_window,
+                    mode=mode,
+                    shape_index=len(modes) * len(shapes) + offset,
+                )
+            )
     finally:
         for client in clients:
             with contextlib.suppress(Exception):

@@ -26,20 +26,39 @@ class FakeRegistry(pb_grpc.RegistryServicer):
         self.deregistrations: list[pb.DeregisterRequest] = []
         self.interval = interval
         self.reject = reject
+        self.unary_calls = 0
+        self.streams_opened = 0
+
+    def _reply(self) -> pb.HeartbeatResponse:
+        interval = duration_pb2.Duration()
+        interval.FromNanoseconds(int(self.interval * 1e9))
+        return pb.HeartbeatResponse(
+            granted_ttl=duration_pb2.Duration(seconds=9), heartbeat_interval=interval
+        )
 
     async def Heartbeat(
         self,
         request: pb.HeartbeatRequest,
         context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatResponse],
     ) -> pb.HeartbeatResponse:
+        self.unary_calls += 1
         self.heartbeats.append(request)
         if self.reject is not None:
             await context.abort(self.reject, "not today")
-        interval = duration_pb2.Duration()
-        interval.FromNanoseconds(int(self.interval * 1e9))
-        return pb.HeartbeatResponse(
-            granted_ttl=duration_pb2.Duration(seconds=9), heartbeat_interval=interval
-        )
+        return self._reply()
+
+    async def HeartbeatStream(
+        self,
+        request_iterator: AsyncIterator[pb.HeartbeatRequest],
+        context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatStreamResponse],
+    ) -> AsyncIterator[pb.HeartbeatStreamResponse]:
+        self.streams_opened += 1
+        async for request in request_iterator:
+            self.heartbeats.append(request)
+            if self.reject is not None:
+                yield pb.HeartbeatStreamResponse(code=self.reject.value[0], message="not today")
+            else:
+                yield pb.HeartbeatStreamResponse(accepted=self._reply())
 
     async def Deregister(
         self,
@@ -48,6 +67,13 @@ class FakeRegistry(pb_grpc.RegistryServicer):
     ) -> pb.DeregisterResponse:
         self.deregistrations.append(request)
         return pb.DeregisterResponse(removed=True)
+
+
+class UnaryOnlyRegistry(FakeRegistry):
+    """An lbserver from before HeartbeatStream: grpc's generated default
+    answers UNIMPLEMENTED."""
+
+    HeartbeatStream = pb_grpc.RegistryServicer.HeartbeatStream  # type: ignore[assignment]
 
 
 async def start_registry(registry: FakeRegistry, port: int = 0) -> tuple[grpc.aio.Server, str]:
@@ -76,9 +102,9 @@ async def running(registrar: Registrar) -> AsyncIterator[asyncio.Task[None]]:
         await task
 
 
-@pytest.fixture
-async def registry() -> AsyncIterator[tuple[FakeRegistry, str]]:
-    fake = FakeRegistry()
+@pytest.fixture(params=["stream", "unary-only"])
+async def registry(request: pytest.FixtureRequest) -> AsyncIterator[tuple[FakeRegistry, str]]:
+    fake = FakeRegistry() if request.param == "stream" else UnaryOnlyRegistry()
     server, address = await start_registry(fake)
     yield fake, address
     await server.stop(None)
@@ -306,3 +332,73 @@ def test_constructor_rejects_bad_arguments(kwargs: dict[str, Any], message: str)
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=f"^{message}"):
         Registrar(**arguments)
+
+
+async def test_heartbeats_go_over_one_stream() -> None:
+    fake = FakeRegistry()
+    server, address = await start_registry(fake)
+    try:
+        registrar = Registrar([address], "oap", "127.0.0.1", 11800, interval=0.05)
+        async with running(registrar):
+            await eventually(lambda: len(fake.heartbeats) >= 4, "four heartbeats")
+            assert await registrar.drain() == 1
+        assert fake.streams_opened == 1
+        assert fake.unary_calls == 0
+        assert fake.heartbeats[-1].state == pb.BACKEND_STATE_DRAINING
+        assert fake.deregistrations
+    finally:
+        await server.stop(None)
+
+
+async def test_a_refused_heartbeat_keeps_the_stream() -> None:
+    fake = FakeRegistry(reject=grpc.StatusCode.PERMISSION_DENIED)
+    server, address = await start_registry(fake)
+    try:
+        with capture_logs() as logs:
+            registrar = Registrar([address], "oap", "127.0.0.1", 11800, interval=0.2)
+            async with running(registrar):
+                await eventually(lambda: len(fake.heartbeats) >= 3, "retries after a refusal")
+                fake.reject = None
+                await eventually(lambda: registrar_status(logs) == "ok", "accepted again")
+        assert fake.streams_opened == 1
+        rejected = [entry for entry in logs if entry["event"] == "balancer rejected heartbeat"]
+        assert [entry["code"] for entry in rejected] == ["PERMISSION_DENIED"]
+    finally:
+        await server.stop(None)
+
+
+def registrar_status(logs: list[MutableMapping[str, Any]]) -> str:
+    events = [entry["event"] for entry in logs]
+    return "ok" if "balancer reachable again" in events else "not yet"
+
+
+async def test_falls_back_to_unary_heartbeats_once() -> None:
+    fake = UnaryOnlyRegistry()
+    server, address = await start_registry(fake)
+    try:
+        with capture_logs() as logs:
+            registrar = Registrar([address], "oap", "127.0.0.1", 11800, interval=0.05)
+            async with running(registrar):
+                await eventually(lambda: fake.unary_calls >= 3, "unary heartbeats")
+        fallbacks = [e for e in logs if e["event"].startswith("balancer has no HeartbeatStream")]
+        assert len(fallbacks) == 1
+        assert not any(e["event"] == "balancer rejected heartbeat" for e in logs)
+    finally:
+        await server.stop(None)
+
+
+async def test_a_restarted_balancer_gets_a_new_stream() -> None:
+    fake = FakeRegistry()
+    server, address = await start_registry(fake)
+    port = int(address.rsplit(":", 1)[1])
+    registrar = Registrar([address], "oap", "127.0.0.1", 11800, interval=0.1)
+    try:
+        async with running(registrar):
+            await eventually(lambda: len(fake.heartbeats) >= 2, "heartbeats")
+            await server.stop(None)
+            before = len(fake.heartbeats)
+            server, _ = await start_registry(fake, port)
+            await eventually(lambda: len(fake.heartbeats) >= before + 2, "heartbeats again")
+    finally:
+        await server.stop(None)
+    assert fake.streams_opened == 2

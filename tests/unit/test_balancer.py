@@ -265,3 +265,38 @@ def test_a_small_difference_is_pushed_once_it_has_lasted(clock: Clock) -> None:
     run_for(balancer, clock, 1.5)  # ...until it has lasted settle_time
     settled = balancer.server_list("oap")
     assert settled is not None and settled != before
+
+
+def test_load_only_heartbeats_are_applied_once_per_tick(clock: Clock) -> None:
+    balancer = make_loaded(clock)
+    balancer.heartbeat(loaded(1, cpu=0.5))
+    balancer.heartbeat(loaded(2, cpu=0.5))
+    watch = balancer.watch("oap")
+    version, equal = watch.current()
+    balancer.heartbeat(loaded(1, cpu=0.9))
+    balancer.heartbeat(loaded(1, cpu=0.8))
+    # Not rebuilt per heartbeat: watchers see the change at the next tick...
+    assert watch.current()[0] == version
+    balancer.tick()
+    new_version, unequal = watch.current()
+    assert new_version > version and unequal.servers != equal.servers
+    # ...from the newest report (0.8 vs 0.5 is 5:8 of capacity).
+    tokens = {b.instance_id: b.token for b in balancer.membership.backends("oap")}
+    assert unequal.servers is not None
+    ratio = unequal.servers.count(tokens["pod-1"]) / unequal.servers.count(tokens["pod-2"])
+    assert ratio == pytest.approx(5 / 8, rel=0.05)
+    # Anything else a list shows is applied at once.
+    balancer.heartbeat(loaded(2, cpu=0.5, state=BackendState.DRAINING))
+    drained = watch.current()[1].servers
+    assert drained is not None and {e.token for e in drained.entries} == {tokens["pod-1"]}
+    watch.close()
+
+
+def test_reading_a_list_applies_pending_load(clock: Clock) -> None:
+    balancer = make_loaded(clock)
+    balancer.heartbeat(loaded(1, cpu=0.5))
+    balancer.heartbeat(loaded(2, cpu=0.5))
+    before = balancer.server_list("oap")
+    balancer.heartbeat(loaded(1, cpu=0.9))
+    assert balancer.server_list("oap") != before
+    assert balancer.view("oap")[0].servers == balancer.server_list("oap")

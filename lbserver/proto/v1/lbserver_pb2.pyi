@@ -195,6 +195,38 @@ class HeartbeatResponse(_message.Message):
 Global___HeartbeatResponse: _TypeAlias = HeartbeatResponse  # noqa: Y015
 
 @_typing.final
+class HeartbeatStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The status the Heartbeat call would have ended with (google.rpc.Code):
+    0 (OK) when accepted, else e.g. 3 INVALID_ARGUMENT, 7 PERMISSION_DENIED,
+    8 RESOURCE_EXHAUSTED.
+    """
+    message: _builtins.str
+    @_builtins.property
+    def accepted(self) -> Global___HeartbeatResponse:
+        """Set when code is 0."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        accepted: Global___HeartbeatResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HeartbeatStreamResponse: _TypeAlias = HeartbeatStreamResponse  # noqa: Y015
+
+@_typing.final
 class DeregisterRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -39,6 +39,11 @@ class RegistryStub:
                 request_serializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.HeartbeatStream = channel.stream_stream(
+                '/lbserver.v1.Registry/HeartbeatStream',
+                request_serializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatStreamResponse.FromString,
+                _registered_method=True)
         self.Deregister = channel.unary_unary(
                 '/lbserver.v1.Registry/Deregister',
                 request_serializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.DeregisterRequest.SerializeToString,
@@ -52,6 +57,18 @@ class RegistryServicer:
     def Heartbeat(self, request, context):
         """Registers or refreshes one backend. Send again before the granted TTL
         runs out, at the interval the reply gives.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HeartbeatStream(self, request_iterator, context):
+        """The same heartbeats on one long-lived stream, for any number of
+        backends: each request is handled as a Heartbeat call and answered, in
+        order, by one response that carries the call's status; a refused
+        heartbeat does not end the stream. Credentials are checked once, when
+        the stream opens. Far cheaper per heartbeat than unary calls; the
+        registrar uses it and falls back to Heartbeat when it is UNIMPLEMENTED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -71,6 +88,11 @@ def add_RegistryServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatRequest.FromString,
                     response_serializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.HeartbeatStream,
+                    request_deserializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatRequest.FromString,
+                    response_serializer=lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatStreamResponse.SerializeToString,
             ),
             'Deregister': grpc.unary_unary_rpc_method_handler(
                     servicer.Deregister,
@@ -105,6 +127,33 @@ class Registry:
             '/lbserver.v1.Registry/Heartbeat',
             lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatRequest.SerializeToString,
             lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/lbserver.v1.Registry/HeartbeatStream',
+            lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatRequest.SerializeToString,
+            lbserver_dot_proto_dot_v1_dot_lbserver__pb2.HeartbeatStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

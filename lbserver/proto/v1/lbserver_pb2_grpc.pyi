@@ -37,6 +37,14 @@ class RegistryStub:
     """Registers or refreshes one backend. Send again before the granted TTL
     runs out, at the interval the reply gives.
     """
+    HeartbeatStream: _grpc.StreamStreamMultiCallable[_lbserver_pb2.HeartbeatRequest, _lbserver_pb2.HeartbeatStreamResponse]
+    """The same heartbeats on one long-lived stream, for any number of
+    backends: each request is handled as a Heartbeat call and answered, in
+    order, by one response that carries the call's status; a refused
+    heartbeat does not end the stream. Credentials are checked once, when
+    the stream opens. Far cheaper per heartbeat than unary calls; the
+    registrar uses it and falls back to Heartbeat when it is UNIMPLEMENTED.
+    """
     Deregister: _grpc.UnaryUnaryMultiCallable[_lbserver_pb2.DeregisterRequest, _lbserver_pb2.DeregisterResponse]
     """Removes one backend at once."""
 
@@ -46,6 +54,14 @@ class RegistryAsyncStub(RegistryStub):
     Heartbeat: _aio.UnaryUnaryMultiCallable[_lbserver_pb2.HeartbeatRequest, _lbserver_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """Registers or refreshes one backend. Send again before the granted TTL
     runs out, at the interval the reply gives.
+    """
+    HeartbeatStream: _aio.StreamStreamMultiCallable[_lbserver_pb2.HeartbeatRequest, _lbserver_pb2.HeartbeatStreamResponse]  # type: ignore[assignment]
+    """The same heartbeats on one long-lived stream, for any number of
+    backends: each request is handled as a Heartbeat call and answered, in
+    order, by one response that carries the call's status; a refused
+    heartbeat does not end the stream. Credentials are checked once, when
+    the stream opens. Far cheaper per heartbeat than unary calls; the
+    registrar uses it and falls back to Heartbeat when it is UNIMPLEMENTED.
     """
     Deregister: _aio.UnaryUnaryMultiCallable[_lbserver_pb2.DeregisterRequest, _lbserver_pb2.DeregisterResponse]  # type: ignore[assignment]
     """Removes one backend at once."""
@@ -59,6 +75,20 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_lbserver_pb2.HeartbeatResponse, _abc.Awaitable[_lbserver_pb2.HeartbeatResponse]]:
         """Registers or refreshes one backend. Send again before the granted TTL
         runs out, at the interval the reply gives.
+        """
+
+    @_abc_1.abstractmethod
+    def HeartbeatStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_lbserver_pb2.HeartbeatRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_lbserver_pb2.HeartbeatStreamResponse], _abc.AsyncIterator[_lbserver_pb2.HeartbeatStreamResponse]]:
+        """The same heartbeats on one long-lived stream, for any number of
+        backends: each request is handled as a Heartbeat call and answered, in
+        order, by one response that carries the call's status; a refused
+        heartbeat does not end the stream. Credentials are checked once, when
+        the stream opens. Far cheaper per heartbeat than unary calls; the
+        registrar uses it and falls back to Heartbeat when it is UNIMPLEMENTED.
         """
 
     @_abc_1.abstractmethod
