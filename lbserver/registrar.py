@@ -33,6 +33,7 @@ import grpc
 import grpc.aio
 import structlog
 
+from lbserver._heartbeat_stream import HeartbeatStream, rpc_error, status_code
 from lbserver.backendprobe import BackendProbe
 from lbserver.domain.model import LoadReport
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
@@ -54,6 +55,10 @@ _MIN_INTERVAL = 0.05
 # round trip would fail every heartbeat.
 _MIN_RPC_TIMEOUT = 0.5
 _DEFAULT_DEREGISTER_TIMEOUT = 2.0
+# On a HeartbeatStream every this many heartbeats wait for an answer: proof,
+# end to end, that the balancer still takes them (a hung balancer is noticed
+# within this many intervals); the others are only written.
+_CONFIRM_EVERY = 5
 _MAX_UINT32 = 2**32 - 1
 # Codes that mean "could not talk to the balancer" rather than "it said no".
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -122,46 +127,10 @@ def _nanos(seconds: float) -> int:
     return round(seconds * 1e9)
 
 
-_HeartbeatCall = grpc.aio.StreamStreamCall[
-    lbserver_pb2.HeartbeatRequest, lbserver_pb2.HeartbeatStreamResponse
-]
-
-
-async def _exchange(
-    call: _HeartbeatCall, request: lbserver_pb2.HeartbeatRequest
-) -> lbserver_pb2.HeartbeatStreamResponse:
-    """One request and its reply on a HeartbeatStream; AioRpcError when the
-    stream ended or fails."""
-    try:
-        await call.write(request)
-        reply = await call.read()
-        if isinstance(reply, lbserver_pb2.HeartbeatStreamResponse):
-            return reply
-    except asyncio.InvalidStateError:
-        pass  # written to or read from a stream that had already ended
-    code = await call.code()
-    if code == grpc.StatusCode.OK:
-        code = grpc.StatusCode.UNAVAILABLE
-    raise _rpc_error(code, await call.details() or "heartbeat stream ended")
-
-
-def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    """The error a unary Heartbeat would have raised, so that failures are
-    handled alike whichever way the heartbeat went."""
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, "")
-
-
-def _drop_stream(link: _Link) -> None:
+def _close_stream(link: _Link) -> None:
     if link.stream is not None:
-        link.stream.cancel()
+        link.stream.close()
         link.stream = None
-
-
-def _status_code(number: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code
-    return grpc.StatusCode.UNKNOWN
 
 
 @dataclass(slots=True)
@@ -177,9 +146,14 @@ class _Link:
     status: str = ""
     # The open Registry.HeartbeatStream, if any; unary Heartbeat calls once
     # the balancer said it has no such method (an older lbserver).
-    stream: _HeartbeatCall | None = None
+    stream: HeartbeatStream | None = None
     unary_only: bool = False
-    # One heartbeat at a time per stream: replies come back in order.
+    # The state last written on the stream, and heartbeats since the last
+    # answer: a state change, a new stream and every _CONFIRM_EVERY-th
+    # heartbeat ask for an answer, the others are only written.
+    sent_state: int | None = None
+    unanswered: int = 0
+    # One heartbeat at a time per link, so states are written in order.
     exchange: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
@@ -474,6 +448,7 @@ class Registrar:
                 self._log.info("balancer address gone", balancer=address)
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+                _close_stream(link)
                 await link.channel.close(None)
         links, tasks = [], []
         for address in addresses:
@@ -523,12 +498,18 @@ class Registrar:
                 delay = min(backoff, link.interval)
                 backoff = min(backoff * 2, link.interval)
             else:
-                self._note_success(link, reply)
+                if reply is not None:
+                    self._note_success(link, reply)
                 backoff = _INITIAL_BACKOFF
                 delay = link.interval
             await asyncio.sleep(delay)
 
-    async def _send_heartbeat(self, link: _Link) -> lbserver_pb2.HeartbeatResponse:
+    async def _send_heartbeat(
+        self, link: _Link, *, confirm: bool = False
+    ) -> lbserver_pb2.HeartbeatResponse | None:
+        """Sends the current state; returns the balancer's answer, or None
+        when the heartbeat went out on the stream without asking for one
+        (`confirm` asks)."""
         timeout = max(link.interval, _MIN_RPC_TIMEOUT)
         if not link.unary_only:
             async with link.exchange:
@@ -536,7 +517,7 @@ class Registrar:
                 # overtaken by a SERVING heartbeat built before it.
                 request = await self._heartbeat_request()
                 try:
-                    return await self._stream_heartbeat(link, request, timeout)
+                    return await self._stream_heartbeat(link, request, timeout, confirm)
                 except grpc.aio.AioRpcError as err:
                     if err.code() != grpc.StatusCode.UNIMPLEMENTED:
                         raise
@@ -549,26 +530,41 @@ class Registrar:
         return await link.stub.Heartbeat(request, timeout=timeout, metadata=self._metadata)
 
     async def _stream_heartbeat(
-        self, link: _Link, request: lbserver_pb2.HeartbeatRequest, reply_within: float
-    ) -> lbserver_pb2.HeartbeatResponse:
-        call = link.stream
-        if call is None or call.done():
-            # No request iterator: requests are written one by one.
-            call = link.stream = link.stub.HeartbeatStream(None, metadata=self._metadata)
+        self,
+        link: _Link,
+        request: lbserver_pb2.HeartbeatRequest,
+        reply_within: float,
+        confirm: bool,
+    ) -> lbserver_pb2.HeartbeatResponse | None:
+        stream = link.stream
+        if stream is None or stream.ended:
+            _close_stream(link)
+            stream = link.stream = HeartbeatStream(
+                link.stub, self._metadata, lambda news: self._note_news(link, news)
+            )
+            link.sent_state = None
+        ask = confirm or link.sent_state != request.state or link.unanswered + 1 >= _CONFIRM_EVERY
         try:
-            reply = await asyncio.wait_for(_exchange(call, request), reply_within)
-        except TimeoutError:
-            # A reply may still come: it would answer the next request.
-            _drop_stream(link)
-            raise _rpc_error(
-                grpc.StatusCode.DEADLINE_EXCEEDED, "no heartbeat reply in time"
-            ) from None
+            reply = await stream.send(request, reply_within=reply_within if ask else None)
         except BaseException:
-            _drop_stream(link)
+            _close_stream(link)
             raise
+        link.sent_state = request.state
+        if reply is None:
+            link.unanswered += 1
+            return None
+        link.unanswered = 0
         if reply.code != grpc.StatusCode.OK.value[0]:
-            raise _rpc_error(_status_code(reply.code), reply.message)
+            raise rpc_error(status_code(reply.code), reply.message)
         return reply.accepted
+
+    def _note_news(self, link: _Link, news: lbserver_pb2.HeartbeatStreamResponse) -> None:
+        """An answer the balancer volunteered: the outcome of this backend's
+        heartbeats changed (refused now, or accepted again, or a new TTL)."""
+        if news.code != grpc.StatusCode.OK.value[0]:
+            self._note_failure(link, rpc_error(status_code(news.code), news.message))
+        else:
+            self._note_success(link, news.accepted)
 
     async def _heartbeat_request(self) -> lbserver_pb2.HeartbeatRequest:
         request = lbserver_pb2.HeartbeatRequest(
@@ -636,7 +632,7 @@ class Registrar:
 
     async def _drain_one(self, link: _Link) -> bool:
         try:
-            await self._send_heartbeat(link)
+            await self._send_heartbeat(link, confirm=True)
         except grpc.aio.AioRpcError as err:
             self._log.warning(
                 "drain heartbeat failed",
@@ -679,6 +675,8 @@ class Registrar:
                 await asyncio.gather(
                     *(self._deregister_one(link, deadline) for link in self._links)
                 )
+            for link in self._links:
+                _close_stream(link)
             await asyncio.gather(*(link.channel.close(None) for link in self._links))
         finally:
             self._closed.set()

@@ -41,6 +41,11 @@ from .procinfo import cpu_seconds, raise_fd_limit
 METHOD = "/lbserver.v1.Registry/Heartbeat"
 STREAM_METHOD = "/lbserver.v1.Registry/HeartbeatStream"
 VARIANTS = 8
+# As lbserver's registrar: one heartbeat in this many asks for an answer.
+CONFIRM_EVERY = 5
+# HeartbeatRequest.reply_token = 1 (field 11, varint), appended to a
+# serialized request: a parser takes the last value of a repeated field.
+ASK = bytes([11 << 3, 1])
 CODE_NAMES = {int(code.value[0]): code.name for code in grpc.StatusCode}
 
 
@@ -148,7 +153,11 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
         cpu_to = cpu_seconds(os.getpid())
 
     async def streamer(backend: int) -> None:
-        """One backend's heartbeats, in order, on its own stream."""
+        """One backend's heartbeats, in order, on its own stream, as the
+        registrar sends them: every CONFIRM_EVERY-th (the first included)
+        asks for an answer and waits for it, the others are only written
+        (the balancer answers only news, and there is none here after the
+        first). Latencies are those of the asking heartbeats."""
         nonlocal counted, sent
         channel = channels[backend % len(channels)]
         call = channel.stream_stream(STREAM_METHOD, None, None)(None)
@@ -164,20 +173,24 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
                 if began >= stop_at:
                     return
                 sent += 1
-                await call.write(requests[backend][beat % VARIANTS])
-                reply = await call.read()
+                request = requests[backend][beat % VARIANTS]
+                ask = beat % CONFIRM_EVERY == 0
+                await call.write(request + ASK if ask else request)
                 beat += 1
-                if not isinstance(reply, bytes):
-                    errors["stream ended"] += 1
-                    return
-                code = pb.HeartbeatStreamResponse.FromString(reply).code
-                if code:
-                    errors[CODE_NAMES.get(code, str(code))] += 1
-                    continue
+                while ask:
+                    reply = await call.read()
+                    if not isinstance(reply, bytes):
+                        errors["stream ended"] += 1
+                        return
+                    answer = pb.HeartbeatStreamResponse.FromString(reply)
+                    if answer.code:
+                        errors[CODE_NAMES.get(answer.code, str(answer.code))] += 1
+                    ask = not answer.reply_token
                 done = time.monotonic()
                 if window_from <= done < window_to:
                     counted += 1
-                    latencies.append(done - began)
+                    if beat % CONFIRM_EVERY == 1:
+                        latencies.append(done - began)
         except grpc.aio.AioRpcError as exc:
             errors[exc.code().name] += 1
         finally:

@@ -1,7 +1,8 @@
 """`python -m bench.scale.noop --listen HOST:PORT`: a grpc.aio server whose
-Registry.Heartbeat and HeartbeatStream do nothing but answer, for the floor that grpc.aio
-itself puts under lbserver's heartbeat cost (same server options as
-lbserver, same generator)."""
+Registry.Heartbeat and HeartbeatStream do nothing but answer (on the stream
+only the heartbeats that ask, as lbserver does when there is no news), for
+the floor that grpc.aio itself puts under lbserver's heartbeat cost (same
+server options as lbserver, same generator)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import grpc
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.server import SERVER_OPTIONS
-
-ACCEPTED = pb.HeartbeatStreamResponse(accepted=pb.HeartbeatResponse())
 
 
 class NoopRegistry(pb_grpc.RegistryServicer):
@@ -31,8 +30,11 @@ class NoopRegistry(pb_grpc.RegistryServicer):
         request_iterator: AsyncIterator[pb.HeartbeatRequest],
         context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatStreamResponse],
     ) -> AsyncIterator[pb.HeartbeatStreamResponse]:
-        async for _ in request_iterator:
-            yield ACCEPTED
+        async for request in request_iterator:
+            if request.reply_token:
+                yield pb.HeartbeatStreamResponse(
+                    accepted=pb.HeartbeatResponse(), reply_token=request.reply_token
+                )
 
     async def Deregister(
         self,

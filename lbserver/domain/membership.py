@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from lbserver.domain.model import Backend, Registration
+from lbserver.domain.model import Backend, IPAddress, Registration, format_address
 from lbserver.domain.weights import LoadWeightSettings, update_capacity
 
 TOKEN_BYTES = 10  # 16 base32 characters: far under grpclb's 50-byte limit
@@ -22,6 +22,13 @@ def backend_token(service: str, instance_id: str, address: str) -> str:
         f"{service}\0{instance_id}\0{address}".encode(), digest_size=TOKEN_BYTES
     ).digest()
     return base64.b32encode(digest).decode().rstrip("=").lower()
+
+
+@lru_cache(maxsize=65_536)
+def _token_at(service: str, instance_id: str, ip: IPAddress, port: int) -> str:
+    # Formatting the address is most of a token lookup's cost; a heartbeat
+    # names its address as (ip, port).
+    return backend_token(service, instance_id, format_address(ip, port))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +58,7 @@ class Membership:
         # Per service: the instance at each address (at most one, since a new
         # instance at an address replaces the old one), and the instance ids
         # in backends() order, or None when it must be sorted again.
-        self._by_address: dict[str, dict[str, str]] = {}
+        self._by_address: dict[str, dict[tuple[IPAddress, int], str]] = {}
         self._order: dict[str, list[str] | None] = {}
         # Bumped whenever a service appears or vanishes.
         self.services_generation = 0
@@ -71,7 +78,7 @@ class Membership:
             self._by_address[registration.service] = {}
             self.services_generation += 1
         addresses = self._by_address[registration.service]
-        address = registration.address
+        address = (registration.ip, registration.port)
         # A new instance at an address replaces the old one there at once (a
         # restarted backend must not wait for its predecessor's TTL).
         other = addresses.get(address)
@@ -84,15 +91,18 @@ class Membership:
         previous = members.get(registration.instance_id)
         if previous is None:
             self._order[registration.service] = None
-        elif previous.registration.address != address:
+        elif (previous.registration.ip, previous.registration.port) != address:
             # Same id, new address: a new process as far as load goes.
-            if addresses.get(previous.registration.address) == registration.instance_id:
-                del addresses[previous.registration.address]
+            old_address = (previous.registration.ip, previous.registration.port)
+            if addresses.get(old_address) == registration.instance_id:
+                del addresses[old_address]
             self._order[registration.service] = None
             previous = None
         backend = Backend(
             registration=registration,
-            token=backend_token(registration.service, registration.instance_id, address),
+            token=_token_at(
+                registration.service, registration.instance_id, registration.ip, registration.port
+            ),
             last_heartbeat=now,
             expires_at=now + ttl,
             last_heartbeat_wall=wall_now,
@@ -112,8 +122,9 @@ class Membership:
     def _forget(self, service: str, backend: Backend) -> None:
         """Index upkeep after `backend` left `service`'s members."""
         addresses = self._by_address[service]
-        if addresses.get(backend.registration.address) == backend.instance_id:
-            del addresses[backend.registration.address]
+        address = (backend.registration.ip, backend.registration.port)
+        if addresses.get(address) == backend.instance_id:
+            del addresses[address]
         self._order[service] = None
         if not self._services[service]:
             del self._services[service]

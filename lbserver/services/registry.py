@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
 from google.protobuf import duration_pb2
 
 from lbserver import metrics
+from lbserver._grpc_compat import EOF_MARKER
 from lbserver.balancer import Balancer
-from lbserver.domain.model import Registration
+from lbserver.domain.model import LoadReport, Registration, with_load
 from lbserver.domain.validation import (
     MAX_INSTANCE_ID_BYTES,
     MAX_SERVICE_BYTES,
@@ -53,35 +55,82 @@ class _RefusedError(Exception):
         self.message = message
 
 
-def _refusal(code: grpc.StatusCode, message: str) -> pb.HeartbeatStreamResponse:
-    number = code.value[0]
-    assert isinstance(number, int)
-    return pb.HeartbeatStreamResponse(code=number, message=message)
+# What a heartbeat came to: the reply, or the status and message of a refusal.
+_Outcome = pb.HeartbeatResponse | tuple[grpc.StatusCode, str]
+# Bounds on per-servicer and per-stream caches (cleared when full).
+_GRANTS_KEPT = 64
+_ANSWERED_KEPT = 10_000
+_ACCEPTED = metrics.HEARTBEATS.labels("accepted")
 
 
-def _registration(request: pb.HeartbeatRequest) -> Registration:
-    in_flight = request.load.in_flight if request.load.HasField("in_flight") else None
-    return parse_registration(
+def _stream_reply(request: pb.HeartbeatRequest, outcome: _Outcome) -> pb.HeartbeatStreamResponse:
+    reply = pb.HeartbeatStreamResponse(
         service=request.service,
         instance_id=request.instance_id,
-        ip=request.ip,
-        port=request.port,
-        weight=request.weight,
-        zone=request.zone,
-        labels=dict(request.labels),
-        load=parse_load(
-            cpu_utilization=_optional(request.load, "cpu_utilization"),
-            requests_per_second=_optional(request.load, "requests_per_second"),
-            errors_per_second=_optional(request.load, "errors_per_second"),
-            in_flight=in_flight,
-        ),
-        state=request.state,
-        requested_ttl=(
-            request.requested_ttl.ToNanoseconds() / 1e9
-            if request.HasField("requested_ttl")
-            else None
-        ),
+        reply_token=request.reply_token,
     )
+    if isinstance(outcome, pb.HeartbeatResponse):
+        reply.accepted.CopyFrom(outcome)
+    else:
+        code, reply.message = outcome
+        number = code.value[0]
+        assert isinstance(number, int)
+        reply.code = number
+    return reply
+
+
+def _load(message: pb.LoadReport) -> LoadReport:
+    return parse_load(
+        cpu_utilization=_optional(message, "cpu_utilization"),
+        requests_per_second=_optional(message, "requests_per_second"),
+        errors_per_second=_optional(message, "errors_per_second"),
+        in_flight=message.in_flight if message.HasField("in_flight") else None,
+    )
+
+
+class _Registrations:
+    """HeartbeatRequest -> Registration, validating each backend's identity
+    (everything but the load) once: a backend's heartbeats repeat it, and
+    parsing it is a third of a heartbeat's cost in the balancer."""
+
+    def __init__(self, kept: int = 50_000) -> None:
+        self._kept = kept
+        self._identities: dict[tuple[Any, ...], Registration] = {}
+
+    def parse(self, request: pb.HeartbeatRequest) -> Registration:
+        ttl_nanos = (
+            request.requested_ttl.ToNanoseconds() if request.HasField("requested_ttl") else None
+        )
+        key = (
+            request.service,
+            request.instance_id,
+            request.ip,
+            request.port,
+            request.weight,
+            request.zone,
+            request.state,
+            ttl_nanos,
+            tuple(sorted(request.labels.items())) if request.labels else (),
+        )
+        identity = self._identities.get(key)
+        if identity is None:
+            identity = parse_registration(
+                service=request.service,
+                instance_id=request.instance_id,
+                ip=request.ip,
+                port=request.port,
+                weight=request.weight,
+                zone=request.zone,
+                labels=dict(request.labels),
+                state=request.state,
+                requested_ttl=ttl_nanos / 1e9 if ttl_nanos is not None else None,
+            )
+            if len(self._identities) >= self._kept:
+                self._identities.clear()
+            self._identities[key] = identity
+        if not request.HasField("load"):
+            return identity
+        return with_load(identity, _load(request.load))
 
 
 class RegistryService(pb_grpc.RegistryServicer):
@@ -94,6 +143,8 @@ class RegistryService(pb_grpc.RegistryServicer):
         self._balancer = balancer
         self._authorizer = authorizer or Authorizer()
         self._rate_limiter = rate_limiter or PeerRateLimiter(0)
+        self._grants: dict[float, pb.HeartbeatResponse] = {}
+        self._registrations = _Registrations()
 
     async def _admit(
         self,
@@ -107,17 +158,16 @@ class RegistryService(pb_grpc.RegistryServicer):
 
     def _accept(self, request: pb.HeartbeatRequest, peer: str) -> pb.HeartbeatResponse:
         """Validates and applies one heartbeat; _RefusedError (counted and logged)
-        when the balancer will not take it."""
+        when the balancer will not take it. The caller binds the peer for the
+        balancer's own events (joined, state changed)."""
         try:
-            registration = _registration(request)
+            registration = self._registrations.parse(request)
         except InvalidArgumentError as exc:
             metrics.HEARTBEATS.labels("invalid_argument").inc()
             log.warning("heartbeat rejected", peer=peer, service=request.service, error=str(exc))
             raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         try:
-            # The balancer's events (joined, state changed) name the peer too.
-            with structlog.contextvars.bound_contextvars(peer=peer):
-                backend = self._balancer.heartbeat(registration)
+            backend = self._balancer.heartbeat(registration)
         except RegistrationRefusedError as exc:
             metrics.HEARTBEATS.labels(exc.status).inc()
             log.warning("heartbeat refused", peer=peer, service=request.service, error=str(exc))
@@ -126,11 +176,21 @@ class RegistryService(pb_grpc.RegistryServicer):
             metrics.HEARTBEATS.labels("limit_exceeded").inc()
             log.warning("heartbeat refused", peer=peer, service=request.service, error=str(exc))
             raise _RefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
-        metrics.HEARTBEATS.labels("accepted").inc()
-        return pb.HeartbeatResponse(
-            granted_ttl=_duration(backend.ttl),
-            heartbeat_interval=_duration(min(self._balancer.heartbeat_interval, backend.ttl / 3)),
-        )
+        _ACCEPTED.inc()
+        return self._grant(backend.ttl)
+
+    def _grant(self, ttl: float) -> pb.HeartbeatResponse:
+        """The (shared, not to be modified) reply for a granted TTL: one per
+        distinct TTL instead of one per heartbeat."""
+        reply = self._grants.get(ttl)
+        if reply is None:
+            if len(self._grants) >= _GRANTS_KEPT:
+                self._grants.clear()
+            reply = self._grants[ttl] = pb.HeartbeatResponse(
+                granted_ttl=_duration(ttl),
+                heartbeat_interval=_duration(min(self._balancer.heartbeat_interval, ttl / 3)),
+            )
+        return reply
 
     async def Heartbeat(
         self,
@@ -138,27 +198,50 @@ class RegistryService(pb_grpc.RegistryServicer):
         context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatResponse],
     ) -> pb.HeartbeatResponse:
         await self._admit(context, "heartbeat")
+        peer = context.peer()
         try:
-            return self._accept(request, context.peer())
+            with structlog.contextvars.bound_contextvars(peer=peer):
+                return self._accept(request, peer)
         except _RefusedError as refused:
             await context.abort(refused.code, refused.message)
 
-    async def HeartbeatStream(
+    async def HeartbeatStream(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[pb.HeartbeatRequest],
         context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatStreamResponse],
-    ) -> AsyncIterator[pb.HeartbeatStreamResponse]:
+    ) -> None:
+        # context.read()/write() rather than the iterator and yield: one
+        # generator fewer per message on the balancer's busiest stream.
         await require(self._authorizer, context, "heartbeat")
         peer = context.peer()
-        async for request in request_iterator:
-            if not self._rate_limiter.allow(peer):
-                metrics.HEARTBEATS.labels("rate_limited").inc()
-                yield _refusal(grpc.StatusCode.RESOURCE_EXHAUSTED, _RATE_LIMITED)
-                continue
-            try:
-                yield pb.HeartbeatStreamResponse(accepted=self._accept(request, peer))
-            except _RefusedError as refused:
-                yield _refusal(refused.code, refused.message)
+        # The outcome last answered per backend: a heartbeat is answered only
+        # when its outcome differs or it asks (reply_token).
+        answered: dict[tuple[str, str], _Outcome] = {}
+        with structlog.contextvars.bound_contextvars(peer=peer):
+            while True:
+                request = await context.read()
+                if request is EOF_MARKER:
+                    return
+                assert isinstance(request, pb.HeartbeatRequest)
+                outcome: _Outcome
+                if not self._rate_limiter.allow(peer):
+                    metrics.HEARTBEATS.labels("rate_limited").inc()
+                    outcome = (grpc.StatusCode.RESOURCE_EXHAUSTED, _RATE_LIMITED)
+                else:
+                    try:
+                        outcome = self._accept(request, peer)
+                    except _RefusedError as refused:
+                        outcome = (refused.code, refused.message)
+                key = (request.service, request.instance_id)
+                if not request.reply_token:
+                    last = answered.get(key)
+                    # Grants are shared objects: `is` settles most heartbeats.
+                    if last is outcome or last == outcome:
+                        continue
+                if len(answered) >= _ANSWERED_KEPT:
+                    answered.clear()
+                answered[key] = outcome
+                await context.write(_stream_reply(request, outcome))
 
     async def Deregister(
         self,

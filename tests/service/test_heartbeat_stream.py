@@ -1,5 +1,6 @@
 """Registry.HeartbeatStream against a real grpc.aio server: the same
-heartbeats as the unary call, many per stream, each answered in order."""
+heartbeats as the unary call, many per stream, answered when they ask or
+bring news."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from tests.service.conftest import Harness
-from tests.service.test_registry_admin import valid
+from tests.service.test_registry_admin import seconds, valid
 
 TOKEN = "stream-token"
 WAIT = 5.0
@@ -19,10 +20,22 @@ WAIT = 5.0
 StreamCall = grpc.aio.StreamStreamCall[pb.HeartbeatRequest, pb.HeartbeatStreamResponse]
 
 
-async def exchange(call: StreamCall, request: pb.HeartbeatRequest) -> pb.HeartbeatStreamResponse:
-    await call.write(request)
+TOKENS = iter(range(1, 1_000_000))
+
+
+async def read(call: StreamCall) -> pb.HeartbeatStreamResponse:
     reply = await asyncio.wait_for(call.read(), WAIT)
     assert isinstance(reply, pb.HeartbeatStreamResponse)
+    return reply
+
+
+async def exchange(call: StreamCall, request: pb.HeartbeatRequest) -> pb.HeartbeatStreamResponse:
+    """One heartbeat that asks for its answer."""
+    request.reply_token = next(TOKENS)
+    await call.write(request)
+    reply = await read(call)
+    assert reply.reply_token == request.reply_token
+    assert (reply.service, reply.instance_id) == (request.service, request.instance_id)
     return reply
 
 
@@ -104,4 +117,33 @@ async def test_rate_limit_and_backend_limit_answer_per_heartbeat(harness: Harnes
     assert grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] in [r.code for r in limited]
     assert any("heartbeat_rate_per_peer" in r.message for r in limited)
     assert await members(channel) == {"oap": ["pod-0", "pod-1"]}
+    call.cancel()
+
+
+async def test_only_news_and_questions_are_answered(harness: Harness) -> None:
+    running = await harness.start(default_ttl=9.0)
+    call = pb_grpc.RegistryStub(harness.channel(running)).HeartbeatStream(None)
+    # The first heartbeat of a backend is news.
+    await call.write(valid())
+    first = await read(call)
+    assert (first.code, first.reply_token, first.instance_id) == (0, 0, "pod-1")
+    assert first.accepted.granted_ttl.ToMilliseconds() == 9_000
+    # The same outcome again is not; a heartbeat that asks is answered, and
+    # the next read proves the two before it were not.
+    await call.write(valid())
+    await call.write(valid())
+    asked = await exchange(call, valid())
+    assert asked.code == 0
+    # A changed outcome is news without asking: a refusal, then a new TTL.
+    await call.write(valid(port=0))
+    refused = await read(call)
+    assert refused.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert refused.reply_token == 0
+    await call.write(valid(requested_ttl=seconds(4)))
+    renewed = await read(call)
+    assert (renewed.code, renewed.accepted.granted_ttl.ToMilliseconds()) == (0, 4_000)
+    # Each backend has its own "last outcome".
+    await call.write(valid(instance_id="pod-2", ip="10.1.2.4"))
+    other = await read(call)
+    assert other.instance_id == "pod-2"
     call.cancel()

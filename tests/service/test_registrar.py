@@ -28,6 +28,7 @@ class FakeRegistry(pb_grpc.RegistryServicer):
         self.reject = reject
         self.unary_calls = 0
         self.streams_opened = 0
+        self.stream_answers = 0
 
     def _reply(self) -> pb.HeartbeatResponse:
         interval = duration_pb2.Duration()
@@ -52,13 +53,23 @@ class FakeRegistry(pb_grpc.RegistryServicer):
         request_iterator: AsyncIterator[pb.HeartbeatRequest],
         context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatStreamResponse],
     ) -> AsyncIterator[pb.HeartbeatStreamResponse]:
+        """Answers like lbserver: news (first heartbeat, changed outcome) and
+        heartbeats that ask."""
         self.streams_opened += 1
+        last: pb.HeartbeatStreamResponse | None = None
         async for request in request_iterator:
             self.heartbeats.append(request)
             if self.reject is not None:
-                yield pb.HeartbeatStreamResponse(code=self.reject.value[0], message="not today")
+                reply = pb.HeartbeatStreamResponse(code=self.reject.value[0], message="not today")
             else:
-                yield pb.HeartbeatStreamResponse(accepted=self._reply())
+                reply = pb.HeartbeatStreamResponse(accepted=self._reply())
+            if reply == last and not request.reply_token:
+                continue
+            last = pb.HeartbeatStreamResponse()
+            last.CopyFrom(reply)
+            reply.reply_token = request.reply_token
+            self.stream_answers += 1
+            yield reply
 
     async def Deregister(
         self,
@@ -345,6 +356,12 @@ async def test_heartbeats_go_over_one_stream() -> None:
         assert fake.streams_opened == 1
         assert fake.unary_calls == 0
         assert fake.heartbeats[-1].state == pb.BACKEND_STATE_DRAINING
+        # Most heartbeats went unanswered: the first, every fifth and the
+        # drain asked.
+        asked = [h for h in fake.heartbeats if h.reply_token]
+        assert fake.heartbeats[0].reply_token and fake.heartbeats[-1].reply_token
+        assert len(asked) <= 2 + len(fake.heartbeats) // 5
+        assert fake.stream_answers == len(asked)
         assert fake.deregistrations
     finally:
         await server.stop(None)

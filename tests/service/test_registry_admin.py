@@ -143,3 +143,21 @@ async def test_reflection_lists_every_service(harness: Harness) -> None:
         "lbserver.v1.Admin",
         "grpc.health.v1.Health",
     } <= names
+
+
+async def test_every_field_of_a_repeated_heartbeat_is_taken(harness: Harness) -> None:
+    running = await harness.start()
+    channel = harness.channel(running)
+    registry = pb_grpc.RegistryStub(channel)
+    admin = pb_grpc.AdminStub(channel)
+    await registry.Heartbeat(valid(zone="a", load=pb.LoadReport(cpu_utilization=0.5)))
+    await registry.Heartbeat(valid(zone="a", load=pb.LoadReport(cpu_utilization=0.25)))
+    first = (await admin.GetState(pb.GetStateRequest())).services[0].backends[0]
+    assert (first.zone, first.load.cpu_utilization) == ("a", 0.25)
+    await registry.Heartbeat(valid(zone="b", labels={"pool": "x"}))
+    second = (await admin.GetState(pb.GetStateRequest())).services[0].backends[0]
+    assert (second.zone, dict(second.labels), second.load.HasField("cpu_utilization")) == (
+        "b",
+        {"pool": "x"},
+        False,
+    )

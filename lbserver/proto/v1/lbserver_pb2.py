@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lbserver/proto/v1/lbserver.proto\x12\x0blbserver.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x01\n\nLoadReport\x12\x1c\n\x0f\x63pu_utilization\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13requests_per_second\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11\x65rrors_per_second\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tin_flight\x18\x04 \x01(\rH\x03\x88\x01\x01\x42\x12\n\x10_cpu_utilizationB\x16\n\x14_requests_per_secondB\x14\n\x12_errors_per_secondB\x0c\n\n_in_flight\"\xdd\x02\n\x10HeartbeatRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x0c\n\x04zone\x18\x05 \x01(\t\x12\x39\n\x06labels\x18\x06 \x03(\x0b\x32).lbserver.v1.HeartbeatRequest.LabelsEntry\x12\x0e\n\x06weight\x18\x07 \x01(\r\x12%\n\x04load\x18\x08 \x01(\x0b\x32\x17.lbserver.v1.LoadReport\x12(\n\x05state\x18\t \x01(\x0e\x32\x19.lbserver.v1.BackendState\x12\x30\n\rrequested_ttl\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x11HeartbeatResponse\x12.\n\x0bgranted_ttl\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"j\n\x17HeartbeatStreamResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x30\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x1e.lbserver.v1.HeartbeatResponse\"9\n\x11\x44\x65registerRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\"\n\x0fGetStateRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xcb\x03\n\rBackendStatus\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.lbserver.v1.BackendStatus.LabelsEntry\x12(\n\x05state\x18\x06 \x01(\x0e\x32\x19.lbserver.v1.BackendState\x12\x0e\n\x06weight\x18\x07 \x01(\r\x12%\n\x04load\x18\x08 \x01(\x0b\x32\x17.lbserver.v1.LoadReport\x12\x1a\n\x12load_balance_token\x18\t \x01(\t\x12\x32\n\x0elast_heartbeat\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0clist_entries\x18\x0c \x01(\r\x12\r\n\x05share\x18\r \x01(\x01\x12\x18\n\x10\x65\x66\x66\x65\x63tive_weight\x18\x0e \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x02\n\x0f\x43lientCallStats\x12\x15\n\rcalls_started\x18\x01 \x01(\x03\x12\x16\n\x0e\x63\x61lls_finished\x18\x02 \x01(\x03\x12\x31\n)calls_finished_with_client_failed_to_send\x18\x03 \x01(\x03\x12%\n\x1d\x63\x61lls_finished_known_received\x18\x04 \x01(\x03\x12U\n\x16\x63\x61lls_dropped_by_token\x18\x05 \x03(\x0b\x32\x35.lbserver.v1.ClientCallStats.CallsDroppedByTokenEntry\x1a:\n\x18\x43\x61llsDroppedByTokenEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xbb\x01\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08\x62\x61\x63kends\x18\x02 \x03(\x0b\x32\x1a.lbserver.v1.BackendStatus\x12\x0f\n\x07\x63lients\x18\x03 \x01(\r\x12\x32\n\x0c\x63lient_stats\x18\x04 \x01(\x0b\x32\x1c.lbserver.v1.ClientCallStats\x12\x13\n\x0blist_length\x18\x05 \x01(\r\x12\x14\n\x0c\x64rop_entries\x18\x06 \x01(\r\"z\n\x10GetStateResponse\x12,\n\x08services\x18\x01 \x03(\x0b\x32\x1a.lbserver.v1.ServiceStatus\x12\'\n\x03now\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x03 \x01(\t*d\n\x0c\x42\x61\x63kendState\x12\x1d\n\x19\x42\x41\x43KEND_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KEND_STATE_SERVING\x10\x01\x12\x1a\n\x16\x42\x41\x43KEND_STATE_DRAINING\x10\x02\x32\x81\x02\n\x08Registry\x12J\n\tHeartbeat\x12\x1d.lbserver.v1.HeartbeatRequest\x1a\x1e.lbserver.v1.HeartbeatResponse\x12Z\n\x0fHeartbeatStream\x12\x1d.lbserver.v1.HeartbeatRequest\x1a$.lbserver.v1.HeartbeatStreamResponse(\x01\x30\x01\x12M\n\nDeregister\x12\x1e.lbserver.v1.DeregisterRequest\x1a\x1f.lbserver.v1.DeregisterResponse2P\n\x05\x41\x64min\x12G\n\x08GetState\x12\x1c.lbserver.v1.GetStateRequest\x1a\x1d.lbserver.v1.GetStateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n lbserver/proto/v1/lbserver.proto\x12\x0blbserver.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd4\x01\n\nLoadReport\x12\x1c\n\x0f\x63pu_utilization\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12 \n\x13requests_per_second\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x1e\n\x11\x65rrors_per_second\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x16\n\tin_flight\x18\x04 \x01(\rH\x03\x88\x01\x01\x42\x12\n\x10_cpu_utilizationB\x16\n\x14_requests_per_secondB\x14\n\x12_errors_per_secondB\x0c\n\n_in_flight\"\xf2\x02\n\x10HeartbeatRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x0c\n\x04zone\x18\x05 \x01(\t\x12\x39\n\x06labels\x18\x06 \x03(\x0b\x32).lbserver.v1.HeartbeatRequest.LabelsEntry\x12\x0e\n\x06weight\x18\x07 \x01(\r\x12%\n\x04load\x18\x08 \x01(\x0b\x32\x17.lbserver.v1.LoadReport\x12(\n\x05state\x18\t \x01(\x0e\x32\x19.lbserver.v1.BackendState\x12\x30\n\rrequested_ttl\x18\n \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x13\n\x0breply_token\x18\x0b \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"z\n\x11HeartbeatResponse\x12.\n\x0bgranted_ttl\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x35\n\x12heartbeat_interval\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa5\x01\n\x17HeartbeatStreamResponse\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x30\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x1e.lbserver.v1.HeartbeatResponse\x12\x0f\n\x07service\x18\x04 \x01(\t\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\x12\x13\n\x0breply_token\x18\x06 \x01(\x04\"9\n\x11\x44\x65registerRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"%\n\x12\x44\x65registerResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x08\"\"\n\x0fGetStateRequest\x12\x0f\n\x07service\x18\x01 \x01(\t\"\xcb\x03\n\rBackendStatus\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\n\n\x02ip\x18\x02 \x01(\t\x12\x0c\n\x04port\x18\x03 \x01(\r\x12\x0c\n\x04zone\x18\x04 \x01(\t\x12\x36\n\x06labels\x18\x05 \x03(\x0b\x32&.lbserver.v1.BackendStatus.LabelsEntry\x12(\n\x05state\x18\x06 \x01(\x0e\x32\x19.lbserver.v1.BackendState\x12\x0e\n\x06weight\x18\x07 \x01(\r\x12%\n\x04load\x18\x08 \x01(\x0b\x32\x17.lbserver.v1.LoadReport\x12\x1a\n\x12load_balance_token\x18\t \x01(\t\x12\x32\n\x0elast_heartbeat\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\x0b \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0clist_entries\x18\x0c \x01(\r\x12\r\n\x05share\x18\r \x01(\x01\x12\x18\n\x10\x65\x66\x66\x65\x63tive_weight\x18\x0e \x01(\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xad\x02\n\x0f\x43lientCallStats\x12\x15\n\rcalls_started\x18\x01 \x01(\x03\x12\x16\n\x0e\x63\x61lls_finished\x18\x02 \x01(\x03\x12\x31\n)calls_finished_with_client_failed_to_send\x18\x03 \x01(\x03\x12%\n\x1d\x63\x61lls_finished_known_received\x18\x04 \x01(\x03\x12U\n\x16\x63\x61lls_dropped_by_token\x18\x05 \x03(\x0b\x32\x35.lbserver.v1.ClientCallStats.CallsDroppedByTokenEntry\x1a:\n\x18\x43\x61llsDroppedByTokenEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xbb\x01\n\rServiceStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x08\x62\x61\x63kends\x18\x02 \x03(\x0b\x32\x1a.lbserver.v1.BackendStatus\x12\x0f\n\x07\x63lients\x18\x03 \x01(\r\x12\x32\n\x0c\x63lient_stats\x18\x04 \x01(\x0b\x32\x1c.lbserver.v1.ClientCallStats\x12\x13\n\x0blist_length\x18\x05 \x01(\r\x12\x14\n\x0c\x64rop_entries\x18\x06 \x01(\r\"z\n\x10GetStateResponse\x12,\n\x08services\x18\x01 \x03(\x0b\x32\x1a.lbserver.v1.ServiceStatus\x12\'\n\x03now\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x03 \x01(\t*d\n\x0c\x42\x61\x63kendState\x12\x1d\n\x19\x42\x41\x43KEND_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42\x41\x43KEND_STATE_SERVING\x10\x01\x12\x1a\n\x16\x42\x41\x43KEND_STATE_DRAINING\x10\x02\x32\x81\x02\n\x08Registry\x12J\n\tHeartbeat\x12\x1d.lbserver.v1.HeartbeatRequest\x1a\x1e.lbserver.v1.HeartbeatResponse\x12Z\n\x0fHeartbeatStream\x12\x1d.lbserver.v1.HeartbeatRequest\x1a$.lbserver.v1.HeartbeatStreamResponse(\x01\x30\x01\x12M\n\nDeregister\x12\x1e.lbserver.v1.DeregisterRequest\x1a\x1f.lbserver.v1.DeregisterResponse2P\n\x05\x41\x64min\x12G\n\x08GetState\x12\x1c.lbserver.v1.GetStateRequest\x1a\x1d.lbserver.v1.GetStateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,38 +39,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BACKENDSTATUS_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CLIENTCALLSTATS_CALLSDROPPEDBYTOKENENTRY']._loaded_options = None
   _globals['_CLIENTCALLSTATS_CALLSDROPPEDBYTOKENENTRY']._serialized_options = b'8\001'
-  _globals['_BACKENDSTATE']._serialized_start=2127
-  _globals['_BACKENDSTATE']._serialized_end=2227
+  _globals['_BACKENDSTATE']._serialized_start=2208
+  _globals['_BACKENDSTATE']._serialized_end=2308
   _globals['_LOADREPORT']._serialized_start=115
   _globals['_LOADREPORT']._serialized_end=327
   _globals['_HEARTBEATREQUEST']._serialized_start=330
-  _globals['_HEARTBEATREQUEST']._serialized_end=679
-  _globals['_HEARTBEATREQUEST_LABELSENTRY']._serialized_start=634
-  _globals['_HEARTBEATREQUEST_LABELSENTRY']._serialized_end=679
-  _globals['_HEARTBEATRESPONSE']._serialized_start=681
-  _globals['_HEARTBEATRESPONSE']._serialized_end=803
-  _globals['_HEARTBEATSTREAMRESPONSE']._serialized_start=805
-  _globals['_HEARTBEATSTREAMRESPONSE']._serialized_end=911
-  _globals['_DEREGISTERREQUEST']._serialized_start=913
-  _globals['_DEREGISTERREQUEST']._serialized_end=970
-  _globals['_DEREGISTERRESPONSE']._serialized_start=972
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1009
-  _globals['_GETSTATEREQUEST']._serialized_start=1011
-  _globals['_GETSTATEREQUEST']._serialized_end=1045
-  _globals['_BACKENDSTATUS']._serialized_start=1048
-  _globals['_BACKENDSTATUS']._serialized_end=1507
-  _globals['_BACKENDSTATUS_LABELSENTRY']._serialized_start=634
-  _globals['_BACKENDSTATUS_LABELSENTRY']._serialized_end=679
-  _globals['_CLIENTCALLSTATS']._serialized_start=1510
-  _globals['_CLIENTCALLSTATS']._serialized_end=1811
-  _globals['_CLIENTCALLSTATS_CALLSDROPPEDBYTOKENENTRY']._serialized_start=1753
-  _globals['_CLIENTCALLSTATS_CALLSDROPPEDBYTOKENENTRY']._serialized_end=1811
-  _globals['_SERVICESTATUS']._serialized_start=1814
-  _globals['_SERVICESTATUS']._serialized_end=2001
-  _globals['_GETSTATERESPONSE']._serialized_start=2003
-  _globals['_GETSTATERESPONSE']._serialized_end=2125
-  _globals['_REGISTRY']._serialized_start=2230
-  _globals['_REGISTRY']._serialized_end=2487
-  _globals['_ADMIN']._serialized_start=2489
-  _globals['_ADMIN']._serialized_end=2569
+  _globals['_HEARTBEATREQUEST']._serialized_end=700
+  _globals['_HEARTBEATREQUEST_LABELSENTRY']._serialized_start=655
+  _globals['_HEARTBEATREQUEST_LABELSENTRY']._serialized_end=700
+  _globals['_HEARTBEATRESPONSE']._serialized_start=702
+  _globals['_HEARTBEATRESPONSE']._serialized_end=824
+  _globals['_HEARTBEATSTREAMRESPONSE']._serialized_start=827
+  _globals['_HEARTBEATSTREAMRESPONSE']._serialized_end=992
+  _globals['_DEREGISTERREQUEST']._serialized_start=994
+  _globals['_DEREGISTERREQUEST']._serialized_end=1051
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1053
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1090
+  _globals['_GETSTATEREQUEST']._serialized_start=1092
+  _globals['_GETSTATEREQUEST']._serialized_end=1126
+  _globals['_BACKENDSTATUS']._serialized_start=1129
+  _globals['_BACKENDSTATUS']._serialized_end=1588
+  _globals['_BACKENDSTATUS_LABELSENTRY']._serialized_start=655
+  _globals['_BACKENDSTATUS_LABELSENTRY']._serialized_end=700
+  _globals['_CLIENTCALLSTATS']._serialized_start=1591
+  _globals['_CLIENTCALLSTATS']._serialized_end=1892
+  _globals['_CLIENTCALLSTATS_CALLSDROPPEDBYTOKENENTRY']._serialized_start=1834
+  _globals['_CLIENTCALLSTATS_CALLSDROPPEDBYTOKENENTRY']._serialized_end=1892
+  _globals['_SERVICESTATUS']._serialized_start=1895
+  _globals['_SERVICESTATUS']._serialized_end=2082
+  _globals['_GETSTATERESPONSE']._serialized_start=2084
+  _globals['_GETSTATERESPONSE']._serialized_end=2206
+  _globals['_REGISTRY']._serialized_start=2311
+  _globals['_REGISTRY']._serialized_end=2568
+  _globals['_ADMIN']._serialized_start=2570
+  _globals['_ADMIN']._serialized_end=2650
 # @@protoc_insertion_point(module_scope)

@@ -124,6 +124,7 @@ class HeartbeatRequest(_message.Message):
     LOAD_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
     REQUESTED_TTL_FIELD_NUMBER: _builtins.int
+    REPLY_TOKEN_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     instance_id: _builtins.str
     """Identifies this backend process; a new id at the same address replaces
@@ -136,6 +137,10 @@ class HeartbeatRequest(_message.Message):
     weight: _builtins.int
     """Relative static weight; 0 means the default, 1."""
     state: Global___BackendState.ValueType
+    reply_token: _builtins.int
+    """HeartbeatStream only: nonzero asks for an answer to this heartbeat,
+    which carries the same value.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -157,10 +162,11 @@ class HeartbeatRequest(_message.Message):
         load: Global___LoadReport | None = ...,
         state: Global___BackendState.ValueType = ...,
         requested_ttl: _duration_pb2.Duration | None = ...,
+        reply_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["load", b"load", "requested_ttl", b"requested_ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "ip", b"ip", "labels", b"labels", "load", b"load", "port", b"port", "requested_ttl", b"requested_ttl", "service", b"service", "state", b"state", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["instance_id", b"instance_id", "ip", b"ip", "labels", b"labels", "load", b"load", "port", b"port", "reply_token", b"reply_token", "requested_ttl", b"requested_ttl", "service", b"service", "state", b"state", "weight", b"weight", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -201,12 +207,20 @@ class HeartbeatStreamResponse(_message.Message):
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     ACCEPTED_FIELD_NUMBER: _builtins.int
+    SERVICE_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
+    REPLY_TOKEN_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """The status the Heartbeat call would have ended with (google.rpc.Code):
     0 (OK) when accepted, else e.g. 3 INVALID_ARGUMENT, 7 PERMISSION_DENIED,
     8 RESOURCE_EXHAUSTED.
     """
     message: _builtins.str
+    service: _builtins.str
+    """The heartbeat answered, as it named itself."""
+    instance_id: _builtins.str
+    reply_token: _builtins.int
+    """The heartbeat's reply_token, when it set one."""
     @_builtins.property
     def accepted(self) -> Global___HeartbeatResponse:
         """Set when code is 0."""
@@ -217,10 +231,13 @@ class HeartbeatStreamResponse(_message.Message):
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         accepted: Global___HeartbeatResponse | None = ...,
+        service: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
+        reply_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "code", b"code", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "code", b"code", "instance_id", b"instance_id", "message", b"message", "reply_token", b"reply_token", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -39,11 +39,14 @@ class RegistryStub:
     """
     HeartbeatStream: _grpc.StreamStreamMultiCallable[_lbserver_pb2.HeartbeatRequest, _lbserver_pb2.HeartbeatStreamResponse]
     """The same heartbeats on one long-lived stream, for any number of
-    backends: each request is handled as a Heartbeat call and answered, in
-    order, by one response that carries the call's status; a refused
-    heartbeat does not end the stream. Credentials are checked once, when
-    the stream opens. Far cheaper per heartbeat than unary calls; the
-    registrar uses it and falls back to Heartbeat when it is UNIMPLEMENTED.
+    backends; credentials are checked once, when the stream opens. The
+    balancer answers a heartbeat only when there is news: the first one of
+    each backend (service, instance_id) on the stream, one whose outcome
+    (status, granted TTL, interval) differs from the last answered for that
+    backend, and one that sets reply_token. A refused heartbeat does not end
+    the stream. Unanswered heartbeats cost a balancer about a third of
+    answered ones (bench/scale). The registrar uses this stream and falls
+    back to Heartbeat when it is UNIMPLEMENTED.
     """
     Deregister: _grpc.UnaryUnaryMultiCallable[_lbserver_pb2.DeregisterRequest, _lbserver_pb2.DeregisterResponse]
     """Removes one backend at once."""
@@ -57,11 +60,14 @@ class RegistryAsyncStub(RegistryStub):
     """
     HeartbeatStream: _aio.StreamStreamMultiCallable[_lbserver_pb2.HeartbeatRequest, _lbserver_pb2.HeartbeatStreamResponse]  # type: ignore[assignment]
     """The same heartbeats on one long-lived stream, for any number of
-    backends: each request is handled as a Heartbeat call and answered, in
-    order, by one response that carries the call's status; a refused
-    heartbeat does not end the stream. Credentials are checked once, when
-    the stream opens. Far cheaper per heartbeat than unary calls; the
-    registrar uses it and falls back to Heartbeat when it is UNIMPLEMENTED.
+    backends; credentials are checked once, when the stream opens. The
+    balancer answers a heartbeat only when there is news: the first one of
+    each backend (service, instance_id) on the stream, one whose outcome
+    (status, granted TTL, interval) differs from the last answered for that
+    backend, and one that sets reply_token. A refused heartbeat does not end
+    the stream. Unanswered heartbeats cost a balancer about a third of
+    answered ones (bench/scale). The registrar uses this stream and falls
+    back to Heartbeat when it is UNIMPLEMENTED.
     """
     Deregister: _aio.UnaryUnaryMultiCallable[_lbserver_pb2.DeregisterRequest, _lbserver_pb2.DeregisterResponse]  # type: ignore[assignment]
     """Removes one backend at once."""
@@ -84,11 +90,14 @@ class RegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_lbserver_pb2.HeartbeatStreamResponse], _abc.AsyncIterator[_lbserver_pb2.HeartbeatStreamResponse]]:
         """The same heartbeats on one long-lived stream, for any number of
-        backends: each request is handled as a Heartbeat call and answered, in
-        order, by one response that carries the call's status; a refused
-        heartbeat does not end the stream. Credentials are checked once, when
-        the stream opens. Far cheaper per heartbeat than unary calls; the
-        registrar uses it and falls back to Heartbeat when it is UNIMPLEMENTED.
+        backends; credentials are checked once, when the stream opens. The
+        balancer answers a heartbeat only when there is news: the first one of
+        each backend (service, instance_id) on the stream, one whose outcome
+        (status, granted TTL, interval) differs from the last answered for that
+        backend, and one that sets reply_token. A refused heartbeat does not end
+        the stream. Unanswered heartbeats cost a balancer about a third of
+        answered ones (bench/scale). The registrar uses this stream and falls
+        back to Heartbeat when it is UNIMPLEMENTED.
         """
 
     @_abc_1.abstractmethod
