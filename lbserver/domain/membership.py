@@ -77,37 +77,33 @@ class Membership:
             members = self._services[registration.service] = {}
             self._by_address[registration.service] = {}
             self.services_generation += 1
-        addresses = self._by_address[registration.service]
-        address = (registration.ip, registration.port)
-        # A new instance at an address replaces the old one there at once (a
-        # restarted backend must not wait for its predecessor's TTL).
-        other = addresses.get(address)
-        if other is not None and other != registration.instance_id:
-            del members[other]
-            del addresses[address]
-            self._order[registration.service] = None
         if ttl is None:
             ttl = self.ttl_policy.grant(registration.requested_ttl)
         previous = members.get(registration.instance_id)
-        if previous is None:
-            self._order[registration.service] = None
-        elif (previous.registration.ip, previous.registration.port) != address:
-            # Same id, new address: a new process as far as load goes.
-            old_address = (previous.registration.ip, previous.registration.port)
-            if addresses.get(old_address) == registration.instance_id:
-                del addresses[old_address]
-            self._order[registration.service] = None
-            previous = None
+        if (
+            previous is not None
+            and previous.registration.port == registration.port
+            and previous.registration.ip == registration.ip
+        ):
+            # The common case, a backend heartbeating from where it was: the
+            # address index and the token stay as they are.
+            token = previous.token
+            first_seen = previous.first_seen
+        else:
+            self._place(registration, previous)
+            previous = None  # new, or a new process at a new address
+            token = _token_at(
+                registration.service, registration.instance_id, registration.ip, registration.port
+            )
+            first_seen = now
         backend = Backend(
             registration=registration,
-            token=_token_at(
-                registration.service, registration.instance_id, registration.ip, registration.port
-            ),
+            token=token,
             last_heartbeat=now,
             expires_at=now + ttl,
             last_heartbeat_wall=wall_now,
             ttl=ttl,
-            first_seen=now if previous is None else previous.first_seen,
+            first_seen=first_seen,
             capacity=update_capacity(
                 None if previous is None else previous.capacity,
                 registration.load,
@@ -116,8 +112,25 @@ class Membership:
             ),
         )
         members[registration.instance_id] = backend
-        addresses[address] = registration.instance_id
         return backend
+
+    def _place(self, registration: Registration, previous: Backend | None) -> None:
+        """Index upkeep for a backend that is new or at a new address: a new
+        instance at an address replaces the old one there at once (a
+        restarted backend must not wait for its predecessor's TTL), and the
+        same id at a new address is a new process as far as load goes."""
+        service = registration.service
+        members, addresses = self._services[service], self._by_address[service]
+        address = (registration.ip, registration.port)
+        other = addresses.get(address)
+        if other is not None and other != registration.instance_id:
+            del members[other]
+        if previous is not None:
+            old_address = (previous.registration.ip, previous.registration.port)
+            if addresses.get(old_address) == registration.instance_id:
+                del addresses[old_address]
+        addresses[address] = registration.instance_id
+        self._order[service] = None
 
     def _forget(self, service: str, backend: Backend) -> None:
         """Index upkeep after `backend` left `service`'s members."""

@@ -98,9 +98,7 @@ class _Registrations:
         self._identities: dict[tuple[Any, ...], Registration] = {}
 
     def parse(self, request: pb.HeartbeatRequest) -> Registration:
-        ttl_nanos = (
-            request.requested_ttl.ToNanoseconds() if request.HasField("requested_ttl") else None
-        )
+        ttl = request.requested_ttl if request.HasField("requested_ttl") else None
         key = (
             request.service,
             request.instance_id,
@@ -109,7 +107,7 @@ class _Registrations:
             request.weight,
             request.zone,
             request.state,
-            ttl_nanos,
+            (ttl.seconds, ttl.nanos) if ttl is not None else None,
             tuple(sorted(request.labels.items())) if request.labels else (),
         )
         identity = self._identities.get(key)
@@ -123,7 +121,7 @@ class _Registrations:
                 zone=request.zone,
                 labels=dict(request.labels),
                 state=request.state,
-                requested_ttl=ttl_nanos / 1e9 if ttl_nanos is not None else None,
+                requested_ttl=ttl.ToNanoseconds() / 1e9 if ttl is not None else None,
             )
             if len(self._identities) >= self._kept:
                 self._identities.clear()
