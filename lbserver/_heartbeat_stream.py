@@ -26,11 +26,14 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, "")
 
 
-def status_code(number: int) -> grpc.StatusCode:
-    for code in grpc.StatusCode:
-        if code.value[0] == number:
-            return code
-    return grpc.StatusCode.UNKNOWN
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def refusal(answer: pb.HeartbeatStreamResponse) -> grpc.aio.AioRpcError | None:
+    """The error of an answer that refuses its heartbeat; None if accepted."""
+    if answer.code == grpc.StatusCode.OK.value[0]:
+        return None
+    return rpc_error(_CODES.get(answer.code, grpc.StatusCode.UNKNOWN), answer.message)
 
 
 class HeartbeatStream:

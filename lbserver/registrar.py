@@ -33,7 +33,7 @@ import grpc
 import grpc.aio
 import structlog
 
-from lbserver._heartbeat_stream import HeartbeatStream, rpc_error, status_code
+from lbserver._heartbeat_stream import HeartbeatStream, refusal
 from lbserver.backendprobe import BackendProbe
 from lbserver.domain.model import LoadReport
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
@@ -511,6 +511,7 @@ class Registrar:
         when the heartbeat went out on the stream without asking for one
         (`confirm` asks)."""
         timeout = max(link.interval, _MIN_RPC_TIMEOUT)
+        request = None
         if not link.unary_only:
             async with link.exchange:
                 # Built under the lock: a drain's DRAINING must not be
@@ -526,7 +527,11 @@ class Registrar:
                         "balancer has no HeartbeatStream; using unary heartbeats",
                         balancer=link.address,
                     )
-        request = await self._heartbeat_request()
+                    # Sent again unary, without building it (and reading the
+                    # load) twice.
+                    request.ClearField("reply_token")
+        if request is None:
+            request = await self._heartbeat_request()
         return await link.stub.Heartbeat(request, timeout=timeout, metadata=self._metadata)
 
     async def _stream_heartbeat(
@@ -554,15 +559,17 @@ class Registrar:
             link.unanswered += 1
             return None
         link.unanswered = 0
-        if reply.code != grpc.StatusCode.OK.value[0]:
-            raise rpc_error(status_code(reply.code), reply.message)
+        refused = refusal(reply)
+        if refused is not None:
+            raise refused
         return reply.accepted
 
     def _note_news(self, link: _Link, news: lbserver_pb2.HeartbeatStreamResponse) -> None:
         """An answer the balancer volunteered: the outcome of this backend's
         heartbeats changed (refused now, or accepted again, or a new TTL)."""
-        if news.code != grpc.StatusCode.OK.value[0]:
-            self._note_failure(link, rpc_error(status_code(news.code), news.message))
+        refused = refusal(news)
+        if refused is not None:
+            self._note_failure(link, refused)
         else:
             self._note_success(link, news.accepted)
 
