@@ -7,6 +7,11 @@ policy themselves (SkyWalking agents): a Python channel and a sidecar proxy.
 
 `aio_balanced_channel` is the same for grpc.aio. `Selector` is the grpclb
 client underneath, for code that makes its own calls (the proxy).
+
+Logs go to the standard `logging` module (loggers `agent_shim.*`), so the
+application's logging configuration decides what is shown; an application
+that configured structlog gets them through structlog instead. Nothing is
+printed to stdout.
 """
 
 from agent_shim._aio_channel import aio_balanced_channel

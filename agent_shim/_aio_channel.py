@@ -29,7 +29,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
-import structlog
 
 from agent_shim._common import (
     DEFAULT_RETRY_BUFFER_MESSAGES,
@@ -48,8 +47,9 @@ from agent_shim._common import (
     start_attempt,
 )
 from agent_shim._selector import Choice, Selector, ShimError
+from lbserver._logging import get_logger
 
-log = structlog.get_logger("agent_shim.aio_channel")
+log = get_logger("agent_shim.aio_channel")
 
 
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]

@@ -19,7 +19,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import grpc
-import structlog
 
 from agent_shim._common import (
     DEFAULT_RETRY_BUFFER_MESSAGES,
@@ -39,8 +38,9 @@ from agent_shim._common import (
     start_attempt,
 )
 from agent_shim._selector import Choice, Selector, ShimError
+from lbserver._logging import get_logger
 
-log = structlog.get_logger("agent_shim.channel")
+log = get_logger("agent_shim.channel")
 
 T = TypeVar("T")
 ConnectivityCallback = Callable[[grpc.ChannelConnectivity], None]

@@ -40,11 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import grpc
-import structlog
-from structlog.typing import FilteringBoundLogger
 
 from agent_shim._errors import DroppedCallError, NoBackendError, ShimError
 from agent_shim._picker import Backoff, Picker, ServerEntry, StatsDelta
+from lbserver._logging import Logger, get_logger
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
 
@@ -58,7 +57,7 @@ __all__ = [
     "aio_insecure_channel",
 ]
 
-log = structlog.get_logger("agent_shim.selector")
+log = get_logger("agent_shim.selector")
 
 ChannelT = TypeVar("ChannelT")
 
@@ -710,7 +709,7 @@ class Selector(Generic[ChannelT]):
                     await reporter
             call.cancel()
 
-    def _balancer_failed(self, logger: FilteringBoundLogger, reason: str) -> None:
+    def _balancer_failed(self, logger: Logger, reason: str) -> None:
         # One warning per outage; the retries in between are debug noise.
         if self._balancer_down_logged:
             logger.debug("balancer unreachable", reason=reason)
@@ -718,7 +717,7 @@ class Selector(Generic[ChannelT]):
             self._balancer_down_logged = True
             logger.warning("balancer unreachable; retrying with backoff", reason=reason)
 
-    async def _report_stats(self, call: Any, interval: float, logger: FilteringBoundLogger) -> None:
+    async def _report_stats(self, call: Any, interval: float, logger: Logger) -> None:
         last_empty = False
         while True:
             await asyncio.sleep(interval)

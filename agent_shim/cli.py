@@ -1,12 +1,16 @@
 """The `agent-shim` command.
 
-    agent-shim proxy --listen HOST:PORT --balancer HOST:PORT[,HOST:PORT...] --service NAME
+    agent-shim proxy --listen HOST:PORT --balancer HOST[:PORT][,HOST[:PORT]...] --service NAME
                      [--fallback HOST:PORT ...] [--max-buffer-bytes N] [--fallback-timeout S]
                      [--no-backend-wait S] [--shutdown-grace S]
                      [--log-level L] [--log-format F]
+    agent-shim check [--address HOST:PORT] [--timeout S]
 
-Exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 if it cannot listen,
-2 for bad options.
+`proxy` exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 if it cannot
+listen, 2 for bad options. `check` (a startup or readiness probe for the
+sidecar: kubelet's tcpSocket probe dials the pod IP, which a proxy listening
+on 127.0.0.1 does not answer) exits 0 when the address accepts a connection,
+1 when it does not.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +37,7 @@ from agent_shim.proxy import (
     backend_channel,
 )
 from lbserver._logging import LOG_LEVELS, configure_logging
-from lbserver.cli._argtypes import non_negative_seconds
+from lbserver.cli._argtypes import balancer_address, non_negative_seconds
 from lbserver.registrar import join_host_port, parse_host_port
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.cli")
@@ -52,6 +57,15 @@ def address_list(value: str) -> list[str]:
         return [_address(part) for part in parts]
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def balancer_list(value: str) -> list[str]:
+    """argparse type: one or more comma-separated HOST[:PORT] (port 11810, the
+    balancer's, if omitted), returned as HOST:PORT."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{value!r} names no balancer")
+    return [balancer_address(part) for part in parts]
 
 
 def listen_address(value: str) -> str:
@@ -118,11 +132,11 @@ def _add_proxy_parser(commands: Any) -> None:
     parser.add_argument(
         "--balancer",
         action="append",
-        type=address_list,
+        type=balancer_list,
         required=True,
-        metavar="HOST:PORT[,HOST:PORT...]",
-        help="grpclb balancer address(es) (lbserver serve); repeat the option or separate "
-        "with commas; the next one is tried when one is unreachable",
+        metavar="HOST[:PORT][,HOST[:PORT]...]",
+        help="grpclb balancer address(es) (lbserver serve), port 11810 if omitted; repeat "
+        "the option or separate with commas; the next one is tried when one is unreachable",
     )
     parser.add_argument(
         "--service",
@@ -194,7 +208,66 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"agent-shim {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_proxy_parser(commands)
+    _add_check_parser(commands)
     return parser
+
+
+DEFAULT_CHECK_ADDRESS = "127.0.0.1:11800"
+
+
+def _add_check_parser(commands: Any) -> None:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "check",
+        help="exit 0 if the proxy accepts connections (an exec probe for the sidecar)",
+        description=(
+            "Connects to the proxy's listening address and exits 0 if it accepts the "
+            "connection, 1 if not. Use it as the sidecar's startupProbe (exec): the "
+            "kubelet's tcpSocket probe dials the pod IP, and a proxy listening on "
+            "127.0.0.1 only is not reachable there."
+        ),
+    )
+    parser.add_argument(
+        "--address",
+        type=_checked_address,
+        default=DEFAULT_CHECK_ADDRESS,
+        metavar="HOST:PORT",
+        help="the proxy's --listen address (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_seconds,
+        default=1.0,
+        metavar="S",
+        help="seconds to wait for the connection (default: %(default)s)",
+    )
+    parser.set_defaults(run=run_check)
+
+
+def _checked_address(value: str) -> tuple[str, int]:
+    try:
+        return parse_host_port(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive_seconds(value: str) -> float:
+    from lbserver.cli._argtypes import positive_seconds
+
+    return positive_seconds(value)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    host, port = args.address
+    try:
+        with socket.create_connection((host, port), timeout=args.timeout):
+            return 0
+    except OSError as err:
+        print(
+            f"agent-shim check: {join_host_port(host, port)} does not accept connections: "
+            f"{err.strerror or err}",
+            file=sys.stderr,
+        )
+        return 1
 
 
 def run_proxy(args: argparse.Namespace) -> int:

@@ -57,7 +57,6 @@ from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import grpc
-import structlog
 
 from agent_shim._selector import (
     LB_TOKEN_METADATA_KEY,
@@ -65,8 +64,9 @@ from agent_shim._selector import (
     DroppedCallError,
     NoBackendError,
 )
+from lbserver._logging import get_logger
 
-log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.proxy")
+log = get_logger("agent_shim.proxy")
 
 DEFAULT_MAX_BUFFER_BYTES: Final = 4 * 1024 * 1024
 DEFAULT_NO_BACKEND_WAIT: Final = 5.0

@@ -8,6 +8,7 @@ which the configuration reference in docs/ is checked against.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -28,6 +29,36 @@ from lbserver.errors import ConfigError
 ENV_PREFIX = "LBSERVER_"
 EMPTY_SERVICE_POLICIES = ("fallback", "hold")
 LOG_FORMATS = ("auto", "json", "console")
+
+# `LBSERVER_*` variables that are not options: the config file's path, and the
+# token `lbserver register` and `lbserver status` send.
+NON_OPTION_VARIABLES = frozenset({f"{ENV_PREFIX}CONFIG", f"{ENV_PREFIX}TOKEN"})
+
+# The service-link variables the kubelet injects for every Service in a pod's
+# namespace (pkg/kubelet/envvars), NAME being the Service's name upper-cased
+# with '-' as '_' (a Service `lbserver` or `lbserver-*` gives LBSERVER_...):
+# NAME_SERVICE_HOST, NAME_SERVICE_PORT, NAME_SERVICE_PORT_<PORT NAME> (named
+# ports; an IANA service name has a letter), NAME_PORT, and per port
+# NAME_PORT_<n>_<TCP|UDP|SCTP>[_PROTO|_PORT|_ADDR]. No option name has this
+# shape (a unit test checks every one).
+_SERVICE_LINK = re.compile(
+    r"[A-Z][A-Z0-9_]*_(?:"
+    r"SERVICE_HOST"
+    r"|SERVICE_PORT(?:_[A-Z0-9_]*[A-Z][A-Z0-9_]*)?"
+    r"|PORT"
+    r"|PORT_[1-9][0-9]{0,4}_(?:TCP|UDP|SCTP)(?:_(?:PROTO|PORT|ADDR))?"
+    r")"
+)
+
+# Upper bounds the code can honour: gRPC channel arguments are C ints, and a
+# google.protobuf.Duration (heartbeat intervals, TTLs, the stats interval) holds
+# at most about 292 years of nanoseconds; a day is more than any of them needs.
+MAX_DURATION = 86_400.0
+MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_SERVICES = 100_000
+MAX_BACKENDS_PER_SERVICE = 100_000
+MAX_STREAMS = 1_000_000
+MAX_LIST_LENGTH = 10_000
 
 
 def _opt(default: Any, help: str) -> Any:
@@ -70,7 +101,8 @@ class Config:
         "use its resolver addresses) or 'hold' (nothing: keep its last list).",
     )
     max_list_length: int = _opt(
-        100, "Most entries in a server list; weights are rounded to fit (largest remainder)."
+        100,
+        "Most entries in a server list, 1-10000; weights are rounded to fit (largest remainder).",
     )
     error_penalty: float = _opt(
         1.0,
@@ -124,7 +156,8 @@ class Config:
     subset_sizes: Mapping[str, int] = _opt(
         {},
         "Deterministic subsetting: {service: N} gives each client of the service N of its "
-        "backends, every backend serving the same number of clients within one.",
+        "backends, every backend serving the same number of clients within one; N from 1 "
+        "to max_backends_per_service.",
     )
     name_rules: tuple[str, ...] = _opt(
         RULES,
@@ -136,12 +169,15 @@ class Config:
     )
     auth_token_file: str = _opt(
         "",
-        "File holding the token Registry and Admin calls must present as "
-        "'authorization: Bearer <token>'; empty: no token required.",
+        "File of the tokens Registry and Admin calls must present as "
+        "'authorization: Bearer <token>', one a line: the current token first, then previous "
+        "ones still accepted during a rotation. Re-read when it changes (checked every "
+        "second), no restart needed; empty: no token required.",
     )
     auth_token: str = _opt(
         "",
-        "The token itself, for setting it through LBSERVER_AUTH_TOKEN; auth_token_file wins.",
+        "The token itself (several on separate lines), for setting it through "
+        "LBSERVER_AUTH_TOKEN; read once at start; auth_token_file wins.",
     )
     tls_cert_file: str = _opt("", "Server certificate chain (PEM); with tls_key_file turns on TLS.")
     tls_key_file: str = _opt("", "Private key (PEM) of tls_cert_file.")
@@ -161,15 +197,18 @@ class Config:
         "(Registry and Admin, served on registry_listen; BalanceLoad stays open to clients "
         "on the main port) or 'all' (every call on the main port).",
     )
-    max_services: int = _opt(1000, "Most services; heartbeats for more are refused.")
+    max_services: int = _opt(1000, "Most services, 1-100000; heartbeats for more are refused.")
     max_backends_per_service: int = _opt(
-        1000, "Most backends in one service; heartbeats for more are refused."
+        1000, "Most backends in one service, 1-100000; heartbeats for more are refused."
     )
     max_streams: int = _opt(
-        20_000, "Most concurrent BalanceLoad streams; more are refused with RESOURCE_EXHAUSTED."
+        20_000,
+        "Most concurrent BalanceLoad streams, 1-1000000; more are refused with RESOURCE_EXHAUSTED.",
     )
     max_message_bytes: int = _opt(
-        1_048_576, "Largest request message the server accepts, in bytes."
+        1_048_576,
+        "Largest request message the server accepts, in bytes: 4096 to 2147483647 "
+        "(2 GiB - 1, gRPC's limit).",
     )
     heartbeat_rate_per_peer: float = _opt(
         50.0,
@@ -192,7 +231,11 @@ class Config:
         10.0, "Seconds a BalanceLoad stream may take to send its initial request."
     )
     shutdown_grace: float = _opt(
-        5.0, "Seconds open calls get to finish on SIGTERM/SIGINT before they are cancelled."
+        5.0,
+        "Seconds open calls get to finish on SIGTERM/SIGINT before they are cancelled; "
+        "BalanceLoad, HeartbeatStream and health Watch streams are ended at once (clients, "
+        "registrars and health checkers reconnect), so the stop takes only as long as the "
+        "open unary calls.",
     )
     log_level: str = _opt("info", "One of debug, info, warning, error.")
     log_format: str = _opt("auto", "auto (JSON unless stderr is a terminal), json or console.")
@@ -210,6 +253,7 @@ class Config:
             "min_ttl",
             "max_ttl",
             "initial_request_timeout",
+            "report_expiry",
         ):
             _require(name, getattr(self, name) > 0, "must be > 0")
         for name in (
@@ -220,8 +264,16 @@ class Config:
             "blackout",
             "slow_start",
             "shed_utilization",
+            "share_settle_time",
+            "min_push_interval",
         ):
             _require(name, getattr(self, name) >= 0, "must be >= 0")
+        for name in DURATION_OPTIONS:
+            _require(
+                name,
+                getattr(self, name) <= MAX_DURATION,
+                f"must be at most {MAX_DURATION:g} seconds (1 day)",
+            )
         _require(
             "default_ttl",
             self.min_ttl <= self.default_ttl <= self.max_ttl,
@@ -232,13 +284,14 @@ class Config:
             self.heartbeat_interval < self.default_ttl,
             f"must be shorter than default_ttl ({self.default_ttl}), or backends flap",
         )
-        _require("max_list_length", 1 <= self.max_list_length <= 10_000, "must be 1-10000")
-        _require("report_expiry", self.report_expiry > 0, "must be > 0")
-        _require("share_settle_time", self.share_settle_time >= 0, "must be >= 0")
-        _require("min_push_interval", self.min_push_interval >= 0, "must be >= 0")
-        for name in ("max_services", "max_backends_per_service", "max_streams"):
-            _require(name, getattr(self, name) >= 1, "must be >= 1")
-        _require("max_message_bytes", self.max_message_bytes >= 4096, "must be >= 4096")
+        for name, low, high in (
+            ("max_list_length", 1, MAX_LIST_LENGTH),
+            ("max_services", 1, MAX_SERVICES),
+            ("max_backends_per_service", 1, MAX_BACKENDS_PER_SERVICE),
+            ("max_streams", 1, MAX_STREAMS),
+            ("max_message_bytes", 4096, MAX_MESSAGE_BYTES),
+        ):
+            _require(name, low <= getattr(self, name) <= high, f"must be {low}-{high}")
         _require("heartbeat_rate_per_peer", self.heartbeat_rate_per_peer >= 0, "must be >= 0")
         _require(
             "tls_client_auth",
@@ -249,8 +302,17 @@ class Config:
         _require("max_weight_ratio", self.max_weight_ratio >= 1, "must be >= 1")
         _require("share_threshold", 0 <= self.share_threshold < 1, "must be in [0, 1)")
         _require("max_drop_share", 0 <= self.max_drop_share < 1, "must be in [0, 1)")
-        bad = {k: v for k, v in self.subset_sizes.items() if v < 1}
-        _require("subset_sizes", not bad, f"sizes must be >= 1, got {bad}")
+        bad = {
+            k: v
+            for k, v in self.subset_sizes.items()
+            if not 1 <= v <= self.max_backends_per_service
+        }
+        _require(
+            "subset_sizes",
+            not bad,
+            f"sizes must be 1-{self.max_backends_per_service} (max_backends_per_service), "
+            f"got {bad}",
+        )
         _require(
             "empty_service",
             self.empty_service in EMPTY_SERVICE_POLICIES,
@@ -268,6 +330,24 @@ class Config:
         _require(
             "log_format", self.log_format in LOG_FORMATS, f"must be one of {', '.join(LOG_FORMATS)}"
         )
+
+
+# The options that are durations in seconds (all bounded by MAX_DURATION).
+DURATION_OPTIONS = (
+    "heartbeat_interval",
+    "default_ttl",
+    "min_ttl",
+    "max_ttl",
+    "client_stats_interval",
+    "startup_grace",
+    "blackout",
+    "report_expiry",
+    "slow_start",
+    "share_settle_time",
+    "min_push_interval",
+    "initial_request_timeout",
+    "shutdown_grace",
+)
 
 
 def _require(option: str, ok: bool, problem: str) -> None:
@@ -406,15 +486,91 @@ def _target(f: dataclasses.Field[Any]) -> Any:
     return {"float": float, "int": int, "str": str}[annotation]
 
 
+def _similar_options(option: str) -> list[str]:
+    """Option names close to a misspelt one, best first."""
+    names = option_names()
+    close = difflib.get_close_matches(option, names, n=3, cutoff=0.6)
+    close += [name for name in names if name.split("_")[0] == option.split("_")[0]]
+    return list(dict.fromkeys(close))[:3]
+
+
 def _apply(values: dict[str, Any], source: Mapping[str, Any], where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(Config)}
     for key, value in source.items():
         option = key.replace("-", "_")
         if option not in fields:
-            close = [name for name in fields if name.split("_")[0] == option.split("_")[0]]
+            close = _similar_options(option)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise ConfigError(f"{where}: unknown option {key!r}{hint}")
         values[option] = _coerce(f"{where}: {option}", value, _target(fields[option]))
+
+
+def is_kubernetes_service_link(name: str) -> bool:
+    """Whether an environment variable's name has the shape of a service-link
+    variable the kubelet injects (`LBSERVER_SERVICE_HOST`,
+    `LBSERVER_PORT_11810_TCP_ADDR`, `LBSERVER_PROD_SERVICE_PORT_GRPCLB`, ...)."""
+    return _SERVICE_LINK.fullmatch(name) is not None
+
+
+def environment_options(environ: Mapping[str, str]) -> dict[str, str]:
+    """The option values set by `LBSERVER_<OPTION>` variables, by option name.
+
+    Kubernetes service links and the non-option variables (LBSERVER_CONFIG,
+    LBSERVER_TOKEN) are skipped; any other `LBSERVER_*` variable is a typo
+    that must not pass silently: ConfigError naming it as set, with a hint."""
+    names = set(option_names())
+    values: dict[str, str] = {}
+    unknown: list[str] = []
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in NON_OPTION_VARIABLES:
+            continue
+        option = name[len(ENV_PREFIX) :].lower()
+        if option in names:
+            values[option] = value
+        elif not is_kubernetes_service_link(name):
+            close = [f"{ENV_PREFIX}{match.upper()}" for match in _similar_options(option)]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            unknown.append(f"{name}: unknown option {option!r}{hint}")
+    if unknown:
+        raise ConfigError(f"environment variable {'; '.join(sorted(unknown))}")
+    return values
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> Any:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start} of the file)"
+        ) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        problem = _yaml_problem(exc, text)
+        raise ConfigError(f"config file {path} is not valid YAML: {problem}") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> str:
+    """A YAML error on one line, with 1-based line and column, without PyYAML's
+    `in "<unicode string>"` (the caller names the file)."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        text = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        if exc.context:
+            text += f" ({exc.context}"
+            if exc.context_mark is not None:
+                context = exc.context_mark
+                text += f" at line {context.line + 1}, column {context.column + 1}"
+            text += ")"
+        return text
+    if isinstance(exc, yaml.reader.ReaderError):
+        before = text[: exc.position]
+        line, column = before.count("\n") + 1, exc.position - before.rfind("\n")
+        char = exc.character if isinstance(exc.character, str) else chr(exc.character)
+        return f"line {line}, column {column}: character {char!r}: {exc.reason}"
+    return " ".join(str(exc).replace('in "<unicode string>", ', "").split())
 
 
 def load_config(
@@ -428,24 +584,12 @@ def load_config(
     values: dict[str, Any] = {}
     path = path or environ.get(f"{ENV_PREFIX}CONFIG") or None
     if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        try:
-            document = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        document = _read_yaml(path)
         if document is None:
             document = {}
         if not isinstance(document, dict):
             raise ConfigError(f"config file {path}: expected a mapping of options at the top")
         _apply(values, document, str(path))
-    env_values = {
-        name[len(ENV_PREFIX) :].lower(): value
-        for name, value in environ.items()
-        if name.startswith(ENV_PREFIX) and name != f"{ENV_PREFIX}CONFIG"
-    }
-    _apply(values, env_values, "environment LBSERVER_*")
+    _apply(values, environment_options(environ), "environment LBSERVER_*")
     _apply(values, {k: v for k, v in (overrides or {}).items() if v is not None}, "flag")
     return Config(**values)

@@ -4,6 +4,8 @@ caller can catch the whole family:
     LbserverError
     ├── ConfigError            bad configuration (file, environment, flags)
     ├── InvalidArgumentError   bad input from a client; names the field
+    │                          (also a ValueError: the registrar raises it for a
+    │                          registration the balancer would refuse)
     ├── LimitExceededError     a configured limit would be exceeded
     └── RegistrationRefusedError  a heartbeat the discovery mode does not allow
 """
@@ -19,8 +21,10 @@ class ConfigError(LbserverError):
     """The configuration is invalid; the message says which option and why."""
 
 
-class InvalidArgumentError(LbserverError):
-    """A request field is invalid. Mapped to gRPC INVALID_ARGUMENT."""
+class InvalidArgumentError(LbserverError, ValueError):
+    """A request field is invalid. Mapped to gRPC INVALID_ARGUMENT by the
+    balancer; raised by the registrar's constructor for a registration the
+    balancer would refuse. Also a ValueError, so `except ValueError` catches it."""
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")

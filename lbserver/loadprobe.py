@@ -13,6 +13,10 @@ Whatever cannot be measured is reported as unknown (None), never as zero: the
 first scrape (no earlier one to take a rate against), a counter that went down
 (the backend restarted), a metric the endpoint does not have, and every field
 while scrapes fail.
+
+Logs go to the standard `logging` module (logger `lbserver.loadprobe`) unless
+the application configured structlog, which then gets them; nothing is
+printed to stdout.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-import structlog
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbserver import __version__
+from lbserver._logging import Logger, get_logger
 from lbserver.domain.model import LoadReport
 
 __all__ = [
@@ -48,7 +52,7 @@ __all__ = [
     "static_load",
 ]
 
-_log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+_log = get_logger("lbserver.loadprobe")
 
 DEFAULT_CPU_METRIC = "process_cpu_seconds_total"
 # Changes when the process restarts; a restart between two scrapes voids every
@@ -350,7 +354,7 @@ class PrometheusLoadProbe:
         return {role: str(selector) for role, selector in self._selectors.items()}
 
     @property
-    def _log(self) -> structlog.typing.FilteringBoundLogger:
+    def _log(self) -> Logger:
         # Bound on use, so the CLI's logging configuration applies.
         return _log.bind(load_url=self._url)
 

@@ -23,6 +23,12 @@ AUTH_FAILURES = Counter(
     "Registry and Admin calls refused for their credentials, by call and reason.",
     ["call", "reason"],
 )
+AUTH_PREVIOUS_TOKEN = Counter(
+    "lbserver_auth_previous_token_total",
+    "Registry and Admin calls accepted with a previous registration token (not the first "
+    "of auth_token_file), by call: registrars not yet given the current token.",
+    ["call"],
+)
 DEREGISTRATIONS = Counter(
     "lbserver_deregistrations_total", "Deregister calls that removed a backend."
 )

@@ -15,6 +15,29 @@ background and stops (deregistering) on exit.
 
 Replicas share no store, so every balancer gets its own heartbeat loop on its
 own channel; one balancer being down never delays the others.
+
+The constructor runs the balancer's own validation (lbserver.domain.validation)
+on the registration: whatever a balancer would refuse raises ValueError
+(InvalidArgumentError, naming the field) here instead of being retried forever.
+
+Registry calls carry ``authorization: Bearer <token>`` when `token` is given:
+one token (str), a sequence of tokens, or a callable returning the current
+sequence (called before every heartbeat, so keep it cheap; `lbserver
+register --token-file` passes a reader that re-reads the file when it
+changes, so a rotated Kubernetes Secret needs no restart). The first token is
+sent first. A balancer that answers UNAUTHENTICATED or PERMISSION_DENIED is
+asked again at once with the next token (each token at most once per
+heartbeat), so a rotation where balancers and registrars learn the new token
+at different moments loses no heartbeat. Per balancer the registrar then
+keeps the token that balancer accepted, for as long as the sequence still
+holds it, and logs when it switches. A HeartbeatStream is authorized once,
+when it opens: a stream refused at its opening is reopened with the next
+token, and an open stream whose token has left the sequence is reopened with
+a current one.
+
+Logs go to the standard `logging` module (logger `lbserver.registrar`) unless
+the application configured structlog, which then gets them; nothing is
+printed to stdout.
 """
 
 from __future__ import annotations
@@ -27,26 +50,33 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 import grpc
 import grpc.aio
-import structlog
 
 from lbserver._heartbeat_stream import HeartbeatStream, refusal
+from lbserver._logging import Logger, get_logger
 from lbserver.backendprobe import BackendProbe
 from lbserver.domain.model import LoadReport
+from lbserver.domain.validation import check_weight, parse_registration
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 
 __all__ = [
+    "DEFAULT_BALANCER_PORT",
     "LoadCallback",
     "LoadReport",
     "Registrar",
+    "TokenSource",
     "join_host_port",
     "parse_host_port",
 ]
 
-_log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
+_log = get_logger("lbserver.registrar")
+
+# lbserver's gRPC port: what a balancer address without a port means where
+# one may be omitted (the commands' --balancer).
+DEFAULT_BALANCER_PORT = 11810
 
 _INITIAL_BACKOFF = 0.2
 # A balancer answering with a tiny interval must not turn the loop into a busy loop.
@@ -59,22 +89,48 @@ _DEFAULT_DEREGISTER_TIMEOUT = 2.0
 # end to end, that the balancer still takes them (a hung balancer is noticed
 # within this many intervals); the others are only written.
 _CONFIRM_EVERY = 5
-_MAX_UINT32 = 2**32 - 1
 # Codes that mean "could not talk to the balancer" rather than "it said no".
 _UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# Codes that mean "not with this token": the next token is tried.
+_DENIED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 LoadCallback = Callable[[], LoadReport | Awaitable[LoadReport]]
+# The registration token(s): one, several in order of preference, or a
+# callable giving the current ones (see the module docstring).
+TokenSource = str | Sequence[str] | Callable[[], Sequence[str]]
+_Metadata = tuple[tuple[str, str], ...]
+_T = TypeVar("_T")
 
 
-def parse_host_port(value: str) -> tuple[str, int]:
-    """Splits ``HOST:PORT`` or ``[IPV6]:PORT``; raises ValueError on bad input."""
+def _bearer(token: str | None) -> _Metadata:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _token_callable(token: TokenSource | None) -> Callable[[], Sequence[str]]:
+    """`token` as a callable giving the current tokens; ValueError if unusable."""
+    if token is None or isinstance(token, str):
+        fixed: tuple[str, ...] = (token,) if token else ()
+        return lambda: fixed
+    if callable(token):
+        return token
+    fixed = tuple(token)
+    if not all(isinstance(entry, str) and entry for entry in fixed):
+        raise ValueError("token: every token of the sequence must be a non-empty string")
+    return lambda: fixed
+
+
+def parse_host_port(value: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """Splits ``HOST:PORT`` or ``[IPV6]:PORT``; with `default_port` also takes
+    ``HOST`` or ``[IPV6]`` alone, meaning that port. Raises ValueError on bad input."""
     text = value.strip()
     if text.startswith("["):
         end = text.find("]")
-        if end < 0 or text[end + 1 : end + 2] != ":":
-            raise ValueError(f"{value!r} is not [IPV6]:PORT")
-        host, port_text = text[1:end], text[end + 2 :]
+        rest = text[end + 1 :] if end >= 0 else ""
+        if end < 0 or not (rest.startswith(":") or (rest == "" and default_port is not None)):
+            form = "[IPV6] or [IPV6]:PORT" if default_port is not None else "[IPV6]:PORT"
+            raise ValueError(f"{value!r} is not {form}")
+        host, port_text = text[1:end], rest[1:] if rest else str(default_port)
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
@@ -82,8 +138,10 @@ def parse_host_port(value: str) -> tuple[str, int]:
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
-            raise ValueError(f"{value!r} is not HOST:PORT")
-        if ":" in host:
+            if default_port is None:
+                raise ValueError(f"{value!r} is not HOST:PORT")
+            host, port_text = text, str(default_port)
+        elif ":" in host:
             raise ValueError(f"{value!r}: write IPv6 addresses in brackets, as [::1]:PORT")
     if not host:
         raise ValueError(f"{value!r} has no host")
@@ -127,6 +185,11 @@ def _nanos(seconds: float) -> int:
     return round(seconds * 1e9)
 
 
+def _offered(token: str | None, tokens: tuple[str, ...]) -> bool:
+    """A balancer's accepted token (None: none sent) is still one to send."""
+    return token in tokens if tokens else token is None
+
+
 def _close_stream(link: _Link) -> None:
     if link.stream is not None:
         link.stream.close()
@@ -155,6 +218,9 @@ class _Link:
     unanswered: int = 0
     # One heartbeat at a time per link, so states are written in order.
     exchange: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The token this balancer last accepted (the open stream's, if any);
+    # tried first while the registrar's tokens still include it.
+    token: str | None = None
 
 
 class Registrar:
@@ -174,7 +240,7 @@ class Registrar:
         interval: float = 3.0,
         ttl: float | None = None,
         load: LoadCallback | None = None,
-        token: str | None = None,
+        token: TokenSource | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         resolve: Resolver | None = None,
         probe: BackendProbe | None = None,
@@ -192,43 +258,42 @@ class Registrar:
                 raise ValueError(f"balancers: {err}") from None
             if address not in addresses:
                 addresses.append(address)
-        if not service or service.strip() != service:
-            raise ValueError(f"service: must be a non-empty name, not {service!r}")
-        try:
-            parsed_ip = ipaddress.ip_address(ip)
-        except ValueError:
-            raise ValueError(f"ip: {ip!r} is not a literal IPv4 or IPv6 address") from None
-        if parsed_ip.is_unspecified or parsed_ip.is_multicast:
-            raise ValueError(f"ip: clients cannot connect to {ip}")
-        if isinstance(port, bool) or not 1 <= port <= 65535:
-            raise ValueError(f"port: {port} is outside 1-65535")
-        if isinstance(weight, bool) or not 1 <= weight <= _MAX_UINT32:
-            raise ValueError(f"weight: must be an integer >= 1, not {weight}")
+        if instance_id is not None and not instance_id:
+            raise ValueError("instance_id: must not be empty (omit it to use IP:PORT)")
         if not math.isfinite(interval) or interval <= 0:
             raise ValueError(f"interval: must be a number of seconds > 0, not {interval}")
         if ttl is not None and (not math.isfinite(ttl) or ttl <= interval):
             raise ValueError(f"ttl: must be longer than the interval ({interval} s), not {ttl}")
-        if instance_id is not None and not instance_id:
-            raise ValueError("instance_id: must not be empty (omit it to use IP:PORT)")
-        for key in labels or {}:
-            if not key:
-                raise ValueError("labels: keys must not be empty")
+        # The balancer's own checks: what it would refuse (INVALID_ARGUMENT,
+        # forever) fails here, with its message. Weight 0 would mean "unset"
+        # on the wire; here it is a mistake.
+        check_weight("weight", weight)
+        registration = parse_registration(
+            service=service,
+            instance_id=instance_id or "",
+            ip=ip,
+            port=port,
+            weight=weight,
+            zone=zone,
+            labels=labels,
+            requested_ttl=ttl,
+        )
 
         self._balancers = tuple(addresses)
-        self._service = service
-        self._ip = str(parsed_ip)
-        self._port = port
-        self._instance_id = instance_id or join_host_port(self._ip, port)
-        self._weight = weight
-        self._zone = zone
-        self._labels = dict(labels or {})
+        self._service = registration.service
+        self._ip = str(registration.ip)
+        self._port = registration.port
+        self._instance_id = registration.instance_id
+        self._weight = registration.weight
+        self._zone = registration.zone
+        self._labels = dict(registration.labels)
         self._interval = float(interval)
         self._ttl = ttl
         self._load = load
         # Sent as `authorization: Bearer <token>` when the balancers require it.
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
+        self._token_source = _token_callable(token)
+        self._tokens: tuple[str, ...] = ()
+        self._tokens_failing = False
         self._credentials = credentials
         self._resolve = resolve or resolve_balancer
         if probe_failures < 1:
@@ -255,9 +320,7 @@ class Registrar:
         return join_host_port(self._ip, self._port)
 
     @property
-    def _log(self) -> structlog.typing.FilteringBoundLogger:
-        # Bound on every use: a logger bound in __init__ would keep the logging
-        # configuration of that moment (the CLI configures logging afterwards).
+    def _log(self) -> Logger:
         return _log.bind(service=self._service, instance_id=self._instance_id)
 
     @property
@@ -530,9 +593,14 @@ class Registrar:
                     # Sent again unary, without building it (and reading the
                     # load) twice.
                     request.ClearField("reply_token")
-        if request is None:
-            request = await self._heartbeat_request()
-        return await link.stub.Heartbeat(request, timeout=timeout, metadata=self._metadata)
+        unary = request if request is not None else await self._heartbeat_request()
+        return await self._with_tokens(
+            link,
+            lambda metadata, remaining: link.stub.Heartbeat(
+                unary, timeout=remaining, metadata=metadata
+            ),
+            timeout,
+        )
 
     async def _stream_heartbeat(
         self,
@@ -541,19 +609,22 @@ class Registrar:
         reply_within: float,
         confirm: bool,
     ) -> lbserver_pb2.HeartbeatResponse | None:
+        tokens = self._current_tokens()
         stream = link.stream
-        if stream is None or stream.ended:
-            _close_stream(link)
-            stream = link.stream = HeartbeatStream(
-                link.stub, self._metadata, lambda news: self._note_news(link, news)
+        if stream is not None and not stream.ended and _offered(link.token, tokens):
+            ask = (
+                confirm or link.sent_state != request.state or link.unanswered + 1 >= _CONFIRM_EVERY
             )
-            link.sent_state = None
-        ask = confirm or link.sent_state != request.state or link.unanswered + 1 >= _CONFIRM_EVERY
-        try:
-            reply = await stream.send(request, reply_within=reply_within if ask else None)
-        except BaseException:
+            try:
+                reply = await stream.send(request, reply_within=reply_within if ask else None)
+            except BaseException:
+                _close_stream(link)
+                raise
+        else:
+            # A new stream (the token travels when it opens), also when the
+            # open one's token is no longer offered (rotated out).
             _close_stream(link)
-            raise
+            reply = await self._open_stream(link, request, reply_within, tokens)
         link.sent_state = request.state
         if reply is None:
             link.unanswered += 1
@@ -563,6 +634,101 @@ class Registrar:
         if refused is not None:
             raise refused
         return reply.accepted
+
+    async def _open_stream(
+        self,
+        link: _Link,
+        request: lbserver_pb2.HeartbeatRequest,
+        reply_within: float,
+        tokens: tuple[str, ...],
+    ) -> lbserver_pb2.HeartbeatStreamResponse:
+        """Opens a HeartbeatStream with the first token the balancer takes
+        and sends `request` on it, asking for the answer: a stream refused
+        at its opening (UNAUTHENTICATED, PERMISSION_DENIED) is reopened with
+        the next token. An answer, even a refusal of the heartbeat, means
+        the stream's token was accepted."""
+        candidates = self._candidates(link, tokens)
+        for attempt, token in enumerate(candidates):
+            stream = link.stream = HeartbeatStream(
+                link.stub, _bearer(token), lambda news: self._note_news(link, news)
+            )
+            try:
+                reply = await stream.send(request, reply_within=reply_within)
+            except grpc.aio.AioRpcError as err:
+                _close_stream(link)
+                if err.code() in _DENIED_CODES and attempt + 1 < len(candidates):
+                    continue
+                raise
+            except BaseException:
+                _close_stream(link)
+                raise
+            assert reply is not None  # asked for
+            self._accepted_token(link, token, tokens)
+            return reply
+        raise AssertionError("no token candidates")  # pragma: no cover - never empty
+
+    async def _with_tokens(
+        self,
+        link: _Link,
+        call: Callable[[_Metadata, float], Awaitable[_T]],
+        within: float,
+    ) -> _T:
+        """A unary call (given its metadata and timeout), made again with the
+        next token while the balancer answers UNAUTHENTICATED or
+        PERMISSION_DENIED; all attempts within `within` seconds."""
+        tokens = self._current_tokens()
+        candidates = self._candidates(link, tokens)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        for attempt, token in enumerate(candidates):
+            try:
+                result = await call(_bearer(token), max(deadline - loop.time(), 0.0))
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _DENIED_CODES and attempt + 1 < len(candidates):
+                    continue
+                raise
+            self._accepted_token(link, token, tokens)
+            return result
+        raise AssertionError("no token candidates")  # pragma: no cover - never empty
+
+    def _current_tokens(self) -> tuple[str, ...]:
+        """The tokens to offer now; the last good ones if the source fails."""
+        try:
+            tokens = tuple(dict.fromkeys(t for t in self._token_source() if t))
+        except Exception:
+            if not self._tokens_failing:
+                self._tokens_failing = True
+                self._log.warning("token source failed; keeping the last tokens", exc_info=True)
+            return self._tokens
+        if self._tokens_failing:
+            self._tokens_failing = False
+            self._log.info("token source works again")
+        self._tokens = tokens
+        return tokens
+
+    @staticmethod
+    def _candidates(link: _Link, tokens: tuple[str, ...]) -> list[str | None]:
+        """Tokens in the order to try them: the one this balancer accepted
+        last while it is still offered, else the first; then the others in
+        their order. [None] (no token) when there are none."""
+        if not tokens:
+            return [None]
+        first = link.token if link.token in tokens else tokens[0]
+        return [first, *(token for token in tokens if token != first)]
+
+    def _accepted_token(self, link: _Link, token: str | None, tokens: tuple[str, ...]) -> None:
+        previous, link.token = link.token, token
+        if token == previous or token is None:
+            return
+        if previous is None and token == tokens[0]:
+            return  # the first token, from the start: nothing to say
+        # The token's place in the sequence, never the token.
+        self._log.info(
+            "switched registration token",
+            balancer=link.address,
+            token_number=tokens.index(token) + 1,
+            tokens=len(tokens),
+        )
 
     def _note_news(self, link: _Link, news: lbserver_pb2.HeartbeatStreamResponse) -> None:
         """An answer the balancer volunteered: the outcome of this backend's
@@ -655,7 +821,13 @@ class Registrar:
             service=self._service, instance_id=self._instance_id
         )
         try:
-            reply = await link.stub.Deregister(request, timeout=deadline, metadata=self._metadata)
+            reply = await self._with_tokens(
+                link,
+                lambda metadata, remaining: link.stub.Deregister(
+                    request, timeout=remaining, metadata=metadata
+                ),
+                deadline,
+            )
         except grpc.aio.AioRpcError as err:
             self._log.warning(
                 "deregister failed",

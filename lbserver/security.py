@@ -4,13 +4,21 @@ A registered backend receives every agent's traces, so Registry and Admin can
 require a bearer token (compared in constant time) and, with TLS, a client
 certificate; BalanceLoad stays open to clients unless TLS requires client
 certificates on the whole port.
+
+The token file (auth_token_file) holds one or more tokens, one a line (blank
+lines and whitespace around a token ignored): the first is the current token,
+the others previous ones still accepted while a rotation is in progress. The
+balancer re-reads it when it changes (RegistrationTokens.watch), so a rotated
+Kubernetes Secret is picked up without a restart.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +29,12 @@ from lbserver.errors import ConfigError
 
 log = structlog.get_logger("lbserver.security")
 
+# How often the balancer reads auth_token_file again to see whether it changed.
+TOKEN_FILE_CHECK_SECONDS = 1.0
+# A token file larger than this is refused (at start) or ignored (on a reload):
+# tokens are short, and the file is read every TOKEN_FILE_CHECK_SECONDS.
+MAX_TOKEN_FILE_BYTES = 64 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class Denial:
@@ -29,22 +43,186 @@ class Denial:
     reason: str  # metric label
 
 
+class RegistrationTokens:
+    """The registration tokens Registry and Admin accept, the current one
+    first, then previous ones still accepted during a rotation.
+
+    Made from auth_token_file (`from_file`), `refresh()` reads the file again
+    and takes its tokens if they changed; `watch()` does that every
+    TOKEN_FILE_CHECK_SECONDS. The path is opened anew each time, so symlinks
+    are followed and kubelet's atomic swap of a mounted Secret's `..data`
+    link is seen. A file that has become unreadable, empty or that holds a
+    token a client cannot send changes nothing: the last good tokens stay
+    (never none, which would let anyone in) and one error is logged until the
+    file is good again. `generation` counts the changes."""
+
+    def __init__(self, tokens: Sequence[str], path: str | None = None) -> None:
+        if not tokens:
+            raise ValueError("RegistrationTokens needs at least one token")
+        self._path = path
+        self._tokens = tuple(tokens)
+        self._digests = _digests(self._tokens)
+        self._raw: bytes | None = None
+        self._failing = False
+        self.generation = 0
+
+    @classmethod
+    def from_file(cls, path: str) -> RegistrationTokens:
+        """The tokens of auth_token_file; ConfigError (naming the file and
+        the line, never a token) if it is unreadable or holds no usable
+        token."""
+        raw = _read_token_file(path)
+        tokens = cls(_file_tokens(path, raw), path)
+        tokens._raw = raw
+        return tokens
+
+    @property
+    def path(self) -> str | None:
+        return self._path
+
+    @property
+    def tokens(self) -> tuple[str, ...]:
+        return self._tokens
+
+    def match(self, presented: bytes) -> int | None:
+        """The index of the token `presented` is (0: the current one), or
+        None. Every token is compared, each in constant time and over SHA-256
+        digests, so the time taken shows neither which token matched nor
+        their lengths."""
+        digest = hashlib.sha256(presented).digest()
+        found: int | None = None
+        for index, expected in enumerate(self._digests):
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = index
+        return found
+
+    def refresh(self) -> bool:
+        """Reads the token file again; True if its tokens changed (and were
+        taken). Without a file, nothing to do."""
+        if self._path is None:
+            return False
+        try:
+            raw = _read_token_file(self._path)
+            tokens = self._tokens if raw == self._raw else _file_tokens(self._path, raw)
+        except ConfigError as err:
+            if not self._failing:
+                self._failing = True
+                log.error(
+                    "registration token file unusable; keeping the last good tokens",
+                    path=self._path,
+                    tokens=len(self._tokens),
+                    error=str(err),
+                )
+            return False
+        self._raw = raw
+        if self._failing:
+            self._failing = False
+            if tokens == self._tokens:
+                log.info("registration token file usable again", path=self._path)
+        if tokens == self._tokens:
+            return False
+        # On the event loop, between two calls' checks: a check sees the old
+        # tokens or the new ones, never a mix.
+        self._digests = _digests(tokens)
+        self._tokens = tokens
+        self.generation += 1
+        # The number of tokens, never the tokens.
+        log.info("registration tokens reloaded", path=self._path, tokens=len(tokens))
+        return True
+
+    async def watch(self, every: float = TOKEN_FILE_CHECK_SECONDS) -> None:
+        """Refreshes every `every` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                self.refresh()
+            except Exception:  # never let a surprise end the reloading
+                log.exception("registration token file check failed", path=self._path)
+
+
+def _digests(tokens: Sequence[str]) -> tuple[bytes, ...]:
+    return tuple(hashlib.sha256(token.encode()).digest() for token in tokens)
+
+
+def _read_token_file(path: str) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as err:
+        raise ConfigError(f"auth_token_file: cannot read {path}: {err.strerror}") from None
+    if len(raw) > MAX_TOKEN_FILE_BYTES:
+        raise ConfigError(
+            f"auth_token_file: {path} is larger than {MAX_TOKEN_FILE_BYTES} bytes; it should "
+            "hold a few tokens, one a line"
+        )
+    return raw
+
+
+def _file_tokens(path: str, raw: bytes) -> tuple[str, ...]:
+    tokens = parse_tokens(
+        f"auth_token_file: the token in {path}",
+        raw.decode("utf-8", errors="replace"),
+        name_every_line=True,
+    )
+    if not tokens:
+        raise ConfigError(f"auth_token_file: {path} is empty or only whitespace")
+    return tokens
+
+
+def parse_tokens(what: str, text: str, *, name_every_line: bool = False) -> tuple[str, ...]:
+    """The tokens of `text`, one a line, in order and without duplicates;
+    blank lines and whitespace around a token are ignored. ConfigError
+    (check_token's, naming `what` and the line: every line, or those past
+    the first) for a token a client cannot send. An empty tuple when there
+    is none."""
+    tokens: list[str] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        token = line.strip()
+        if not token:
+            continue
+        named = name_every_line or number > 1
+        check_token(f"{what}, line {number}" if named else what, token)
+        if token not in tokens:
+            tokens.append(token)
+    return tuple(tokens)
+
+
 class Authorizer:
     """Checks one call's credentials for Registry and Admin."""
 
-    def __init__(self, token: str | None = None, require_client_cert: bool = False) -> None:
-        self._token = token.encode() if token else None
+    def __init__(
+        self,
+        token: str | RegistrationTokens | None = None,
+        require_client_cert: bool = False,
+    ) -> None:
+        self._tokens = RegistrationTokens([token]) if isinstance(token, str) else token
         self._require_client_cert = require_client_cert
 
     @property
     def enabled(self) -> bool:
-        return self._token is not None or self._require_client_cert
+        return self._tokens is not None or self._require_client_cert
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever the accepted tokens do: a stream authenticated
+        before checks its credentials again."""
+        return 0 if self._tokens is None else self._tokens.generation
 
     def check(
         self,
         metadata: Iterable[tuple[str, str | bytes]],
         auth_context: Mapping[str, Iterable[bytes]],
     ) -> Denial | None:
+        verdict = self.verify(metadata, auth_context)
+        return verdict if isinstance(verdict, Denial) else None
+
+    def verify(
+        self,
+        metadata: Iterable[tuple[str, str | bytes]],
+        auth_context: Mapping[str, Iterable[bytes]],
+    ) -> Denial | int:
+        """A Denial, or the index of the token the call presented: 0 for the
+        current one (and when no token is required), more for a previous one."""
         if (
             self._require_client_cert
             and not auth_context.get("x509_common_name")
@@ -55,8 +233,8 @@ class Authorizer:
                 "a client certificate signed by the balancer's client CA is required",
                 "no_client_certificate",
             )
-        if self._token is None:
-            return None
+        if self._tokens is None:
+            return 0
         values = [value for key, value in metadata if key == "authorization"]
         if not values:
             return Denial(
@@ -73,28 +251,56 @@ class Authorizer:
                 "the authorization metadata must be 'Bearer <token>'",
                 "malformed_token",
             )
-        if not hmac.compare_digest(presented.strip(), self._token):
+        index = self._tokens.match(presented.strip())
+        if index is None:
             return Denial(
                 grpc.StatusCode.PERMISSION_DENIED,
                 "the registration token is wrong",
                 "wrong_token",
             )
+        return index
+
+
+def load_tokens(token: str, token_file: str) -> RegistrationTokens | None:
+    """The configured tokens: from `token_file` if given (re-readable), else
+    from `token` (one token, or several on separate lines); None when neither
+    is set. Surrounding whitespace (a file's final newline) is dropped; no
+    token at all, or one with a character a client cannot send in an
+    `authorization: Bearer <token>` header, is a ConfigError (it would lock
+    out every registrar)."""
+    if token_file:
+        return RegistrationTokens.from_file(token_file)
+    if not token:
         return None
+    tokens = parse_tokens("auth_token", token)
+    if not tokens:
+        raise ConfigError("auth_token: is only whitespace; set a token, or leave it empty for none")
+    return RegistrationTokens(tokens)
 
 
 def load_token(token: str, token_file: str) -> str | None:
-    """The configured token: from `token_file` if given, else `token`."""
-    if token_file:
-        try:
-            value = Path(token_file).read_text().strip()
-        except OSError as err:
-            raise ConfigError(
-                f"auth_token_file: cannot read {token_file}: {err.strerror}"
-            ) from None
-        if not value:
-            raise ConfigError(f"auth_token_file: {token_file} is empty")
-        return value
-    return token or None
+    """The current token of load_tokens (the first), or None."""
+    tokens = load_tokens(token, token_file)
+    return None if tokens is None else tokens.tokens[0]
+
+
+def check_token(what: str, token: str) -> None:
+    """ConfigError unless every character of `token` can travel in an
+    `authorization: Bearer <token>` header: printable ASCII, no whitespace.
+    The message names the position and kind of character, never the token."""
+    for index, char in enumerate(token):
+        if "!" <= char <= "~":
+            continue
+        if char.isspace():
+            kind = "whitespace"
+        elif not char.isascii():
+            kind = "a non-ASCII character"
+        else:
+            kind = "a control character"
+        raise ConfigError(
+            f"{what}: character {index + 1} is {kind} (U+{ord(char):04X}); a token must be "
+            "printable ASCII without spaces to be sent as 'authorization: Bearer <token>'"
+        )
 
 
 def server_credentials(
@@ -165,15 +371,34 @@ async def require(
     authorizer: Authorizer,
     context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
     what: str,
-) -> None:
-    """Aborts the call unless its credentials pass; logs and counts failures."""
+    *,
+    stream: bool = False,
+    again: bool = False,
+) -> int:
+    """Aborts the call unless its credentials pass; logs and counts failures.
+    Returns the index of the token the call presented (0: the current one, or
+    no token required). A call with a previous token is counted here, unless
+    it is a `stream`, whose caller counts its messages instead. `again`: a
+    stream checked anew because the accepted tokens changed."""
     if not authorizer.enabled:
-        return
-    denial = authorizer.check(context.invocation_metadata() or (), context.auth_context())
-    if denial is None:
-        return
+        return 0
+    verdict = authorizer.verify(context.invocation_metadata() or (), context.auth_context())
+    if not isinstance(verdict, Denial):
+        if verdict and not stream:
+            from lbserver import metrics
+
+            metrics.AUTH_PREVIOUS_TOKEN.labels(what).inc()
+        return verdict
     from lbserver import metrics
 
-    metrics.AUTH_FAILURES.labels(what, denial.reason).inc()
-    log.warning("auth failure", peer=context.peer(), call=what, reason=denial.reason)
-    await context.abort(denial.code, denial.message)
+    metrics.AUTH_FAILURES.labels(what, verdict.reason).inc()
+    if again:
+        log.warning(
+            "auth failure: the stream's token is no longer accepted",
+            peer=context.peer(),
+            call=what,
+            reason=verdict.reason,
+        )
+    else:
+        log.warning("auth failure", peer=context.peer(), call=what, reason=verdict.reason)
+    await context.abort(verdict.code, verdict.message)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import socket
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, start_http_server
 
 from lbserver import metrics
-from lbserver._grpc_compat import AsyncHealthServicer
+from lbserver._grpc_compat import HealthServicerBase
 from lbserver.balancer import Balancer, EmptyServicePolicy, ListSettings
 from lbserver.config import Config, parse_host_port
 from lbserver.discovery import EndpointSource
@@ -27,7 +28,13 @@ from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
 from lbserver.errors import ConfigError
 from lbserver.proto.grpclb.v1 import load_balancer_pb2
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
-from lbserver.security import Authorizer, PeerRateLimiter, load_token, server_credentials
+from lbserver.security import (
+    Authorizer,
+    PeerRateLimiter,
+    RegistrationTokens,
+    load_tokens,
+    server_credentials,
+)
 from lbserver.services.admin import AdminService
 from lbserver.services.loadbalancer import LoadBalancerService
 from lbserver.services.registry import RegistryService
@@ -60,6 +67,81 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Two balancers on one port would silently split the clients between them.
     ("grpc.so_reuseport", 0),
 )
+
+
+_SHUTTING_DOWN = "the balancer is shutting down"
+
+
+class HealthService(HealthServicerBase):  # type: ignore[misc]
+    """grpc.health.v1.Health, as grpcio's asyncio HealthServicer (Check, Watch,
+    `set`, `enter_graceful_shutdown`), except that entering the graceful
+    shutdown also ends every open Watch stream: the watcher is told
+    NOT_SERVING, then the call ends with UNAVAILABLE, and later Watch calls
+    get the same at once. A Watch never ends by itself; left open, it held a
+    stop for its whole shutdown_grace and was then cancelled. Envoy, Consul
+    and gRPC clients with health checking watch; kubelet only calls Check."""
+
+    def __init__(self) -> None:
+        self._status: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        # Set (and replaced) at every change of a status.
+        self._changed = asyncio.Event()
+        self._shutting_down = False
+
+    async def Check(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ],
+    ) -> health_pb2.HealthCheckResponse:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(
+        self,
+        request: health_pb2.HealthCheckRequest,
+        context: grpc.aio.ServicerContext[
+            health_pb2.HealthCheckRequest, health_pb2.HealthCheckResponse
+        ],
+    ) -> None:
+        last: int | None = None
+        while True:
+            # Taken before the status is read: a change during the write
+            # below sets this event, so it is not missed.
+            changed = self._changed
+            status = self._status.get(
+                request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            )
+            if status != last:
+                await context.write(health_pb2.HealthCheckResponse(status=status))
+                last = status
+            if self._shutting_down:
+                context.set_code(grpc.StatusCode.UNAVAILABLE)
+                context.set_details(_SHUTTING_DOWN)
+                return
+            await changed.wait()
+
+    async def set(self, service: str, status: int) -> None:
+        """Sets a service's status; ignored once shutting down."""
+        if self._shutting_down:
+            return
+        self._status[service] = status
+        self._notify()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """Turns every status NOT_SERVING for good and ends the Watch streams."""
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        for service in self._status:
+            self._status[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
 
 def build_balancer(config: Config) -> Balancer:
@@ -102,7 +184,7 @@ class RunningServer:
     config: Config
     balancer: Balancer
     server: grpc.aio.Server
-    health: Any  # grpc_health's asyncio HealthServicer
+    health: HealthService
     port: int
     timers: asyncio.Task[None]
     # The server and port of Registry and Admin: the main ones unless mTLS
@@ -110,13 +192,24 @@ class RunningServer:
     registry_server: grpc.aio.Server
     registry_port: int
     discovery: asyncio.Task[None] | None = None
+    registry: RegistryService | None = None
+    # The registration tokens (None: no token), and the task that re-reads
+    # auth_token_file when there is one.
+    tokens: RegistrationTokens | None = None
+    token_watch: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, ends every BalanceLoad stream (clients keep
-        their lists and reconnect elsewhere) and stops within the grace."""
+        their lists and reconnect elsewhere), every Registry.HeartbeatStream
+        (registrars open a new one at their next heartbeat, to a replica that
+        is still up) and every grpc.health.v1 Watch stream (after telling it
+        NOT_SERVING), and stops within the grace: open unary calls get it,
+        and the stop is over as soon as they are done."""
         await self.health.enter_graceful_shutdown()
         self.balancer.close()
-        for task in (self.timers, self.discovery):
+        if self.registry is not None:
+            self.registry.close()
+        for task in (self.timers, self.discovery, self.token_watch):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -144,14 +237,55 @@ def _grpc_server(config: Config) -> grpc.aio.Server:
     )
 
 
+class ListenError(OSError):
+    """An address of the configuration cannot be listened on; the message
+    names the address and the option (`lbserver serve` exits 1)."""
+
+    def __init__(self, option: str, address: str, reason: str) -> None:
+        super().__init__(f"cannot listen on {address} ({option}): {reason}")
+
+
+def _unbracketed(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _check_bindable(option: str, address: str, host: str, port: int) -> None:
+    """ListenError when no address `host` resolves to can be bound on `port`
+    (busy, not local, privileged). grpcio would only log the reason on stderr
+    (in its own format) and raise "Failed to bind"; a trial bind, closed at
+    once and never listening, gets the operating system's reason instead."""
+    if port == 0:
+        return
+    try:
+        candidates = socket.getaddrinfo(
+            _unbracketed(host) or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(option, address, exc.strerror or str(exc)) from None
+    first_error: OSError | None = None
+    for family, kind, proto, _, sockaddr in candidates:
+        try:
+            with socket.socket(family, kind, proto) as trial:
+                # As grpcio's own listening sockets do: a port whose last
+                # connections are in TIME_WAIT is free.
+                trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                trial.bind(sockaddr)
+            return
+        except OSError as exc:
+            first_error = first_error or exc
+    if first_error is not None:
+        raise ListenError(option, address, first_error.strerror or str(first_error))
+
+
 def _bind(server: grpc.aio.Server, option: str, address: str, credentials: Any) -> int:
     host, port = parse_host_port(option, address)
+    _check_bindable(option, address, host, port)
     try:
         if credentials is not None:
             return server.add_secure_port(f"{host}:{port}", credentials)
         return server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as exc:
-        raise OSError(f"cannot listen on {address}: {exc}") from exc
+        raise ListenError(option, address, str(exc)) from exc
 
 
 async def start(config: Config, balancer: Balancer | None = None) -> RunningServer:
@@ -178,10 +312,8 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
         "" if separate_registry else config.tls_client_ca_file,
         require_client_cert_everywhere=True,
     )
-    authorizer = Authorizer(
-        token=load_token(config.auth_token, config.auth_token_file),
-        require_client_cert=bool(config.tls_client_ca_file),
-    )
+    tokens = load_tokens(config.auth_token, config.auth_token_file)
+    authorizer = Authorizer(tokens, require_client_cert=bool(config.tls_client_ca_file))
     server = _grpc_server(config)
     registry_server = _grpc_server(config) if separate_registry else server
     # Like load_balancer_pb2_grpc.add_LoadBalancerServicer_to_server, with a
@@ -192,14 +324,14 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
         initial_request_timeout=config.initial_request_timeout,
         max_streams=config.max_streams,
     ).add_to_server(server)
-    lbserver_pb2_grpc.add_RegistryServicer_to_server(
-        RegistryService(balancer, authorizer, PeerRateLimiter(config.heartbeat_rate_per_peer)),
-        registry_server,
+    registry = RegistryService(
+        balancer, authorizer, PeerRateLimiter(config.heartbeat_rate_per_peer)
     )
+    lbserver_pb2_grpc.add_RegistryServicer_to_server(registry, registry_server)
     lbserver_pb2_grpc.add_AdminServicer_to_server(
         AdminService(balancer, authorizer), registry_server
     )
-    health_servicer = AsyncHealthServicer()
+    health_servicer = HealthService()
     servers = [server] if registry_server is server else [server, registry_server]
     for each in servers:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, each)
@@ -211,39 +343,61 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
             ),
             each,
         )
-    bound = _bind(server, "listen", config.listen, main_credentials)
-    registry_port = bound
-    if registry_server is not server:
-        registry_port = _bind(
-            registry_server,
-            "registry_listen",
-            config.registry_listen,
-            server_credentials(
-                config.tls_cert_file,
-                config.tls_key_file,
-                config.tls_client_ca_file,
-                require_client_cert_everywhere=True,
-            ),
-        )
+    try:
+        bound = _bind(server, "listen", config.listen, main_credentials)
+        registry_port = bound
+        if registry_server is not server:
+            registry_port = _bind(
+                registry_server,
+                "registry_listen",
+                config.registry_listen,
+                server_credentials(
+                    config.tls_cert_file,
+                    config.tls_key_file,
+                    config.tls_client_ca_file,
+                    require_client_cert_everywhere=True,
+                ),
+            )
+    except BaseException:
+        # Stopped here, not by the garbage collector once the loop is gone.
+        for each in servers:
+            await each.stop(0)
+        raise
     for each in servers:
         await each.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     timers = asyncio.create_task(balancer.run_timers(), name="balancer-timers")
     running = RunningServer(
-        config, balancer, server, health_servicer, bound, timers, registry_server, registry_port
+        config,
+        balancer,
+        server,
+        health_servicer,
+        bound,
+        timers,
+        registry_server,
+        registry_port,
+        registry=registry,
+        tokens=tokens,
     )
+    if tokens is not None and tokens.path is not None:
+        running.token_watch = asyncio.create_task(tokens.watch(), name="token-file")
     if source is not None:
         running.discovery = asyncio.create_task(source.run(), name="kubernetes-discovery")
     return running
 
 
 def start_metrics(config: Config, balancer: Balancer) -> int | None:
+    """Serves /metrics; ListenError when its address cannot be listened on."""
     if config.metrics_listen in ("", "off"):
         return None
     host, port = parse_host_port("metrics_listen", config.metrics_listen)
+    try:
+        http_server, _thread = start_http_server(port, addr=_unbracketed(host) or "0.0.0.0")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ListenError("metrics_listen", config.metrics_listen, reason) from None
     metrics.register_balancer(balancer, REGISTRY)
-    http_server, _thread = start_http_server(port, addr=host or "0.0.0.0")
     bound: int = http_server.server_port
     return bound
 
@@ -259,7 +413,11 @@ def tune_gc() -> None:
 async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then stops gracefully."""
     running = await start(config)
-    metrics_port = start_metrics(config, running.balancer)
+    try:
+        metrics_port = start_metrics(config, running.balancer)
+    except BaseException:
+        await running.stop(grace=0)
+        raise
     tune_gc()
     log.info(
         "lbserver serving",

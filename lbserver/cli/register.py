@@ -19,9 +19,10 @@ import structlog
 
 from lbserver._logging import LOG_LEVELS, configure_logging
 from lbserver.backendprobe import PROBE_KINDS, make_probe
-from lbserver.cli._argtypes import non_negative_seconds, positive_seconds
-from lbserver.cli._credentials import add_credential_options, channel_credentials, read_token
+from lbserver.cli._argtypes import balancer_address, non_negative_seconds, positive_seconds
+from lbserver.cli._credentials import add_credential_options, channel_credentials, token_source
 from lbserver.domain.model import LoadReport
+from lbserver.domain.validation import MAX_STATIC_WEIGHT
 from lbserver.loadprobe import (
     DEFAULT_CPU_METRIC,
     PrometheusLoadProbe,
@@ -35,16 +36,12 @@ _log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
 
 def balancer_list(value: str) -> list[str]:
-    """argparse type: one or more comma-separated HOST:PORT."""
-    addresses = [part.strip() for part in value.split(",") if part.strip()]
-    if not addresses:
+    """argparse type: one or more comma-separated HOST[:PORT] (port 11810 if
+    omitted), returned as HOST:PORT."""
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not parts:
         raise argparse.ArgumentTypeError(f"{value!r} names no balancer")
-    for address in addresses:
-        try:
-            parse_host_port(address)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-    return addresses
+    return [balancer_address(part) for part in parts]
 
 
 def host_port(value: str) -> tuple[str, int]:
@@ -184,7 +181,7 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
         interval=args.interval,
         ttl=args.ttl,
         load=build_load(args),
-        token=read_token(args.token_file),
+        token=token_source(args.token_file),
         credentials=channel_credentials(args.tls_ca, args.tls_cert, args.tls_key),
         probe=make_probe(
             args.probe,
@@ -212,9 +209,12 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         type=balancer_list,
         required=True,
-        metavar="HOST:PORT[,HOST:PORT...]",
-        help="balancer address(es); repeat the option or separate with commas. "
-        "Every replica must be listed: replicas share no state.",
+        metavar="HOST[:PORT][,HOST[:PORT]...]",
+        help="balancer address(es), port 11810 if omitted; repeat the option or separate "
+        "with commas. Every replica must get heartbeats (replicas share no state), and a "
+        "DNS name such as the balancer's headless Service resolves to every replica: it "
+        "is re-resolved every interval and every address gets its own heartbeats. List "
+        "addresses only when there is no such name.",
     )
     parser.add_argument(
         "--service", required=True, metavar="NAME", help="service the backend belongs to"
@@ -232,7 +232,7 @@ def add_parser(subparsers: Any) -> None:
         type=positive_int,
         default=1,
         metavar="N",
-        help="relative static weight (default: %(default)s)",
+        help=f"relative static weight, 1-{MAX_STATIC_WEIGHT} (default: %(default)s)",
     )
     parser.add_argument("--zone", default="", metavar="Z", help="zone or locality of the backend")
     parser.add_argument(

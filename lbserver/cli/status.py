@@ -56,17 +56,32 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from lbserver.cli._argtypes import positive_seconds
-from lbserver.cli._credentials import add_credential_options, channel_credentials, read_token
+from lbserver.cli._argtypes import balancer_address, positive_seconds
+from lbserver.cli._credentials import (
+    TokenFile,
+    add_credential_options,
+    channel_credentials,
+    token_source,
+)
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
-from lbserver.registrar import join_host_port, parse_host_port
+from lbserver.registrar import DEFAULT_BALANCER_PORT, join_host_port
 
-DEFAULT_BALANCER = "127.0.0.1:11810"
+DEFAULT_BALANCER = f"127.0.0.1:{DEFAULT_BALANCER_PORT}"
+
+# Exit codes.
+OK = 0
+FAILED = 1  # the balancer is unreachable or the call failed
+BAD_OPTIONS = 2  # also argparse's
+NO_SUCH_SERVICE = 3
+
+# Answers that mean "not with this token": the next token is tried.
+_DENIED_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 _STATE_NAMES = {
     lbserver_pb2.BACKEND_STATE_UNSPECIFIED: "unspecified",
@@ -75,42 +90,36 @@ _STATE_NAMES = {
 }
 
 
-def _address(value: str) -> str:
-    try:
-        return join_host_port(*parse_host_port(value))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "status",
         help="show a balancer's services, backends, weights, load and clients",
         description="Shows what one balancer knows, read through its Admin API.",
+        epilog="Exit codes: 0 ok, 1 balancer unreachable or call failed, 2 bad options, "
+        "3 no such service (--service names a service the balancer does not know; the "
+        "known ones are listed on stderr).",
     )
     parser.add_argument(
         "--balancer",
-        type=_address,
+        type=balancer_address,
         default=DEFAULT_BALANCER,
-        metavar="HOST:PORT",
-        help="balancer to ask (default: %(default)s)",
+        metavar="HOST[:PORT]",
+        help=f"balancer to ask; port {DEFAULT_BALANCER_PORT} if omitted (default: %(default)s)",
     )
     parser.add_argument(
+        "--service",
+        default="",
+        metavar="NAME",
+        help="show only this service (default: all); exit code 3 if the balancer does not know it",
+    )
+    # Added next to each other so that usage shows [--json | --watch [S]].
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument(
         "--json",
         action="store_true",
         help="print a JSON document (layout in `pydoc lbserver.cli.status`) instead of tables",
     )
-    parser.add_argument(
-        "--service", default="", metavar="NAME", help="show only this service (default: all)"
-    )
-    parser.add_argument(
-        "--timeout",
-        type=positive_seconds,
-        default=5.0,
-        metavar="S",
-        help="seconds to wait for the balancer (default: %(default)s)",
-    )
-    parser.add_argument(
+    output.add_argument(
         "--watch",
         type=positive_seconds,
         nargs="?",
@@ -118,6 +127,13 @@ def add_parser(subparsers: Any) -> None:
         default=None,
         metavar="S",
         help="redraw the tables every S seconds (default 2) until Ctrl-C",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_seconds,
+        default=5.0,
+        metavar="S",
+        help="seconds to wait for the balancer (default: %(default)s)",
     )
     add_credential_options(parser)
     parser.set_defaults(run=run)
@@ -128,35 +144,61 @@ def fetch_state(
     service: str,
     timeout: float,
     *,
-    token: str | None = None,
+    token: str | Sequence[str] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> lbserver_pb2.GetStateResponse:
+    """Admin.GetState from `balancer` within `timeout` seconds. With several
+    tokens, a call refused with UNAUTHENTICATED or PERMISSION_DENIED is made
+    again with the next one; the last refusal is raised."""
+    tokens = [token] if isinstance(token, str) else list(token or ())
+    candidates: list[str | None] = [t for t in tokens if t] or [None]
     channel = (
         grpc.secure_channel(balancer, credentials)
         if credentials is not None
         else grpc.insecure_channel(balancer)
     )
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    deadline = time.monotonic() + timeout
     with channel:
         stub = lbserver_pb2_grpc.AdminStub(channel)
-        response: lbserver_pb2.GetStateResponse = stub.GetState(
-            lbserver_pb2.GetStateRequest(service=service), timeout=timeout, metadata=metadata
-        )
-        return response
+        for attempt, candidate in enumerate(candidates):
+            metadata = (("authorization", f"Bearer {candidate}"),) if candidate else None
+            try:
+                response: lbserver_pb2.GetStateResponse = stub.GetState(
+                    lbserver_pb2.GetStateRequest(service=service),
+                    timeout=max(deadline - time.monotonic(), 0.0),
+                    metadata=metadata,
+                )
+            except grpc.RpcError as err:
+                code = err.code() if isinstance(err, grpc.Call) else None
+                if code in _DENIED_CODES and attempt + 1 < len(candidates):
+                    continue
+                raise
+            return response
+    raise AssertionError("no token candidates")  # pragma: no cover - never empty
+
+
+Tokens = TokenFile | str | None
+
+
+def _tokens(source: Tokens) -> Sequence[str]:
+    """The tokens to try now (a token file is re-read when it changed)."""
+    if source is None:
+        return ()
+    return (source,) if isinstance(source, str) else source()
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        token = read_token(args.token_file)
+        token = token_source(args.token_file)
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key)
     except ValueError as err:
         print(f"lbserver status: {err}", file=sys.stderr)
-        return 2
-    if args.watch is not None and not args.json:
+        return BAD_OPTIONS
+    if args.watch is not None:
         return _watch(args, token, credentials)
     try:
         state = fetch_state(
-            args.balancer, args.service, args.timeout, token=token, credentials=credentials
+            args.balancer, args.service, args.timeout, token=_tokens(token), credentials=credentials
         )
     except grpc.RpcError as err:
         code = err.code() if isinstance(err, grpc.Call) else None
@@ -171,33 +213,65 @@ def run(args: argparse.Namespace) -> int:
             f"lbserver status: {reason} at {args.balancer}: {code_name}: {details}",
             file=sys.stderr,
         )
-        return 1
+        return FAILED
+    if _lacks_service(state, args.service):
+        message = _no_such_service(args, token, credentials)
+        print(f"lbserver status: {message}", end="", file=sys.stderr)
+        return NO_SUCH_SERVICE
     if args.json:
         print(json.dumps(state_to_dict(state, args.balancer), indent=2))
     else:
         print(render_tables(state, args.balancer), end="")
-    return 0
+    return OK
+
+
+def _lacks_service(state: lbserver_pb2.GetStateResponse, service: str) -> bool:
+    """--service names a service the balancer does not know."""
+    return bool(service) and not any(known.name == service for known in state.services)
+
+
+def _no_such_service(
+    args: argparse.Namespace, token: Tokens, credentials: grpc.ChannelCredentials | None
+) -> str:
+    """Says that --service is unknown, and which services the balancer knows."""
+    try:
+        everything = fetch_state(
+            args.balancer, "", args.timeout, token=_tokens(token), credentials=credentials
+        )
+        known = ", ".join(service.name for service in everything.services) or "none"
+    except grpc.RpcError as err:
+        code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
+        known = f"cannot list them ({code})"
+    return f"no service {args.service!r} on {args.balancer}\nknown services: {known}\n"
 
 
 def _watch(
-    args: argparse.Namespace, token: str | None, credentials: grpc.ChannelCredentials | None
+    args: argparse.Namespace, token: Tokens, credentials: grpc.ChannelCredentials | None
 ) -> int:
-    """Redraws the tables until Ctrl-C; an unreachable balancer is shown, not fatal."""
+    """Redraws the tables until Ctrl-C; an unreachable balancer or a service
+    it does not know (yet) is shown, not fatal."""
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
     try:
         while True:
             try:
                 state = fetch_state(
-                    args.balancer, args.service, args.timeout, token=token, credentials=credentials
+                    args.balancer,
+                    args.service,
+                    args.timeout,
+                    token=_tokens(token),
+                    credentials=credentials,
                 )
-                body = render_tables(state, args.balancer)
+                if _lacks_service(state, args.service):
+                    body = _no_such_service(args, token, credentials)
+                else:
+                    body = render_tables(state, args.balancer)
             except grpc.RpcError as err:
                 code = err.code().name if isinstance(err, grpc.Call) else "UNKNOWN"
                 body = f"balancer {args.balancer}: unreachable ({code}); retrying\n"
             print(clear + body, end="", flush=True)
             time.sleep(args.watch)
     except KeyboardInterrupt:
-        return 0
+        return OK
 
 
 def _timestamp(value: timestamp_pb2.Timestamp) -> str | None:

@@ -1,5 +1,8 @@
 """Validation of what clients and backends send. Each check raises
-InvalidArgumentError naming the offending field, before any state is touched."""
+InvalidArgumentError naming the offending field, before any state is touched.
+
+The registrar (lbserver.registrar) runs the same checks on what it will send,
+so a registration the balancer would refuse fails at construction instead."""
 
 from __future__ import annotations
 
@@ -58,9 +61,19 @@ def parse_ip(field: str, value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Ad
 
 
 def check_port(field: str, port: int) -> int:
-    if not 1 <= port <= 65535:
+    if isinstance(port, bool) or not 1 <= port <= 65535:
         raise InvalidArgumentError(field, f"{port} is outside 1-65535")
     return port
+
+
+def check_weight(field: str, weight: int, *, unset_allowed: bool = False) -> int:
+    """A static weight, 1-MAX_STATIC_WEIGHT; with `unset_allowed` also 0
+    (proto3's "unset" in a heartbeat, which means 1)."""
+    if unset_allowed and weight == 0 and not isinstance(weight, bool):
+        return weight
+    if isinstance(weight, bool) or not 1 <= weight <= MAX_STATIC_WEIGHT:
+        raise InvalidArgumentError(field, f"{weight} is outside 1-{MAX_STATIC_WEIGHT}")
+    return weight
 
 
 def _check_rate(field: str, value: float | None) -> float | None:
@@ -113,8 +126,7 @@ def parse_registration(
     check_port("port", port)
     check_text("instance_id", instance_id, max_bytes=MAX_INSTANCE_ID_BYTES, required=False)
     check_text("zone", zone, max_bytes=MAX_ZONE_BYTES, required=False)
-    if weight < 0 or weight > MAX_STATIC_WEIGHT:
-        raise InvalidArgumentError("weight", f"{weight} is outside 0-{MAX_STATIC_WEIGHT}")
+    check_weight("weight", weight, unset_allowed=True)
     labels = dict(labels or {})
     if len(labels) > MAX_LABELS:
         raise InvalidArgumentError(

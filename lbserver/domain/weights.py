@@ -41,10 +41,10 @@ class LoadWeightSettings:
     error_penalty: float = 1.0
     # Weight of the newest report in the moving average (1 = no smoothing).
     smoothing: float = 0.5
-    # Seconds after a backend's first report during which it gets the mean
+    # Seconds after a backend's first report during which it gets the median
     # weight: early reports of a starting process are not representative.
     blackout: float = 10.0
-    # A capacity not refreshed for this long no longer counts (mean weight).
+    # A capacity not refreshed for this long no longer counts (median weight).
     report_expiry: float = 15.0
     # Seconds over which a new backend ramps from min_ramp to full weight.
     slow_start: float = 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -46,6 +47,7 @@ _REFUSAL_CODES = {
 
 
 _RATE_LIMITED = "too many Registry calls from this address; slow down (heartbeat_rate_per_peer)"
+_SHUTTING_DOWN = "the balancer is shutting down; heartbeat another replica"
 
 
 class _RefusedError(Exception):
@@ -61,6 +63,7 @@ _Outcome = pb.HeartbeatResponse | tuple[grpc.StatusCode, str]
 _GRANTS_KEPT = 64
 _ANSWERED_KEPT = 10_000
 _ACCEPTED = metrics.HEARTBEATS.labels("accepted")
+_PREVIOUS_TOKEN = metrics.AUTH_PREVIOUS_TOKEN.labels("heartbeat")
 
 
 def _stream_reply(request: pb.HeartbeatRequest, outcome: _Outcome) -> pb.HeartbeatStreamResponse:
@@ -143,6 +146,20 @@ class RegistryService(pb_grpc.RegistryServicer):
         self._rate_limiter = rate_limiter or PeerRateLimiter(0)
         self._grants: dict[float, pb.HeartbeatResponse] = {}
         self._registrations = _Registrations()
+        # The tasks serving open HeartbeatStreams, and whether close() ended
+        # them (streams opened after it end at once).
+        self._streams: set[asyncio.Task[Any]] = set()
+        self._closed = False
+
+    def close(self) -> None:
+        """Ends every open HeartbeatStream with UNAVAILABLE, as a balancer
+        that is stopping ends its BalanceLoad streams: a stream never ends by
+        itself, and a stop would otherwise wait its whole grace for it. The
+        registrar opens a new stream at its next heartbeat (to a replica
+        that is still up). Unary calls are left to the server's grace."""
+        self._closed = True
+        for task in self._streams:
+            task.cancel(_SHUTTING_DOWN)
 
     async def _admit(
         self,
@@ -210,7 +227,41 @@ class RegistryService(pb_grpc.RegistryServicer):
     ) -> None:
         # context.read()/write() rather than the iterator and yield: one
         # generator fewer per message on the balancer's busiest stream.
-        await require(self._authorizer, context, "heartbeat")
+        generation = self._authorizer.generation
+        token = await require(self._authorizer, context, "heartbeat", stream=True)
+        if self._closed:
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(_SHUTTING_DOWN)
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            await self._heartbeat_stream(context, generation, token)
+        except asyncio.CancelledError:
+            # Cancelled by close() (not by gRPC, for a call that ended):
+            # end the call with a status instead of a cancelled task.
+            if not self._closed:
+                raise
+            task.uncancel()
+            context.set_code(grpc.StatusCode.UNAVAILABLE)
+            context.set_details(_SHUTTING_DOWN)
+        finally:
+            self._streams.discard(task)
+
+    async def _heartbeat_stream(
+        self,
+        context: grpc.aio.ServicerContext[pb.HeartbeatRequest, pb.HeartbeatStreamResponse],
+        generation: int,
+        token: int,
+    ) -> None:
+        """Serves an authenticated stream; `generation`: the authorizer's when
+        the stream's credentials were checked, `token`: the index of the token
+        it presented (heartbeats with a previous one, index > 0, are counted).
+        When the accepted tokens change (a rotation dropped a token), the next
+        heartbeat checks them again, and a stream whose token is no longer
+        accepted ends with PERMISSION_DENIED, as a new call with it would."""
+        authorizer = self._authorizer
         peer = context.peer()
         # The outcome last answered per backend: a heartbeat is answered only
         # when its outcome differs or it asks (reply_token).
@@ -221,6 +272,11 @@ class RegistryService(pb_grpc.RegistryServicer):
                 if request is EOF_MARKER:
                     return
                 assert isinstance(request, pb.HeartbeatRequest)
+                if authorizer.generation != generation:
+                    generation = authorizer.generation
+                    token = await require(authorizer, context, "heartbeat", stream=True, again=True)
+                if token:
+                    _PREVIOUS_TOKEN.inc()
                 outcome: _Outcome
                 if not self._rate_limiter.allow(peer):
                     metrics.HEARTBEATS.labels("rate_limited").inc()

@@ -339,7 +339,7 @@ def test_explicit_token_restarts_pods_when_changed(helm: Helm) -> None:
 
 def test_probes_use_grpc_on_the_grpc_port(rendered: dict[str, list[Manifest]]) -> None:
     container = balancer_container(rendered["defaults"])
-    port = container_port(container, "grpc")
+    port = container_port(container, "grpclb")
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         probe = container[kind]
         assert probe["grpc"] == {"port": port, "service": ""}, kind
@@ -350,7 +350,7 @@ def test_tls_probes_fall_back_to_tcp(rendered: dict[str, list[Manifest]]) -> Non
     # Kubelet's gRPC probe cannot speak TLS.
     container = balancer_container(rendered["tls"])
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert container[kind]["tcpSocket"] == {"port": "grpc"}, kind
+        assert container[kind]["tcpSocket"] == {"port": "grpclb"}, kind
         assert "grpc" not in container[kind]
 
 
@@ -420,7 +420,7 @@ def test_config_is_accepted_by_lbserver(rendered: dict[str, list[Manifest]], sce
     objects = rendered[scenario]
     config = load_rendered_config(objects)
     container = balancer_container(objects)
-    assert config.listen == f"0.0.0.0:{container_port(container, 'grpc')}"
+    assert config.listen == f"0.0.0.0:{container_port(container, 'grpclb')}"
     assert config.metrics_listen == f"0.0.0.0:{container_port(container, 'metrics')}"
     # `lbserver serve --config <the mounted ConfigMap>`
     args = build_parser().parse_args(container["args"])
@@ -430,7 +430,7 @@ def test_config_is_accepted_by_lbserver(rendered: dict[str, list[Manifest]], sce
     volumes = {v["name"]: v for v in balancer_pod(objects)["volumes"]}
     assert volumes["config"]["configMap"]["name"] == FULLNAME
     # Native grpclb clients dialing the Service's name get service "oap".
-    assert config.name_aliases == {FULLNAME: "oap"}
+    assert config.name_aliases == {FULLNAME: "oap", f"{FULLNAME}-oap": "oap"}
 
 
 def test_config_schema_lists_every_lbserver_option() -> None:
@@ -564,10 +564,10 @@ def test_network_policy_on_a_shared_grpc_port(rendered: dict[str, list[Manifest]
     )
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     rules = _ingress_by_port(policy)
-    assert set(rules) == {"grpc", "metrics"}
+    assert set(rules) == {"grpclb", "metrics"}
     agents = {"namespaceSelector": {"matchLabels": {"skywalking-agents": "true"}}}
     oap = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "skywalking"}}}
-    assert rules["grpc"] == [agents, oap, TEST_POD_PEER]
+    assert rules["grpclb"] == [agents, oap, TEST_POD_PEER]
     monitoring = {
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
     }
@@ -579,8 +579,8 @@ def test_network_policy_restricts_the_registry_port(rendered: dict[str, list[Man
     rules = _ingress_by_port(one(objects, "NetworkPolicy", FULLNAME))
     # BalanceLoad open to every client; Registry/Admin only from the OAP pods
     # (and the test pod); metrics scraped by no one (none configured).
-    assert set(rules) == {"grpc", "registry"}
-    assert rules["grpc"] is None
+    assert set(rules) == {"grpclb", "registry"}
+    assert rules["grpclb"] is None
     (oap, test_pod) = rules["registry"] or []
     assert oap["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "skywalking"}
     assert oap["podSelector"]["matchLabels"] == {"app": "skywalking", "component": "oap"}
@@ -716,7 +716,7 @@ def test_other_value_combinations_render_valid_objects(helm: Helm, case: str) ->
         # Health on the open port only; Admin needs a certificate.
         assert [c["name"] for c in tests[0]["spec"]["containers"]] == ["health"]
         rules = _ingress_by_port(one(objects, "NetworkPolicy", FULLNAME))
-        assert rules["grpc"] == [TEST_POD_PEER]
+        assert rules["grpclb"] == [TEST_POD_PEER]
         assert rules["registry"] == [TEST_POD_PEER]
     elif case == "minimal":
         assert tests == [] and "lifecycle" not in container

@@ -100,10 +100,21 @@ def containers_by_name(spec: Manifest, key: str = "containers") -> dict[str, Man
     return {c["name"]: c for c in spec.get(key, [])}
 
 
+INSTALL = re.compile(r"^helm install lbserver charts/lbserver -n skywalking (?P<flags>.*)$", re.M)
+
+
+def install_flags() -> list[str]:
+    """The flags of the README's `helm install` command."""
+    match = INSTALL.search(README.read_text())
+    assert match, "the README has no `helm install lbserver charts/lbserver -n skywalking` line"
+    return match.group("flags").split("#")[0].split()
+
+
 @pytest.fixture(scope="module")
 def chart(helm: Helm) -> list[Manifest]:
-    """The chart as the README installs it: release lbserver, namespace skywalking."""
-    return helm.template(namespace="skywalking")
+    """The chart as the README installs it: release lbserver, namespace
+    skywalking, with the README's flags (the image it tells to build)."""
+    return helm.template(*install_flags(), namespace="skywalking")
 
 
 def test_readme_has_both_snippets() -> None:
@@ -127,6 +138,12 @@ def test_oap_registrar_patch(chart: list[Manifest]) -> None:
 
     deployment = one(chart, "Deployment", "lbserver")
     assert registrar["image"] == deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    # The pods become backends of the Service native grpclb clients dial.
+    native = one(chart, "Service", "lbserver-oap")
+    labels = merged["spec"]["template"]["metadata"]["labels"]
+    assert native["spec"]["selector"].items() <= labels.items()
+    backend_port = next(p for p in native["spec"]["ports"] if p["name"] != "grpclb")
+    assert backend_port["targetPort"] in {p["name"] for p in oap["ports"]}
     values = {"POD_IP": "10.0.0.7", "OAP_CPU_LIMIT": "2000"}
     args = lbserver_parser().parse_args([expand(a, values) for a in registrar["args"]])
     assert args.command == "register"
@@ -186,6 +203,16 @@ def test_agent_shim_sidecar(chart: list[Manifest]) -> None:
     port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpclb"]
     assert args.balancer == [[f"lbserver.skywalking.svc:{port}"]]
     assert args.fallback == [["skywalking-oap.skywalking.svc:11800"]]
+    assert shim["image"] == one(chart, "Deployment", "lbserver")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["image"]
+    # The application starts once the proxy accepts connections: an exec
+    # probe (a tcpSocket probe would dial the pod IP, not 127.0.0.1).
+    probe = shim["startupProbe"]["exec"]["command"]
+    assert probe[0] == "agent-shim"
+    check = shim_parser().parse_args(probe[1:])
+    assert check.command == "check"
+    assert "{}:{}".format(*check.address) == args.listen
     (app,) = pod["containers"]
     env = {e["name"]: e["value"] for e in app["env"]}
     # The agent's collector.backend_service is the shim.

@@ -488,7 +488,7 @@ def _proxy_cli(*args: str) -> subprocess.CompletedProcess[str]:
         [],
         ["proxy"],
         ["proxy", "--listen", "nope", "--balancer", "127.0.0.1:1", "--service", "oap"],
-        ["proxy", "--listen", "127.0.0.1:0", "--balancer", "x", "--service", "oap"],
+        ["proxy", "--listen", "127.0.0.1:0", "--balancer", "x:y", "--service", "oap"],
         ["proxy", "--listen", "127.0.0.1:0", "--balancer", "127.0.0.1:1", "--service", ""],
         [
             *("proxy", "--listen", "127.0.0.1:0", "--balancer", "127.0.0.1:1"),

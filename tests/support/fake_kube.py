@@ -21,6 +21,11 @@ it to every open watch that selects it) and injects trouble: `send_bookmark`,
 and `FakeKubeApiServer(serving=False)` + `start_serving()` (connections refused
 until then). Every request is recorded with its query parameters.
 
+With `ssl_context` it serves HTTPS (as in-cluster clients expect), and with
+`authorize` every request is first checked as the API server's authn/authz
+would: the callback gets the Authorization header, the namespace and the verb
+(`list` or `watch`) and returns None (allowed) or an HTTP status (401, 403).
+
     with FakeKubeApiServer() as kube:
         kube.add_slice("ns", endpoint_slice("oap-1", "oap", [endpoint("10.0.0.1")]))
         api = kube.api_client()
@@ -34,6 +39,7 @@ import json
 import queue
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -198,8 +204,17 @@ _REASONS = {400: "BadRequest", 404: "NotFound", 410: "Expired", 429: "TooManyReq
 class FakeKubeApiServer:
     """See the module docstring. Thread-safe; use as a context manager."""
 
-    def __init__(self, *, serving: bool = True, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        *,
+        serving: bool = True,
+        host: str = "127.0.0.1",
+        ssl_context: ssl.SSLContext | None = None,
+        authorize: Callable[[str | None, str, str], int | None] | None = None,
+    ) -> None:
         self._lock = threading.Lock()
+        self._authorize = authorize
+        self._scheme = "https" if ssl_context is not None else "http"
         self._rv = 100
         self._compacted = 0  # watches from a resourceVersion below this get 410
         self._objects: dict[tuple[str, str], JsonObject] = {}
@@ -215,6 +230,8 @@ class FakeKubeApiServer:
         self._httpd.fake = self
         # Bound but not listening: connections are refused until start_serving().
         self._httpd.server_bind()
+        if ssl_context is not None:
+            self._httpd.socket = ssl_context.wrap_socket(self._httpd.socket, server_side=True)
         self._thread: threading.Thread | None = None
         if serving:
             self.start_serving()
@@ -227,7 +244,7 @@ class FakeKubeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self._scheme}://127.0.0.1:{self.port}"
 
     def start_serving(self) -> None:
         if self._thread is not None:
@@ -488,6 +505,23 @@ class FakeKubeApiServer:
             _send_json(h, 404, _status(404, "NotFound", f"no route for {h.command} {url.path}"))
             return
         namespace = match.group(1)
+        if self._authorize is not None:
+            verb = "watch" if request.watch else "list"
+            denied = self._authorize(h.headers.get("Authorization"), namespace, verb)
+            if denied is not None:
+                reason = "Unauthorized" if denied == 401 else "Forbidden"
+                _send_json(
+                    h,
+                    denied,
+                    _status(
+                        denied,
+                        reason,
+                        f"endpointslices.discovery.k8s.io is forbidden: cannot {verb} resource "
+                        f'"endpointslices" in API group "discovery.k8s.io" in the namespace '
+                        f'"{namespace}"',
+                    ),
+                )
+                return
         selector = _selector(query.get("labelSelector"))
         if request.watch:
             self._watch(h, namespace, selector, query)

@@ -1,7 +1,10 @@
 """The real SkyWalking Python agent (`apache-skywalking`), producing traces.
 
-    python -m tests.support.skywalking_agent --collector HOST:PORT --segments N
-        [--rate PER_SECOND] [--queue-timeout S] --out FILE [--linger S]
+    python -m tests.support.skywalking_agent [--collector HOST:PORT] --segments N
+        [--rate PER_SECOND] [--queue-timeout S] --out FILE|- [--linger S]
+
+(`--collector` defaults to SW_AGENT_COLLECTOR_BACKEND_SERVICES, the variable
+the agent itself reads; `--out -` writes to standard output.)
 
 Starts the agent (gRPC protocol, `agent_collector_backend_services` = the
 collector address, i.e. the `agent-shim proxy`), creates N trace segments (an
@@ -23,14 +26,22 @@ segment; the default 1 makes long streams of many segments.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
+
+
+def _output(path: str) -> contextlib.AbstractContextManager[TextIO]:
+    if path == "-":
+        return contextlib.nullcontext(sys.stdout)
+    return Path(path).open("w", buffering=1)
 
 
 def _agent_queue(agent: Any) -> Any:
@@ -40,14 +51,20 @@ def _agent_queue(agent: Any) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--collector", required=True, metavar="HOST:PORT")
+    parser.add_argument(
+        "--collector",
+        default=os.environ.get("SW_AGENT_COLLECTOR_BACKEND_SERVICES"),
+        metavar="HOST:PORT",
+    )
     parser.add_argument("--segments", type=int, required=True)
     parser.add_argument("--rate", type=float, default=200.0, help="segments per second")
     parser.add_argument("--queue-timeout", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", required=True, help="file for the segment ids, or -")
     parser.add_argument("--linger", type=float, default=60.0)
     parser.add_argument("--name", default="shim-e2e")
     args = parser.parse_args(argv)
+    if not args.collector:
+        parser.error("--collector or SW_AGENT_COLLECTOR_BACKEND_SERVICES is required")
 
     config = importlib.import_module("skywalking.config")
     config.init(
@@ -74,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     interval = 1.0 / args.rate if args.rate > 0 else 0.0
     started = time.monotonic()
-    with args.out.open("w", buffering=1) as out:
+    with _output(args.out) as out:
         for i in range(args.segments):
             if stop.is_set():
                 break
@@ -86,6 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 segment = context.segment
                 ids = f"{segment.segment_id} {segment.related_traces[0]}"
             out.write(ids + "\n")  # after the span ended: the segment is queued
+            out.flush()
             pause = started + (i + 1) * interval - time.monotonic()
             if pause > 0:
                 time.sleep(pause)

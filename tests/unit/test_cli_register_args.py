@@ -98,7 +98,8 @@ def test_unresolvable_backend_is_a_value_error() -> None:
         ["--balancer", "127.0.0.1:1", "--service", "oap", "--backend", "10.0.0.7:99999"],
         ["--balancer", "127.0.0.1:1", "--service", "oap", "--backend", "10.0.0.7"],
         ["--balancer", "127.0.0.1:1", "--service", "oap", "--backend", "::1:80"],
-        ["--balancer", "127.0.0.1", "--service", "oap", "--backend", "10.0.0.7:80"],
+        # A balancer without a port means 11810; an unbracketed IPv6 is still refused.
+        ["--balancer", "::1", "--service", "oap", "--backend", "10.0.0.7:80"],
         ["--balancer", ",", "--service", "oap", "--backend", "10.0.0.7:80"],
         [*REQUIRED, "--weight", "0"],
         [*REQUIRED, "--weight", "heavy"],

@@ -79,6 +79,17 @@ app.kubernetes.io/component: balancer
 {{- define "lbserver.tlsDir" -}}/etc/lbserver/tls{{- end }}
 {{- define "lbserver.clientCaDir" -}}/etc/lbserver/client-ca{{- end }}
 
+{{/*
+The Service native grpclb clients dial (service-native.yaml), "" when off:
+nativeClients.backendService.name, default <fullname>-<nativeClients.service>.
+*/}}
+{{- define "lbserver.nativeServiceName" -}}
+{{- $native := .Values.nativeClients }}
+{{- if and $native.service $native.backendService.enabled }}
+{{- default (printf "%s-%s" (include "lbserver.fullname" .) $native.service) $native.backendService.name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
 {{/* "true" when Kubernetes discovery is on (config.kubernetes_services non-empty). */}}
 {{- define "lbserver.discovery" -}}
 {{- if gt (len (default list .Values.config.kubernetes_services)) 0 }}true{{ end }}
@@ -141,8 +152,10 @@ The lbserver config file: values.config plus the options the chart owns.
 {{- end }}
 {{- if .Values.nativeClients.service }}
 {{- $aliases := deepCopy (default dict .Values.config.name_aliases) }}
-{{- if not (hasKey $aliases (include "lbserver.fullname" .)) }}
-{{- $_ = set $aliases (include "lbserver.fullname" .) .Values.nativeClients.service }}
+{{- range $name := list (include "lbserver.fullname" .) (include "lbserver.nativeServiceName" .) }}
+{{- if and $name (not (hasKey $aliases $name)) }}
+{{- $_ := set $aliases $name $.Values.nativeClients.service }}
+{{- end }}
 {{- end }}
 {{- $_ = set $config "name_aliases" $aliases }}
 {{- end }}
