@@ -190,6 +190,18 @@ def _offered(token: str | None, tokens: tuple[str, ...]) -> bool:
     return token in tokens if tokens else token is None
 
 
+def _stop_if_cancelled() -> None:
+    """Ends a loop whose task was cancelled. A cancellation that lands while a
+    gRPC call is failing can surface as that call's AioRpcError (asyncio's
+    wait_for returns the finished future's outcome instead of raising
+    CancelledError), which the loops catch to keep heartbeating; without this
+    check a balancer that left the headless Service kept its loop alive, and
+    the resolver, waiting for it, stopped adding new replicas."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def _close_stream(link: _Link) -> None:
     if link.stream is not None:
         link.stream.close()
@@ -439,6 +451,7 @@ class Registrar:
     async def _probe_loop(self, probe: BackendProbe) -> None:
         failures = 0
         while True:
+            _stop_if_cancelled()
             try:
                 alive = await probe()
             except Exception:
@@ -546,6 +559,7 @@ class Registrar:
     async def _heartbeat_loop(self, link: _Link) -> None:
         backoff = _INITIAL_BACKOFF
         while True:
+            _stop_if_cancelled()
             try:
                 reply = await self._send_heartbeat(link)
             except grpc.aio.AioRpcError as err:

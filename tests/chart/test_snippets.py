@@ -203,9 +203,12 @@ def test_agent_shim_sidecar(chart: list[Manifest]) -> None:
     port = {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpclb"]
     assert args.balancer == [[f"lbserver.skywalking.svc:{port}"]]
     assert args.fallback == [["skywalking-oap.skywalking.svc:11800"]]
-    assert shim["image"] == one(chart, "Deployment", "lbserver")["spec"]["template"]["spec"][
-        "containers"
-    ][0]["image"]
+    assert (
+        shim["image"]
+        == one(chart, "Deployment", "lbserver")["spec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+    )
     # The application starts once the proxy accepts connections: an exec
     # probe (a tcpSocket probe would dial the pod IP, not 127.0.0.1).
     probe = shim["startupProbe"]["exec"]["command"]

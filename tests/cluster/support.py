@@ -244,7 +244,10 @@ async def wait_backends(
         if views and all(found == expected for found in serving.values()):
             return views
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"balancers never listed exactly {sorted(expected)}: {views}")
+            raise AssertionError(
+                f"balancers never listed exactly {sorted(expected)}: {views}\n"
+                + k8s.cluster.describe()
+            )
         await asyncio.sleep(1.0)
 
 

@@ -28,6 +28,23 @@ INSPECT = "registry.example.com/inspect:1"
 OLD_COMMIT = "13c0361"
 
 
+def _old_tree(tmp_path: Path, *paths: str) -> Path:
+    """The given paths of the repository at OLD_COMMIT (needs its history)."""
+    archive = subprocess.run(
+        ["git", "-C", str(s.ROOT), "archive", "--format=tar", OLD_COMMIT, *paths],
+        capture_output=True,
+        check=False,
+    )
+    assert archive.returncode == 0, (
+        f"git archive {OLD_COMMIT} failed (the test needs the repository's history): "
+        f"{archive.stderr.decode()}"
+    )
+    old = tmp_path / "old"
+    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
+        tar.extractall(old, filter="data")
+    return old
+
+
 def _report(pod: Pod, container: str | None = None) -> dict[str, Any]:
     for line in pod.container(container).all_logs().splitlines():
         if line.startswith("REPORT "):
@@ -37,7 +54,12 @@ def _report(pod: Pod, container: str | None = None) -> dict[str, Any]:
 
 
 def _pod(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}}, "spec": spec}
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": spec,
+    }
 
 
 async def _running(k8s: ClusterHarness, namespace: str, name: str) -> Pod:
@@ -54,25 +76,18 @@ async def _running(k8s: ClusterHarness, namespace: str, name: str) -> Pod:
 async def test_the_old_chart_and_app_crash_loop_on_service_links(
     k8s: ClusterHarness, tmp_path: Path
 ) -> None:
-    archive = subprocess.run(
-        ["git", "-C", str(s.ROOT), "archive", "--format=tar", OLD_COMMIT, "lbserver", "charts"],
-        capture_output=True,
-        check=False,
-    )
-    assert archive.returncode == 0, (
-        f"git archive {OLD_COMMIT} failed (the test needs the repository's history): "
-        f"{archive.stderr.decode()}"
-    )
-    old = tmp_path / "old"
-    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
-        tar.extractall(old, filter="data")
+    old = _old_tree(tmp_path, "lbserver", "charts")
     image = image_from_dockerfile()
     # The old package in front of the installed one, run by the Dockerfile's
     # entrypoint name (lbserver), as the old image would.
     k8s.cluster.registry.push(
         "registry.example.com/lbserver:old",
         Image(
-            entrypoint=("python", "-c", "import sys; from lbserver.cli import main; sys.exit(main())"),
+            entrypoint=(
+                "python",
+                "-c",
+                "import sys; from lbserver.cli import main; sys.exit(main())",
+            ),
             cmd=image.cmd,
             env={**image.env, "PYTHONPATH": "/opt/old"},
             user=image.user,
@@ -89,27 +104,23 @@ async def test_the_old_chart_and_app_crash_loop_on_service_links(
     assert "unknown option 'service_host'" in str(failure.value)
 
 
-async def test_the_current_app_runs_under_the_old_chart(k8s: ClusterHarness, tmp_path: Path) -> None:
+async def test_the_current_app_runs_under_the_old_chart(
+    k8s: ClusterHarness, tmp_path: Path
+) -> None:
     """The app half of the fix alone: service links present, lbserver ignores them."""
-    archive = subprocess.run(
-        ["git", "-C", str(s.ROOT), "archive", "--format=tar", OLD_COMMIT, "charts"],
-        capture_output=True,
-        check=True,
-    )
-    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
-        tar.extractall(tmp_path / "old", filter="data")
+    old = _old_tree(tmp_path, "charts")
     s.push_images(k8s)
     await k8s.sh("kubectl create namespace skywalking")
     await k8s.sh(
-        f"helm install lbserver {tmp_path}/old/charts/lbserver -n skywalking "
+        f"helm install lbserver {old}/charts/lbserver -n skywalking "
         f"--set image.repository={s.LBSERVER_REPOSITORY}"
     )
     await k8s.cluster.wait_rollout("skywalking", "lbserver", limit=60)
     pod = k8s.cluster.deployment_pods("skywalking", "lbserver")[0]
     env = pod.container("lbserver").process_env()
-    assert env["LBSERVER_SERVICE_HOST"] == k8s.cluster.get("Service", "skywalking", "lbserver")[
-        "spec"
-    ]["clusterIP"]
+    service = k8s.cluster.get("Service", "skywalking", "lbserver")
+    assert service is not None
+    assert env["LBSERVER_SERVICE_HOST"] == service["spec"]["clusterIP"]
     assert "LBSERVER_PORT_11810_TCP_ADDR" in env
 
 
@@ -175,8 +186,12 @@ async def test_pods_get_what_a_kubelet_gives(k8s: ClusterHarness) -> None:
         "lab",
     )
     await cluster.apply(
-        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "token"},
-         "stringData": {"token": "s3cret"}},
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "token"},
+            "stringData": {"token": "s3cret"},
+        },
         "lab",
     )
     reads = ["/etc/token", "/etc/token/token", "/var/run/secrets/kubernetes.io/serviceaccount"]
@@ -202,7 +217,11 @@ async def test_pods_get_what_a_kubelet_gives(k8s: ClusterHarness) -> None:
             },
         ],
         "resources": {"limits": {"cpu": "500m"}},
-        "securityContext": {"readOnlyRootFilesystem": True, "runAsUser": 10001, "runAsGroup": 10001},
+        "securityContext": {
+            "readOnlyRootFilesystem": True,
+            "runAsUser": 10001,
+            "runAsGroup": 10001,
+        },
         "volumeMounts": [
             {"name": "token", "mountPath": "/etc/token", "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -271,14 +290,20 @@ async def test_termination_runs_pre_stop_then_sigterm_then_sigkill(k8s: ClusterH
             {
                 "name": "polite",
                 "image": INSPECT,
-                "lifecycle": {"preStop": {"exec": {"command": ["sh", "-c", "echo preStop > /proc/1/fd/1; sleep 1"]}}},
+                "lifecycle": {
+                    "preStop": {
+                        "exec": {"command": ["sh", "-c", "echo preStop > /proc/1/fd/1; sleep 1"]}
+                    }
+                },
             },
             {"name": "stubborn", "image": INSPECT, "args": ["--ignore-sigterm"]},
         ],
     }
     await k8s.cluster.apply(_pod("doomed", spec), "lab")
     pod = await _running(k8s, "lab", "doomed")
-    await k8s.cluster.wait_for("both containers up", lambda: all("REPORT" in c.all_logs() for c in pod.containers), 20)
+    await k8s.cluster.wait_for(
+        "both containers up", lambda: all("REPORT" in c.all_logs() for c in pod.containers), 20
+    )
     await k8s.sh("kubectl -n lab delete pod doomed")
     polite = pod.container("polite").all_logs().splitlines()
     stubborn = pod.container("stubborn")

@@ -134,6 +134,7 @@ class Cluster:
         self._background: set[asyncio.Task[Any]] = set()
         self._slice_names: dict[tuple[str, str], set[str]] = {}
         self.kubelet_sync_delay = 1.0
+        self.stalls: list[tuple[str, float]] = []
         self.ca = trustme.CA()
         self.api: FakeKubeApiServer | None = None
         self.dns: ClusterDns | None = None
@@ -166,6 +167,7 @@ class Cluster:
         await forwarder.start()
         self._forwarders[("default", "kubernetes")] = [forwarder]
         self._controller = asyncio.create_task(self._control_loop(), name="controllers")
+        self.spawn(self._watch_stalls())
 
     def _api_connector(self) -> Connector:
         assert self.api is not None
@@ -187,6 +189,16 @@ class Cluster:
         if self.api is not None:
             self.api.close()
         self.network.close()
+
+    async def _watch_stalls(self) -> None:
+        """Records when the harness's own event loop was late by more than
+        half a second: DNS, kube-proxy and probes all run on it."""
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.1)
+            late = time.monotonic() - before - 0.1
+            if late > 0.5:
+                self.stalls.append((time.strftime("%H:%M:%S"), late))
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro)
@@ -769,7 +781,7 @@ class Cluster:
         await self.wait_for(f"rollout of deployment {namespace}/{name}", done, limit)
 
     def describe(self) -> str:
-        lines = []
+        lines = [f"harness event loop stalls > 0.5 s: {self.stalls}"] if self.stalls else []
         for pod in self.pods:
             lines.append(pod.describe())
         for (ns, name), _ in self._forwarders.items():

@@ -30,6 +30,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
 BRIDGE = "br0"
+BRIDGE_MAC = "02:00:7f:00:ff:fe"
 # Cluster addressing (all inside 127.0.0.0/16, private to the cluster's namespaces).
 NODE_IP = "127.0.255.254"
 POD_PREFIX = 16
@@ -145,6 +146,10 @@ class ClusterNetwork:
             [
                 "link set lo up",
                 f"link add {BRIDGE} type bridge",
+                # A fixed address: a bridge otherwise takes the lowest MAC of
+                # its ports, which changes as pods come and go, and pods'
+                # ARP entries for the node (DNS, Service IPs) go stale.
+                f"link set {BRIDGE} address {BRIDGE_MAC}",
                 f"link set {BRIDGE} up",
                 *_NARROW_LOCAL_ROUTE,
             ],

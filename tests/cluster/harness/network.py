@@ -15,6 +15,7 @@ import contextlib
 import random
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ class ClusterDns:
         self._records = records
         self._transport: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
-        self.queries: list[tuple[str, str]] = []
+        self.queries: list[tuple[str, str, str]] = []
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -79,7 +80,7 @@ class ClusterDns:
         question = request.q
         name = str(question.qname).rstrip(".").lower()
         qtype = QTYPE[question.qtype]
-        self.queries.append((name, qtype))
+        self.queries.append((time.strftime("%H:%M:%S"), name, qtype))
         records = self._records(name)
         if records is None:
             reply.header.rcode = RCODE.NXDOMAIN

@@ -1,0 +1,118 @@
+"""A native grpcio client with the grpclb policy, in a pod, built by the
+README's own code block (the target and options the docs give, executed as
+written): balanced per call over the OAP pods by the balancer's list, and
+what happens in fallback — when the balancer answers "fallback" and when no
+balancer can be reached at all — both of which must still reach the OAP pods
+(the `lbserver-oap` Service's address)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from tests.cluster import support as s
+from tests.cluster.harness import ClusterHarness
+from tests.cluster.harness.kubelet import Pod
+
+pytestmark = pytest.mark.timeout(300)
+
+APP_NS = "my-app"
+CALLS = 150
+
+
+async def _run_client(k8s: ClusterHarness, name: str, calls: int = CALLS) -> Pod:
+    await k8s.cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "client",
+                        "image": s.CLIENT_IMAGE,
+                        "args": [
+                            "--snippet=/snippet/client.py",
+                            f"--calls={calls}",
+                            "--rate=40",
+                            f"--name={name}",
+                        ],
+                        "volumeMounts": [{"name": "snippet", "mountPath": "/snippet"}],
+                    }
+                ],
+                "volumes": [{"name": "snippet", "configMap": {"name": "readme-client"}}],
+            },
+        },
+        APP_NS,
+    )
+    pod = k8s.cluster.find_pod(APP_NS, name)
+    assert pod is not None
+    await k8s.cluster.wait_for(
+        f"client {name} to finish", lambda: pod.phase != "Running" and pod.phase != "Pending", 90
+    )
+    assert pod.phase == "Succeeded", pod.describe()
+    return pod
+
+
+def _calls_by_oap_pod(k8s: ClusterHarness, name: str) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for pod_name, segments in s.segments_by_pod(s.oap_records(k8s)).items():
+        for segment, n in segments.items():
+            if segment.startswith(f"{name}-"):
+                counts[pod_name] += n
+    return counts
+
+
+async def test_the_readme_client_balances_per_call_and_falls_back_to_the_oap_pods(
+    k8s: ClusterHarness,
+) -> None:
+    s.push_images(k8s)
+    await s.install_skywalking(k8s)
+    await s.install_lbserver(k8s)
+    await s.patch_oap_with_registrar(k8s)
+    oap = [p for p in k8s.cluster.deployment_pods(s.NS, "skywalking-oap") if p.ready]
+    await s.wait_backends(k8s, {f"{p.ip}:11800" for p in oap})
+    await k8s.sh(f"kubectl create namespace {APP_NS}")
+    await k8s.cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "readme-client"},
+            "data": {"client.py": s.readme_python_client()},
+        },
+        APP_NS,
+    )
+
+    # 1. Balanced: the client found the balancer through the SRV record of
+    #    the name it dials, and spreads its calls over every OAP pod.
+    balanced = await _run_client(k8s, "balanced")
+    assert s.client_result(balanced) == {"ok": CALLS, "failed": {}}, balanced.describe()
+    counts = _calls_by_oap_pod(k8s, "balanced")
+    assert sum(counts.values()) == CALLS
+    assert set(counts) == {p.name for p in oap}
+    for pod_name, n in counts.items():
+        assert abs(n / CALLS - 1 / 3) <= 0.07, (pod_name, counts)
+
+    # 2. The balancer answers "fallback" (the name maps to a service it does
+    #    not know): the client uses the name's address, the OAP pods, through
+    #    kube-proxy (one connection, so one pod).
+    await k8s.sh(
+        f"helm upgrade lbserver charts/lbserver -n {s.NS} --reuse-values "
+        "--set nativeClients.service=unknown --set nativeClients.backendService.name=lbserver-oap"
+    )
+    await k8s.cluster.wait_rollout(s.NS, "lbserver")
+    told = await _run_client(k8s, "told-fallback")
+    assert s.client_result(told) == {"ok": CALLS, "failed": {}}, told.describe()
+    counts = _calls_by_oap_pod(k8s, "told-fallback")
+    assert sum(counts.values()) == CALLS and len(counts) == 1, counts
+
+    # 3. No balancer at all: the balancer's Service has no endpoints; the
+    #    client falls back on its own and still reaches the OAP pods.
+    await k8s.sh(f"kubectl -n {s.NS} delete deployment lbserver")
+    alone = await _run_client(k8s, "no-balancer")
+    result = s.client_result(alone)
+    assert result == {"ok": CALLS, "failed": {}}, alone.describe()
+    counts = _calls_by_oap_pod(k8s, "no-balancer")
+    assert sum(counts.values()) == CALLS, counts
