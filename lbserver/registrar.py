@@ -50,7 +50,7 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import grpc
 import grpc.aio
@@ -190,6 +190,14 @@ def _offered(token: str | None, tokens: tuple[str, ...]) -> bool:
     return token in tokens if tokens else token is None
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def _stop_if_cancelled() -> None:
     """Ends a loop whose task was cancelled. A cancellation that lands while a
     gRPC call is failing can surface as that call's AioRpcError (asyncio's
@@ -321,6 +329,10 @@ class Registrar:
         self._resolver_task: asyncio.Task[None] | None = None
         self._resolve_failing = False
         self._resolved: dict[str, list[str]] = {}
+        # The DNS name each resolved address came from: with TLS, the name the
+        # balancer's certificate carries (a headless Service's pod IPs are in
+        # no certificate).
+        self._names: dict[str, str] = {}
         self._started = False
         self._stopping = False
         self._closed = asyncio.Event()
@@ -500,6 +512,9 @@ class Registrar:
                 resolved = self._resolved.get(target, [])
             else:
                 self._resolved[target] = resolved
+            if not _is_ip(host):
+                for address in resolved:
+                    self._names.setdefault(address, host)
             addresses.extend(address for address in resolved if address not in addresses)
         if failed and not self._resolve_failing:
             self._log.warning("cannot resolve balancers; keeping known addresses", errors=failed)
@@ -538,12 +553,16 @@ class Registrar:
         self._links, self._tasks = links, tasks
 
     def _connect(self, address: str) -> _Link:
-        options = [
+        options: list[tuple[str, Any]] = [
             # gRPC's own reconnect backoff grows to 120 s; a restarted
             # balancer must get the registration back within one interval.
             ("grpc.initial_reconnect_backoff_ms", int(_INITIAL_BACKOFF * 1000)),
             ("grpc.max_reconnect_backoff_ms", max(int(self._interval * 1000), 200)),
         ]
+        name = self._names.get(address)
+        if self._credentials is not None and name is not None:
+            # Connected by IP, verified by the name that resolved to it.
+            options += [("grpc.ssl_target_name_override", name), ("grpc.default_authority", name)]
         channel = (
             grpc.aio.secure_channel(address, self._credentials, options=options)
             if self._credentials is not None

@@ -14,9 +14,7 @@ rotation)."""
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -74,7 +72,12 @@ async def test_every_command_of_the_doc_runs_as_written(k8s: ClusterHarness, doc
     await s.install_skywalking(k8s)
     view = s.checkout_view(k8s.work, s.named_files(*DOCS.values()))
     outputs = []
+    initial_token = ""
     for block in s.code_blocks(DOCS[doc], "sh"):
+        if "rotation" in block.text or "OLD=" in block.text:
+            secret = k8s.cluster.object_data("Secret", s.NS, "lbserver-token")
+            assert secret is not None
+            initial_token = secret["token"].decode()
         result = await k8s.sh(block.text, cwd=view)
         outputs.append(result.output)
 
@@ -92,9 +95,25 @@ async def test_every_command_of_the_doc_runs_as_written(k8s: ClusterHarness, doc
     arrived = await _delivered_exactly_once(k8s)
     duplicates = {seg: n for seg, n in arrived.items() if n > 1}
     assert not duplicates, f"segments delivered more than once: {list(duplicates)[:5]}"
+    if doc == "deploying":
+        # Nothing rolled while the agents sent: the OAP pods' shares of the
+        # segments follow the balancer's list shares.
+        status = await s.status_json(k8s)
+        (service,) = status["services"]
+        listed = {b["address"]: b["share"] for b in service["backends"]}
+        got = {
+            f"{pod.ip}:11800": sum(s.segments_by_pod(s.oap_records(k8s))[pod.name].values())
+            for pod in oap
+        }
+        total = sum(got.values())
+        for address, count in got.items():
+            assert abs(count / total - listed[address]) <= 0.07, (got, listed)
+    if doc == "chart-readme":
+        # The rotation left one token, not the one the install generated.
+        secret = k8s.cluster.object_data("Secret", s.NS, "lbserver-token")
+        assert secret is not None
+        lines = secret["token"].decode().splitlines()
+        assert len(lines) == 1 and lines[0] != initial_token
     # No balancer replica, old or new, refused a heartbeat along the way
     # (the token rotation included).
     assert s.balancer_refusals(k8s) == []
-
-
-__all__ = ["Path", "asyncio"]

@@ -509,9 +509,10 @@ class Cluster:
     def _authorize(self, header: str | None, namespace: str, verb: str) -> int | None:
         """Runs in the fake API server's threads: token -> service account ->
         the rendered RoleBindings and (Cluster)Roles."""
-        if not header or not header.startswith("Bearer "):
+        scheme, _, token = (header or "").partition(" ")
+        if scheme.lower() != "bearer":  # the API server takes any case
             return 401
-        who = self._tokens.get(header[len("Bearer ") :].strip())
+        who = self._tokens.get(token.strip())
         if who is None:
             return 401
         if self.allowed(who, namespace, verb, "discovery.k8s.io", "endpointslices"):
