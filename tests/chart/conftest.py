@@ -4,7 +4,6 @@ validation with kubernetes-validate."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,10 +14,10 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from tests.support.helm import install_helm
+
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "lbserver"
-INSTALL_HELM = ROOT / "scripts" / "install-helm"
-HELM_DIR = ROOT / ".tools" / "bin"
 
 RELEASE = "lbserver"
 NAMESPACE = "observability"
@@ -65,17 +64,7 @@ class Helm:
 @pytest.fixture(scope="session")
 def helm() -> Helm:
     """The pinned helm, installed by scripts/install-helm (fast when present)."""
-    result = subprocess.run(
-        [str(INSTALL_HELM)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HELM_INSTALL_DIR": str(HELM_DIR)},
-    )
-    assert result.returncode == 0, f"scripts/install-helm failed:\n{result.stdout}{result.stderr}"
-    binary = HELM_DIR / "helm"
-    assert binary.is_file(), result.stdout
-    return Helm(binary)
+    return Helm(install_helm())
 
 
 def scenario_files() -> list[Path]:

@@ -4,6 +4,7 @@ rendered objects (what the issue requires of a secure, working install)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -730,3 +731,54 @@ def test_other_value_combinations_render_valid_objects(helm: Helm, case: str) ->
         assert rendered_config(objects)["listen"] == "[::]:11810"
         hpa = one(objects, "HorizontalPodAutoscaler", FULLNAME)
         assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["memory"]
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_no_service_links_in_the_chart_pods(
+    rendered: dict[str, list[Manifest]], scenario: str
+) -> None:
+    """lbserver reads LBSERVER_* from the environment; a Service named
+    lbserver would inject LBSERVER_SERVICE_HOST and friends."""
+    for description, spec in pod_specs(rendered[scenario]):
+        assert spec.get("enableServiceLinks") is False, description
+
+
+def test_native_clients_service_reaches_balancer_and_backends(
+    rendered: dict[str, list[Manifest]],
+) -> None:
+    objects = rendered["defaults"]
+    native = one(objects, "Service", f"{FULLNAME}-oap")
+    ports = {p["name"]: p for p in native["spec"]["ports"]}
+    # SRV _grpclb._tcp.<name>: the balancer's named port.
+    container = balancer_container(objects)
+    assert ports["grpclb"]["targetPort"] == "grpclb"
+    assert ports["grpclb"]["port"] == 11810
+    assert container_port(container, "grpclb") == 11810
+    # The name's address: the backends' named port (a name, so that the
+    # balancer pods, which have no port of that name, get none of it).
+    assert ports["grpc"] == {"name": "grpc", "port": 11800, "targetPort": "grpc", "protocol": "TCP"}
+    assert "grpc" not in {p["name"] for p in container["ports"]}
+    # It selects the balancer pods by the label they carry.
+    labels = deployment(objects)["spec"]["template"]["metadata"]["labels"]
+    assert native["spec"]["selector"].items() <= labels.items()
+    # Clients dialing it get the service "oap".
+    assert rendered_config(objects)["name_aliases"][f"{FULLNAME}-oap"] == "oap"
+
+
+def test_previous_tokens_follow_the_current_one_in_the_secret(helm: Helm) -> None:
+    objects = helm.template(
+        "--set", "auth.token=new-token-0123456789", "--set", "auth.previousTokens={old-token-0123}"
+    )
+    secret = one(objects, "Secret", f"{FULLNAME}-token")
+    assert base64.b64decode(secret["data"]["token"]).decode() == (
+        "new-token-0123456789\nold-token-0123"
+    )
+    with_old = helm.template("--set", "auth.token=new-token-0123456789")
+    annotation = "checksum/token"
+
+    def checksum(found: list[Manifest]) -> str:
+        value: str = deployment(found)["spec"]["template"]["metadata"]["annotations"][annotation]
+        return value
+
+    # Dropping the previous token restarts the balancers (they then refuse it).
+    assert checksum(objects) != checksum(with_old)

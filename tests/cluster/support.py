@@ -24,6 +24,7 @@ DEPLOYING = ROOT / "docs" / "deploying-with-skywalking.md"
 CHART_README = ROOT / "charts" / "lbserver" / "README.md"
 README = ROOT / "README.md"
 MANIFESTS = Path(__file__).with_name("manifests")
+CI_VALUES = sorted((ROOT / "charts" / "lbserver" / "ci").glob("*-values.yaml"))
 
 LBSERVER_IMAGE = "registry.example.com/lbserver:0.1.0"
 LBSERVER_REPOSITORY = "registry.example.com/lbserver"
@@ -134,6 +135,51 @@ def push_images(
         ),
     )
     registry.push(CLIENT_IMAGE, python_image("tests.cluster.images.grpclb_client"))
+
+
+async def start_readme_client(
+    k8s: ClusterHarness, namespace: str, name: str, calls: int, rate: float
+) -> Pod:
+    """A pod running the README's grpclb client code (from a ConfigMap made
+    of the README's block) for `calls` calls at `rate` per second."""
+    if k8s.cluster.get("ConfigMap", namespace, "readme-client") is None:
+        await k8s.cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "readme-client"},
+                "data": {"client.py": readme_python_client()},
+            },
+            namespace,
+        )
+    await k8s.cluster.apply(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name},
+            "spec": {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "client",
+                        "image": CLIENT_IMAGE,
+                        "args": [
+                            "--snippet=/snippet/client.py",
+                            f"--calls={calls}",
+                            f"--rate={rate}",
+                            f"--name={name}",
+                        ],
+                        "volumeMounts": [{"name": "snippet", "mountPath": "/snippet"}],
+                    }
+                ],
+                "volumes": [{"name": "snippet", "configMap": {"name": "readme-client"}}],
+            },
+        },
+        namespace,
+    )
+    pod = k8s.cluster.find_pod(namespace, name)
+    assert pod is not None
+    return pod
 
 
 async def install_skywalking(k8s: ClusterHarness, replicas: int = 3) -> None:

@@ -22,35 +22,9 @@ CALLS = 150
 
 
 async def _run_client(k8s: ClusterHarness, name: str, calls: int = CALLS) -> Pod:
-    await k8s.cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name},
-            "spec": {
-                "restartPolicy": "Never",
-                "containers": [
-                    {
-                        "name": "client",
-                        "image": s.CLIENT_IMAGE,
-                        "args": [
-                            "--snippet=/snippet/client.py",
-                            f"--calls={calls}",
-                            "--rate=40",
-                            f"--name={name}",
-                        ],
-                        "volumeMounts": [{"name": "snippet", "mountPath": "/snippet"}],
-                    }
-                ],
-                "volumes": [{"name": "snippet", "configMap": {"name": "readme-client"}}],
-            },
-        },
-        APP_NS,
-    )
-    pod = k8s.cluster.find_pod(APP_NS, name)
-    assert pod is not None
+    pod = await s.start_readme_client(k8s, APP_NS, name, calls, rate=40)
     await k8s.cluster.wait_for(
-        f"client {name} to finish", lambda: pod.phase != "Running" and pod.phase != "Pending", 90
+        f"client {name} to finish", lambda: pod.phase in ("Succeeded", "Failed"), 90
     )
     assert pod.phase == "Succeeded", pod.describe()
     return pod
@@ -75,16 +49,6 @@ async def test_the_readme_client_balances_per_call_and_falls_back_to_the_oap_pod
     oap = [p for p in k8s.cluster.deployment_pods(s.NS, "skywalking-oap") if p.ready]
     await s.wait_backends(k8s, {f"{p.ip}:11800" for p in oap})
     await k8s.sh(f"kubectl create namespace {APP_NS}")
-    await k8s.cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "readme-client"},
-            "data": {"client.py": s.readme_python_client()},
-        },
-        APP_NS,
-    )
-
     # 1. Balanced: the client found the balancer through the SRV record of
     #    the name it dials, and spreads its calls over every OAP pod.
     balanced = await _run_client(k8s, "balanced")

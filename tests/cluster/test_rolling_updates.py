@@ -34,40 +34,7 @@ async def test_rolling_updates_of_oap_and_lbserver_lose_nothing(k8s: ClusterHarn
         f"kubectl -n {APP_NS} rollout status deployment my-app",
         cwd=view,
     )
-    await k8s.cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": "readme-client"},
-            "data": {"client.py": s.readme_python_client()},
-        },
-        APP_NS,
-    )
-    await k8s.cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "native"},
-            "spec": {
-                "restartPolicy": "Never",
-                "containers": [
-                    {
-                        "name": "client",
-                        "image": s.CLIENT_IMAGE,
-                        "args": [
-                            "--snippet=/snippet/client.py",
-                            f"--calls={NATIVE_CALLS}",
-                            "--rate=25",
-                            "--name=native",
-                        ],
-                        "volumeMounts": [{"name": "snippet", "mountPath": "/snippet"}],
-                    }
-                ],
-                "volumes": [{"name": "snippet", "configMap": {"name": "readme-client"}}],
-            },
-        },
-        APP_NS,
-    )
+    native = await s.start_readme_client(k8s, APP_NS, "native", NATIVE_CALLS, rate=25)
 
     # Roll every OAP pod (preStop sleep, registrar drain), then every balancer.
     await k8s.sh(
@@ -83,8 +50,6 @@ async def test_rolling_updates_of_oap_and_lbserver_lose_nothing(k8s: ClusterHarn
     assert not {p.name for p in new_oap} & {p.name for p in oap}
     await s.wait_backends(k8s, {f"{p.ip}:11800" for p in new_oap})
 
-    native = k8s.cluster.find_pod(APP_NS, "native")
-    assert native is not None
     await k8s.cluster.wait_for(
         "the native client to finish", lambda: native.phase in ("Succeeded", "Failed"), 120, 1.0
     )

@@ -130,9 +130,8 @@ def _tls_secret(name: str, cert: trustme.LeafCert, ca: trustme.CA) -> dict[str, 
     }
 
 
-async def test_tls_values(k8s: ClusterHarness) -> None:
-    s.push_images(k8s)
-    await s.install_skywalking(k8s)
+async def _tls_secrets(k8s: ClusterHarness) -> trustme.CA:
+    """The Secrets ci/tls-values.yaml names, and one for the registrars."""
     ca = trustme.CA()
     # The names the chart README says the certificate should carry.
     server = ca.issue_cert(
@@ -161,6 +160,52 @@ async def test_tls_values(k8s: ClusterHarness) -> None:
         },
     ):
         await k8s.cluster.apply(secret, s.NS)
+    return ca
+
+
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1",
+    "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {
+        "group": "monitoring.coreos.com",
+        "names": {"kind": "ServiceMonitor", "plural": "servicemonitors"},
+        "scope": "Namespaced",
+        "versions": [{"name": "v1", "served": True, "storage": True}],
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "scenario", sorted(p.name.removesuffix("-values.yaml") for p in s.CI_VALUES)
+)
+async def test_every_ci_scenario_installs_and_passes_helm_test(
+    k8s: ClusterHarness, scenario: str
+) -> None:
+    s.push_images(k8s)
+    await k8s.sh(f"kubectl create namespace {s.NS}")
+    if scenario == "tls":
+        await _tls_secrets(k8s)
+    if scenario == "monitoring":
+        # The Prometheus Operator's CRD: without it the install fails, as in
+        # a cluster without the operator.
+        failed = await k8s.sh(
+            f"helm install lbserver charts/lbserver -n {s.NS} "
+            f"--set image.repository={s.LBSERVER_REPOSITORY} "
+            "-f charts/lbserver/ci/monitoring-values.yaml",
+            check=False,
+        )
+        assert failed.code != 0 and "ensure CRDs are installed first" in failed.output
+        await k8s.cluster.apply(SERVICE_MONITOR_CRD)
+    await s.install_lbserver(k8s, f"-f charts/lbserver/ci/{scenario}-values.yaml")
+    await k8s.sh(f"helm test lbserver -n {s.NS}")
+    assert s.balancer_refusals(k8s) == []
+
+
+async def test_tls_values(k8s: ClusterHarness) -> None:
+    s.push_images(k8s)
+    await s.install_skywalking(k8s)
+    await _tls_secrets(k8s)
     await s.install_lbserver(k8s, "-f charts/lbserver/ci/tls-values.yaml")
     await k8s.sh(f"helm test lbserver -n {s.NS}")
 

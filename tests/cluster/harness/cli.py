@@ -71,16 +71,6 @@ INSTALL_ORDER = [
     "CronJob",
     "Ingress",
 ]
-KNOWN_GROUPS = {
-    "v1",
-    "apps/v1",
-    "rbac.authorization.k8s.io/v1",
-    "policy/v1",
-    "autoscaling/v2",
-    "networking.k8s.io/v1",
-    "batch/v1",
-    "discovery.k8s.io/v1",
-}
 
 
 class CommandError(Exception):
@@ -191,7 +181,7 @@ class Commands:
         hooks = [d for d in documents if "helm.sh/hook" in annotations_of(d)]
         objects = [d for d in documents if "helm.sh/hook" not in annotations_of(d)]
         for obj in documents:
-            if obj.get("apiVersion") not in KNOWN_GROUPS:
+            if obj.get("apiVersion") not in self.cluster.api_versions:
                 raise CommandError(
                     f"Error: INSTALLATION FAILED: unable to build kubernetes objects from release "
                     f'manifest: resource mapping not found for name: "{name_of(obj)}" namespace: '

@@ -18,8 +18,11 @@ and does what the control plane and the node do with them:
 - kube-proxy (`network.ServiceForwarder`): a TCP forwarder per ClusterIP port
   that picks a ready endpoint per connection.
 
-NetworkPolicies, PodDisruptionBudgets, HPAs and ServiceMonitors are stored,
-not enforced (there is one node and no metrics pipeline).
+There is one node and no scheduler: affinity and topology spread are not
+evaluated. NetworkPolicies and PodDisruptionBudgets are stored, not enforced;
+an HPA holds its Deployment within minReplicas..maxReplicas (no metrics);
+objects of a custom resource (ServiceMonitor) need their
+CustomResourceDefinition applied first, as in a real cluster.
 """
 
 from __future__ import annotations
@@ -135,6 +138,19 @@ class Cluster:
         self._slice_names: dict[tuple[str, str], set[str]] = {}
         self.kubelet_sync_delay = 1.0
         self.stalls: list[tuple[str, float]] = []
+        # API groups/versions objects may use: the built-in ones the chart
+        # needs, plus those of installed CustomResourceDefinitions.
+        self.api_versions: set[str] = {
+            "v1",
+            "apps/v1",
+            "rbac.authorization.k8s.io/v1",
+            "policy/v1",
+            "autoscaling/v2",
+            "networking.k8s.io/v1",
+            "batch/v1",
+            "discovery.k8s.io/v1",
+            "apiextensions.k8s.io/v1",
+        }
         self.ca = trustme.CA()
         self.api: FakeKubeApiServer | None = None
         self.dns: ClusterDns | None = None
@@ -259,6 +275,10 @@ class Cluster:
         existing = self.objects.get(key)
         if kind == "Namespace":
             self.namespaces.add(name)
+        if kind == "CustomResourceDefinition":
+            group = obj["spec"]["group"]
+            for version in obj["spec"].get("versions") or []:
+                self.api_versions.add(f"{group}/{version['name']}")
         if kind == "Service":
             obj = self._admit_service(obj, existing)
         if kind == "Secret" and obj.get("stringData"):
@@ -666,7 +686,7 @@ class Cluster:
     def _reconcile_deployment(self, deployment: Obj) -> None:
         ns, name = deployment["metadata"]["namespace"], name_of(deployment)
         spec = deployment.get("spec") or {}
-        replicas = int(spec.get("replicas", 1))
+        replicas = self._replicas(deployment)
         template = spec["template"]
         current_hash = template_hash(template)
         pods = self.deployment_pods(ns, name)
@@ -700,6 +720,20 @@ class Cluster:
             for pod in sorted(new, key=lambda p: p.ready)[: len(new) - replicas]:
                 self.spawn(pod.delete())
 
+    def _replicas(self, deployment: Obj) -> int:
+        """spec.replicas (1 when unset), kept within an HPA's min and max:
+        the autoscaler enforces its bounds at once (its metrics-driven
+        scaling is not emulated: there is no metrics pipeline)."""
+        replicas = int((deployment.get("spec") or {}).get("replicas", 1))
+        ns, name = deployment["metadata"]["namespace"], name_of(deployment)
+        for hpa in self.objects_of("HorizontalPodAutoscaler", ns):
+            target = hpa["spec"].get("scaleTargetRef") or {}
+            if target.get("kind") == "Deployment" and target.get("name") == name:
+                low = int(hpa["spec"].get("minReplicas", 1))
+                high = int(hpa["spec"]["maxReplicas"])
+                replicas = min(max(replicas, low), high)
+        return replicas
+
     def _new_pod(self, deployment: Obj, current_hash: str) -> Pod:
         ns, name = deployment["metadata"]["namespace"], name_of(deployment)
         template = copy.deepcopy(deployment["spec"]["template"])
@@ -715,7 +749,7 @@ class Cluster:
         deployment = self.get("Deployment", namespace, name)
         if deployment is None:
             return False, f'deployments.apps "{name}" not found'
-        replicas = int(deployment["spec"].get("replicas", 1))
+        replicas = self._replicas(deployment)
         current_hash = template_hash(deployment["spec"]["template"])
         pods = self.deployment_pods(namespace, name, live=False)
         updated = [p for p in pods if p.labels.get("pod-template-hash") == current_hash]

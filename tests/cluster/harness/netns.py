@@ -29,6 +29,8 @@ from typing import TypeVar
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
+# One file per live cluster, named by its prefix, holding the harness's pid.
+OWNERS = Path("/run/lbcluster")
 BRIDGE = "br0"
 BRIDGE_MAC = "02:00:7f:00:ff:fe"
 # Cluster addressing (all inside 127.0.0.0/16, private to the cluster's namespaces).
@@ -140,6 +142,9 @@ class ClusterNetwork:
         self._counter = 0
 
     def create(self) -> None:
+        remove_stale_clusters()
+        OWNERS.mkdir(parents=True, exist_ok=True)
+        (OWNERS / self.prefix).write_text(str(os.getpid()))
         delete(self.node)
         subprocess.run(["ip", "netns", "add", self.node], check=True, capture_output=True)
         ip_batch(
@@ -190,10 +195,23 @@ class ClusterNetwork:
         for netns in list(self._pods):
             self.remove_pod(netns)
         delete(self.node)
+        (OWNERS / self.prefix).unlink(missing_ok=True)
 
 
-def remove_stale(prefix_start: str, alive: Callable[[str], bool]) -> None:
-    """Deletes namespaces named `<prefix_start>...` whose owner is gone."""
-    for name in existing():
-        if name.startswith(prefix_start) and not alive(name):
-            delete(name)
+def remove_stale_clusters() -> None:
+    """Deletes the namespaces of clusters whose harness process is gone (a
+    test run that was killed): each cluster records its owner's pid."""
+    if not OWNERS.is_dir():
+        return
+    for record in OWNERS.iterdir():
+        try:
+            os.kill(int(record.read_text()), 0)
+            continue
+        except (ProcessLookupError, ValueError):
+            pass
+        except PermissionError:
+            continue
+        for name in existing():
+            if name.startswith(f"{record.name}-"):
+                delete(name)
+        record.unlink(missing_ok=True)
