@@ -167,6 +167,15 @@ def build_root(spec: dict[str, Any]) -> str:
         mount(source, where, None, MS_BIND | MS_REC)
         if readonly:
             mount("none", where, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
+    # The "image" is this machine's installation: where a volume hides the
+    # interpreter or the project (a checkout under /tmp, an emptyDir at
+    # /tmp), bind them back over it, as an image would still have them.
+    for path in spec.get("open_paths", []):
+        if any(path == t or path.startswith(t.rstrip("/") + "/") for _, t, _, _ in binds):
+            where = _inside(root, path)
+            os.makedirs(where, exist_ok=True)
+            mount(path, where, None, MS_BIND | MS_REC)
+            mount("none", where, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     if spec.get("read_only_root"):
         mount("none", root, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
     return root
