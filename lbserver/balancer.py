@@ -13,13 +13,15 @@ import asyncio
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
 import structlog
 
 from lbserver.discovery import DiscoveryMode, Endpoint
+from lbserver.domain.clientstats import ClientCallStats as ClientCallStats
+from lbserver.domain.clientstats import ClientStatsBook, gone_services
 from lbserver.domain.membership import Membership, TtlPolicy
 from lbserver.domain.model import Backend, Registration
 from lbserver.domain.naming import NameRules, resolve
@@ -67,29 +69,6 @@ class Answer:
 PENDING = Answer("pending")
 # A gap between timer ticks longer than this means the process was paused.
 PAUSE_THRESHOLD = 2.0
-
-
-@dataclass(slots=True)
-class ClientCallStats:
-    """Sums of the ClientStats deltas reported for one service."""
-
-    calls_started: int = 0
-    calls_finished: int = 0
-    calls_finished_with_client_failed_to_send: int = 0
-    calls_finished_known_received: int = 0
-    calls_dropped_by_token: dict[str, int] = field(default_factory=dict)
-    reports: int = 0
-
-    def add(self, other: ClientCallStats) -> None:
-        self.calls_started += other.calls_started
-        self.calls_finished += other.calls_finished
-        self.calls_finished_with_client_failed_to_send += (
-            other.calls_finished_with_client_failed_to_send
-        )
-        self.calls_finished_known_received += other.calls_finished_known_received
-        for token, count in other.calls_dropped_by_token.items():
-            self.calls_dropped_by_token[token] = self.calls_dropped_by_token.get(token, 0) + count
-        self.reports += other.reports
 
 
 class _NameSlot:
@@ -357,7 +336,8 @@ class Balancer:
         self._subsets: dict[tuple[str, int], ServerList] = {}
         self._index_pools: dict[str, IndexPool] = {}
         self._slots: dict[str, _NameSlot] = {}
-        self._client_stats: dict[str, ClientCallStats] = {}
+        # Per service, under lbserver.domain.clientstats' policy.
+        self._client_stats: dict[str, ClientStatsBook] = {}
         self._max_services = max_services
         self._max_backends = max_backends_per_service
         # Kubernetes discovery: the mode per service, and the endpoints last
@@ -673,7 +653,23 @@ class Balancer:
             self._slots.pop(slot.name, None)
 
     def record_client_stats(self, service: str, stats: ClientCallStats) -> None:
-        self._client_stats.setdefault(service, ClientCallStats()).add(stats)
+        """Adds one ClientStats report's delta (lbserver.domain.clientstats:
+        counters clamped per report, totals saturated, drops kept per token
+        only for the tokens of the service's current list)."""
+        book = self._client_stats.get(service)
+        if book is None:
+            # A service's stats outlive it only until the next service
+            # starts some: the map holds at most the live services + 1.
+            self._forget_gone_client_stats(self.clients_per_service())
+            book = self._client_stats[service] = ClientStatsBook()
+        plan = self._plans.get(service)
+        book.follow(plan.servers if plan is not None else None)
+        book.record(stats)
+
+    def _forget_gone_client_stats(self, clients: Mapping[str, int]) -> None:
+        """Drops the client stats of services with no backends and no clients."""
+        for name in gone_services(self._client_stats, self.membership, clients):
+            del self._client_stats[name]
 
     def clients_per_service(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -682,26 +678,47 @@ class Balancer:
                 counts[slot.answer.service] = counts.get(slot.answer.service, 0) + slot.watchers
         return counts
 
-    def view(self, service: str | None = None) -> list[ServiceView]:
+    def iter_views(self, service: str | None = None, start: str = "") -> Iterator[ServiceView]:
+        """Views of the services named `start` or later, in name order (only
+        `service` when one is given), built one at a time as they are taken:
+        a caller that stops early (a page of Admin.GetState) pays only for
+        the services it took."""
         self._refresh_stale()
         clients = self.clients_per_service()
-        names = sorted(set(self.membership.services()) | set(self._client_stats) | set(clients))
-        views = []
-        for name in names:
-            if service not in (None, "", name):
-                continue
-            plan = self._plans.get(name)
-            views.append(
-                ServiceView(
-                    name=name,
-                    backends=tuple(self.membership.backends(name)),
-                    servers=plan.servers if plan is not None else EMPTY_LIST,
-                    weights=plan.weights if plan is not None else {},
-                    clients=clients.get(name, 0),
-                    client_stats=self._client_stats.get(name, ClientCallStats()),
+        self._forget_gone_client_stats(clients)
+        if service:
+            names = [service] if service >= start else []
+        else:
+            names = [
+                name
+                for name in sorted(
+                    set(self.membership.services()) | set(self._client_stats) | set(clients)
                 )
-            )
-        return views
+                if name >= start
+            ]
+        for name in names:
+            view = self._view(name, clients.get(name, 0))
+            if view is not None:
+                yield view
+
+    def _view(self, name: str, clients: int) -> ServiceView | None:
+        plan = self._plans.get(name)
+        book = self._client_stats.get(name)
+        if book is not None:
+            book.follow(plan.servers if plan is not None else None)
+        elif not clients and name not in self.membership:
+            return None
+        return ServiceView(
+            name=name,
+            backends=tuple(self.membership.backends(name)),
+            servers=plan.servers if plan is not None else EMPTY_LIST,
+            weights=plan.weights if plan is not None else {},
+            clients=clients,
+            client_stats=book.snapshot() if book is not None else ClientCallStats(),
+        )
+
+    def view(self, service: str | None = None) -> list[ServiceView]:
+        return list(self.iter_views(service))
 
     def close(self) -> None:
         """Wakes every stream so it can end (shutdown)."""

@@ -203,17 +203,38 @@ class Config:
     )
     max_streams: int = _opt(
         20_000,
-        "Most concurrent BalanceLoad streams, 1-1000000; more are refused with RESOURCE_EXHAUSTED.",
+        "Most concurrent BalanceLoad streams that sent their initial request, 1-1000000; a "
+        "stream's initial request beyond it is refused with RESOURCE_EXHAUSTED.",
+    )
+    max_streams_per_peer: int = _opt(
+        1000,
+        "Most concurrent BalanceLoad streams from one IP address, waiting or not, 1-1000000 "
+        "(HeartbeatStreams are counted apart, against the same number); a new stream over "
+        "it ends the address's oldest stream still waiting for its initial request, or is "
+        "refused with RESOURCE_EXHAUSTED. Clients behind one NAT or proxy share one address.",
+    )
+    max_pending_streams: int = _opt(
+        1000,
+        "Most BalanceLoad streams waiting for their initial request at once, 1-1000000; one "
+        "more ends the oldest waiting one (RESOURCE_EXHAUSTED). Waiting streams hold no "
+        "max_streams slot.",
+    )
+    client_stats_rate_per_stream: float = _opt(
+        2.0,
+        "Messages per second a BalanceLoad stream may send after its initial request "
+        "(ClientStats reports), bursts of 10; a stream sending more is ended with "
+        "RESOURCE_EXHAUSTED. At least 1/client_stats_interval; 0 disables the limit.",
     )
     max_message_bytes: int = _opt(
         1_048_576,
-        "Largest request message the server accepts, in bytes: 4096 to 2147483647 "
-        "(2 GiB - 1, gRPC's limit).",
+        "Largest request message BalanceLoad, Registry and Admin accept, in bytes: 4096 to "
+        "2147483647 (2 GiB - 1, gRPC's limit); a larger one is refused with "
+        "RESOURCE_EXHAUSTED naming this option, or, beyond twice this size, by gRPC itself.",
     )
     heartbeat_rate_per_peer: float = _opt(
         50.0,
-        "Registry calls per second one peer IP may make (bursts of the same size); 0 disables "
-        "the limit.",
+        "Registry calls and streamed heartbeats per second one peer IP may make (bursts of "
+        "the same size); 0 disables the limit. Registrars behind one NAT share it.",
     )
     kubernetes_services: tuple[WatchedService, ...] = _opt(
         (),
@@ -228,7 +249,9 @@ class Config:
         "(or $KUBECONFIG / ~/.kube/config outside a cluster).",
     )
     initial_request_timeout: float = _opt(
-        10.0, "Seconds a BalanceLoad stream may take to send its initial request."
+        2.0,
+        "Seconds a BalanceLoad stream may take to send its initial request (grpclb clients "
+        "send it with the call); a stream that takes longer ends with DEADLINE_EXCEEDED.",
     )
     shutdown_grace: float = _opt(
         5.0,
@@ -289,10 +312,26 @@ class Config:
             ("max_services", 1, MAX_SERVICES),
             ("max_backends_per_service", 1, MAX_BACKENDS_PER_SERVICE),
             ("max_streams", 1, MAX_STREAMS),
+            ("max_streams_per_peer", 1, MAX_STREAMS),
+            ("max_pending_streams", 1, MAX_STREAMS),
             ("max_message_bytes", 4096, MAX_MESSAGE_BYTES),
         ):
             _require(name, low <= getattr(self, name) <= high, f"must be {low}-{high}")
         _require("heartbeat_rate_per_peer", self.heartbeat_rate_per_peer >= 0, "must be >= 0")
+        _require(
+            "client_stats_rate_per_stream",
+            math.isfinite(self.client_stats_rate_per_stream)
+            and self.client_stats_rate_per_stream >= 0,
+            "must be a finite number >= 0",
+        )
+        _require(
+            "client_stats_rate_per_stream",
+            self.client_stats_rate_per_stream == 0
+            or self.client_stats_interval == 0
+            or self.client_stats_rate_per_stream * self.client_stats_interval >= 1 - 1e-9,
+            f"must be at least 1/client_stats_interval ({1 / (self.client_stats_interval or 1):g} "
+            "per second), or clients reporting as asked are cut off; 0 disables the limit",
+        )
         _require(
             "tls_client_auth",
             self.tls_client_auth in ("registry", "all"),

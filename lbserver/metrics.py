@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
@@ -45,6 +45,30 @@ STREAM_ERRORS = Counter(
 )
 CLIENT_STATS_REPORTS = Counter(
     "lbserver_client_stats_reports_total", "ClientStats reports received from grpclb clients."
+)
+STREAMS_REFUSED = Counter(
+    "lbserver_streams_refused_total",
+    "BalanceLoad and HeartbeatStream streams ended by a limit, by rpc and limit "
+    "(max_streams, max_streams_per_peer, max_pending_streams, initial_request_timeout, "
+    "client_stats_rate_per_stream).",
+    ["rpc", "limit"],
+)
+REQUESTS_REFUSED = Counter(
+    "lbserver_request_messages_refused_total",
+    "Request messages of BalanceLoad, Registry and Admin refused before a handler saw "
+    "them, by method and reason (undecodable, too_large: over max_message_bytes).",
+    ["method", "reason"],
+)
+LOG_EVENTS_SUPPRESSED = Counter(
+    "lbserver_log_events_suppressed_total",
+    "Log lines left out by the per-event rate limit of client-triggered events, by event.",
+    ["event"],
+)
+REGISTRY_UNAUTHENTICATED = Gauge(
+    "lbserver_registry_unauthenticated",
+    "1 when Registry and Admin accept calls without a token or client certificate on a "
+    "non-loopback address (anyone who reaches the port can register or deregister "
+    "backends), else 0.",
 )
 PUSH_LATENCY = Histogram(
     "lbserver_list_push_latency_seconds",
@@ -101,10 +125,11 @@ class BalancerCollector(Collector):
         for view in self._balancer.view():
             by_state: dict[str, int] = {"serving": 0, "draining": 0}
             total = len(view.servers)
+            per_token = view.servers.entries_per_token()
             for backend in view.backends:
                 by_state[backend.registration.state.value] += 1
                 labels = [view.name, backend.instance_id]
-                count = view.servers.count(backend.token)
+                count = per_token.get(backend.token, 0)
                 entries.add_metric(labels, count)
                 weights.add_metric(labels, view.weights.get(backend.token, 0.0))
                 shares.add_metric(labels, count / total if total else 0.0)

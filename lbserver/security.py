@@ -10,6 +10,13 @@ lines and whitespace around a token ignored): the first is the current token,
 the others previous ones still accepted while a rotation is in progress. The
 balancer re-reads it when it changes (RegistrationTokens.watch), so a rotated
 Kubernetes Secret is picked up without a restart.
+
+Also here: what guards every request before a handler sees it
+(`request_decoder`, `serve_decoded`): a message larger than
+max_message_bytes, or one that does not decode, becomes a RefusedMessage that
+the handler answers with RESOURCE_EXHAUSTED or INVALID_ARGUMENT naming the
+limit or the message type, instead of grpcio's UNKNOWN "Unexpected
+DecodeError".
 """
 
 from __future__ import annotations
@@ -18,13 +25,15 @@ import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import structlog
 
+from lbserver._logging import LogLimiter, clip
 from lbserver.errors import ConfigError
 
 log = structlog.get_logger("lbserver.security")
@@ -194,9 +203,13 @@ class Authorizer:
         self,
         token: str | RegistrationTokens | None = None,
         require_client_cert: bool = False,
+        *,
+        log_limiter: LogLimiter | None = None,
     ) -> None:
         self._tokens = RegistrationTokens([token]) if isinstance(token, str) else token
         self._require_client_cert = require_client_cert
+        # Auth failures are logged through it: a client can cause them at will.
+        self.log_limiter = log_limiter or LogLimiter()
 
     @property
     def enabled(self) -> bool:
@@ -339,6 +352,11 @@ class PeerRateLimiter:
         self._max_peers = max_peers
         self._buckets: dict[str, tuple[float, float]] = {}
 
+    @property
+    def rate(self) -> float:
+        """Calls per second per peer IP; 0: no limit."""
+        return self._rate
+
     def allow(self, peer: str, now: float | None = None) -> bool:
         if self._rate <= 0:
             return True
@@ -392,13 +410,161 @@ async def require(
     from lbserver import metrics
 
     metrics.AUTH_FAILURES.labels(what, verdict.reason).inc()
+    limiter = authorizer.log_limiter
     if again:
-        log.warning(
+        limiter.warning(
+            log,
             "auth failure: the stream's token is no longer accepted",
             peer=context.peer(),
             call=what,
             reason=verdict.reason,
         )
     else:
-        log.warning("auth failure", peer=context.peer(), call=what, reason=verdict.reason)
+        limiter.warning(log, "auth failure", peer=context.peer(), call=what, reason=verdict.reason)
     await context.abort(verdict.code, verdict.message)
+
+
+# ---------------------------------------------------------------------------
+# Request messages: size and decoding
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedMessage:
+    """What a request deserializer of `request_decoder` returns instead of a
+    message it refuses: the handler ends the call with `code` and `details`
+    (abort_refused). Returned, not raised: grpcio would turn an exception in
+    a deserializer into UNKNOWN "Unexpected DecodeError"."""
+
+    method: str  # "/grpc.lb.v1.LoadBalancer/BalanceLoad"
+    reason: str  # metric label: "too_large" or "undecodable"
+    code: grpc.StatusCode
+    details: str
+    size: int
+
+
+def request_decoder(
+    message_type: Any, method: str, max_message_bytes: int
+) -> Callable[[bytes], Any]:
+    """A request deserializer for `message_type` that returns a RefusedMessage
+    for a message larger than `max_message_bytes` (RESOURCE_EXHAUSTED naming
+    max_message_bytes and its value; gRPC's own limit, set higher, stops
+    larger ones before they are read) or one that does not decode
+    (INVALID_ARGUMENT naming the message type)."""
+    name = message_type.DESCRIPTOR.full_name
+    parse = message_type.FromString
+
+    def decode(data: bytes) -> Any:
+        size = len(data)
+        if size > max_message_bytes:
+            return RefusedMessage(
+                method,
+                "too_large",
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a {name} of {size} bytes is larger than max_message_bytes={max_message_bytes}",
+                size,
+            )
+        try:
+            return parse(data)
+        except Exception as exc:  # DecodeError, and anything else the parser raises
+            return RefusedMessage(
+                method,
+                "undecodable",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"cannot decode the request as {name} ({size} bytes): {clip(exc, 200)}",
+                size,
+            )
+
+    return decode
+
+
+async def abort_refused(
+    context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+    refused: RefusedMessage,
+    limiter: LogLimiter,
+) -> None:
+    """Counts, logs (rate-limited) and ends the call for a RefusedMessage."""
+    from lbserver import metrics
+
+    metrics.REQUESTS_REFUSED.labels(refused.method, refused.reason).inc()
+    limiter.warning(
+        log,
+        "request message refused",
+        peer=context.peer(),
+        method=refused.method,
+        reason=refused.reason,
+        bytes=refused.size,
+    )
+    await context.abort(refused.code, refused.details)
+
+
+# Before a unary call with a RefusedMessage is ended: checks what every call
+# of the method is checked for first (credentials, rate), so that a refused
+# message tells no more than any other call would.
+UnaryGate = Callable[[grpc.aio.ServicerContext, str], Awaitable[object]]  # type: ignore[type-arg]
+
+
+class _HandlerCapture:
+    """Stands in for a server to a generated add_*Servicer_to_server, to get
+    its method handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.service = service
+        self.handlers = dict(handlers)
+
+
+def serve_decoded(
+    server: grpc.aio.Server,
+    add_servicer: Callable[[Any, Any], None],
+    servicer: object,
+    *,
+    max_message_bytes: int,
+    limiter: LogLimiter,
+    gate: UnaryGate | None = None,
+) -> None:
+    """Registers `servicer` as `add_servicer` (a generated
+    add_*Servicer_to_server) would, with every request deserializer wrapped
+    by request_decoder. A unary call whose message is refused passes `gate`
+    (called with the context and the method's name), then ends with the
+    refusal; a streaming handler gets RefusedMessage from context.read() and
+    ends the call itself (abort_refused)."""
+    capture = _HandlerCapture()
+    add_servicer(servicer, capture)
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    for name, handler in capture.handlers.items():
+        method = f"/{capture.service}/{name}"
+        message_type = handler.request_deserializer.__self__  # type: ignore[union-attr]
+        changes: dict[str, Any] = {
+            "request_deserializer": request_decoder(message_type, method, max_message_bytes)
+        }
+        if handler.unary_stream is not None:
+            # No such method yet: its refusal would need a generator wrapper.
+            raise NotImplementedError(f"{method}: unary-stream methods are not wrapped")
+        if handler.unary_unary is not None:
+            changes["unary_unary"] = _refusing(handler.unary_unary, name, limiter, gate)
+        handlers[name] = handler._replace(**changes)  # type: ignore[attr-defined]
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(capture.service, handlers),)
+    )
+    server.add_registered_method_handlers(capture.service, handlers)  # type: ignore[attr-defined]
+
+
+def _refusing(
+    behaviour: Any, name: str, limiter: LogLimiter, gate: UnaryGate | None
+) -> Callable[..., Any]:
+    async def refusing(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[type-arg]
+        if type(request) is RefusedMessage:
+            if gate is not None:
+                await gate(context, name)
+            await abort_refused(context, request, limiter)
+        return await behaviour(request, context)
+
+    return refusing

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import signal
 import socket
 from dataclasses import dataclass
@@ -15,17 +16,19 @@ import grpc
 import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY
 
 from lbserver import metrics
 from lbserver._grpc_compat import HealthServicerBase
+from lbserver._logging import LogLimiter
 from lbserver.balancer import Balancer, EmptyServicePolicy, ListSettings
-from lbserver.config import Config, parse_host_port
+from lbserver.config import MAX_MESSAGE_BYTES, Config, parse_host_port
 from lbserver.discovery import EndpointSource
 from lbserver.domain.membership import TtlPolicy
 from lbserver.domain.naming import NameRules
 from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
 from lbserver.errors import ConfigError
+from lbserver.metrics_server import MetricsServer, start_metrics_server
 from lbserver.proto.grpclb.v1 import load_balancer_pb2
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 from lbserver.security import (
@@ -33,6 +36,8 @@ from lbserver.security import (
     PeerRateLimiter,
     RegistrationTokens,
     load_tokens,
+    require,
+    serve_decoded,
     server_credentials,
 )
 from lbserver.services.admin import AdminService
@@ -197,6 +202,11 @@ class RunningServer:
     # auth_token_file when there is one.
     tokens: RegistrationTokens | None = None
     token_watch: asyncio.Task[None] | None = None
+    balance_load: LoadBalancerService | None = None
+    # Rate-limits the log lines clients can cause; its task reports the
+    # suppressed counts every window.
+    log_limiter: LogLimiter | None = None
+    log_flush: asyncio.Task[None] | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Reports NOT_SERVING, ends every BalanceLoad stream (clients keep
@@ -209,7 +219,7 @@ class RunningServer:
         self.balancer.close()
         if self.registry is not None:
             self.registry.close()
-        for task in (self.timers, self.discovery, self.token_watch):
+        for task in (self.timers, self.discovery, self.token_watch, self.log_flush):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -231,10 +241,62 @@ def _endpoint_source(config: Config, balancer: Balancer) -> EndpointSource | Non
     )
 
 
+def core_receive_limit(max_message_bytes: int) -> int:
+    """gRPC's own receive limit: twice max_message_bytes (at most gRPC's
+    maximum). Messages up to it reach the request deserializers, which refuse
+    those over max_message_bytes naming the option; gRPC refuses larger ones
+    before reading them (RESOURCE_EXHAUSTED, in its own words)."""
+    return min(MAX_MESSAGE_BYTES, 2 * max_message_bytes)
+
+
 def _grpc_server(config: Config) -> grpc.aio.Server:
     return grpc.aio.server(
-        options=(*SERVER_OPTIONS, ("grpc.max_receive_message_length", config.max_message_bytes))
+        options=(
+            *SERVER_OPTIONS,
+            ("grpc.max_receive_message_length", core_receive_limit(config.max_message_bytes)),
+        )
     )
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether every address `host` (of a listen address) stands for is a
+    loopback one; "" and wildcards are not, nor is a name that does not
+    resolve."""
+    host = _unbracketed(host)
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    addresses = {info[4][0] for info in infos}
+    return bool(addresses) and all(
+        ipaddress.ip_address(str(address).partition("%")[0]).is_loopback for address in addresses
+    )
+
+
+def warn_if_unauthenticated(config: Config, authorizer: Authorizer) -> bool:
+    """Logs one loud warning and sets lbserver_registry_unauthenticated when
+    Registry and Admin take calls without a token or client certificate on a
+    non-loopback address: anyone who reaches the port could register
+    backends (and get every client's traffic) or deregister real ones."""
+    address = config.registry_listen or config.listen
+    host, _ = parse_host_port("registry_listen" if config.registry_listen else "listen", address)
+    exposed = not authorizer.enabled and not is_loopback_host(host)
+    metrics.REGISTRY_UNAUTHENTICATED.set(1 if exposed else 0)
+    if exposed:
+        log.warning(
+            "Registry and Admin accept calls WITHOUT AUTHENTICATION on a non-loopback address: "
+            "anyone who can reach it can register backends or deregister real ones; set "
+            "auth_token_file (or LBSERVER_AUTH_TOKEN) or tls_client_ca_file, or listen on "
+            "127.0.0.1",
+            listen=address,
+        )
+    return exposed
 
 
 class ListenError(OSError):
@@ -313,23 +375,47 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
         require_client_cert_everywhere=True,
     )
     tokens = load_tokens(config.auth_token, config.auth_token_file)
-    authorizer = Authorizer(tokens, require_client_cert=bool(config.tls_client_ca_file))
+    limiter = LogLimiter(
+        on_suppressed=lambda event: metrics.LOG_EVENTS_SUPPRESSED.labels(event).inc()
+    )
+    authorizer = Authorizer(
+        tokens, require_client_cert=bool(config.tls_client_ca_file), log_limiter=limiter
+    )
     server = _grpc_server(config)
     registry_server = _grpc_server(config) if separate_registry else server
     # Like load_balancer_pb2_grpc.add_LoadBalancerServicer_to_server, with a
-    # serializer that lets every stream write a list serialized once.
-    LoadBalancerService(
+    # serializer that lets every stream write a list serialized once, and
+    # (as for Registry and Admin) a deserializer that refuses messages over
+    # max_message_bytes or that do not decode, naming the limit or the type.
+    balance_load = LoadBalancerService(
         balancer,
         client_stats_interval=config.client_stats_interval,
         initial_request_timeout=config.initial_request_timeout,
         max_streams=config.max_streams,
-    ).add_to_server(server)
-    registry = RegistryService(
-        balancer, authorizer, PeerRateLimiter(config.heartbeat_rate_per_peer)
+        max_streams_per_peer=config.max_streams_per_peer,
+        max_pending_streams=config.max_pending_streams,
+        client_stats_rate_per_stream=config.client_stats_rate_per_stream,
+        log_limiter=limiter,
     )
-    lbserver_pb2_grpc.add_RegistryServicer_to_server(registry, registry_server)
-    lbserver_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(balancer, authorizer), registry_server
+    balance_load.add_to_server(server, config.max_message_bytes)
+    registry = RegistryService(
+        balancer,
+        authorizer,
+        PeerRateLimiter(config.heartbeat_rate_per_peer),
+        max_streams_per_peer=config.max_streams_per_peer,
+    )
+    registry.add_to_server(registry_server, config.max_message_bytes)
+
+    async def admin_gate(context: grpc.aio.ServicerContext, method: str) -> int:  # type: ignore[type-arg]
+        return await require(authorizer, context, "admin")
+
+    serve_decoded(
+        registry_server,
+        lbserver_pb2_grpc.add_AdminServicer_to_server,
+        AdminService(balancer, authorizer),
+        max_message_bytes=config.max_message_bytes,
+        limiter=limiter,
+        gate=admin_gate,
     )
     health_servicer = HealthService()
     servers = [server] if registry_server is server else [server, registry_server]
@@ -368,6 +454,7 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     timers = asyncio.create_task(balancer.run_timers(), name="balancer-timers")
+    warn_if_unauthenticated(config, authorizer)
     running = RunningServer(
         config,
         balancer,
@@ -379,6 +466,9 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
         registry_port,
         registry=registry,
         tokens=tokens,
+        balance_load=balance_load,
+        log_limiter=limiter,
+        log_flush=asyncio.create_task(limiter.run_flush(), name="log-flush"),
     )
     if tokens is not None and tokens.path is not None:
         running.token_watch = asyncio.create_task(tokens.watch(), name="token-file")
@@ -387,19 +477,20 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
     return running
 
 
-def start_metrics(config: Config, balancer: Balancer) -> int | None:
-    """Serves /metrics; ListenError when its address cannot be listened on."""
+async def start_metrics(config: Config, balancer: Balancer) -> MetricsServer | None:
+    """Serves /metrics from the event loop (timeouts and a connection cap:
+    lbserver/metrics_server.py); ListenError when its address cannot be
+    listened on."""
     if config.metrics_listen in ("", "off"):
         return None
     host, port = parse_host_port("metrics_listen", config.metrics_listen)
     try:
-        http_server, _thread = start_http_server(port, addr=_unbracketed(host) or "0.0.0.0")
+        server = await start_metrics_server(_unbracketed(host) or "0.0.0.0", port, REGISTRY)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ListenError("metrics_listen", config.metrics_listen, reason) from None
     metrics.register_balancer(balancer, REGISTRY)
-    bound: int = http_server.server_port
-    return bound
+    return server
 
 
 def tune_gc() -> None:
@@ -414,7 +505,7 @@ async def serve(config: Config) -> None:
     """Runs until SIGTERM or SIGINT, then stops gracefully."""
     running = await start(config)
     try:
-        metrics_port = start_metrics(config, running.balancer)
+        metrics_server = await start_metrics(config, running.balancer)
     except BaseException:
         await running.stop(grace=0)
         raise
@@ -423,7 +514,7 @@ async def serve(config: Config) -> None:
         "lbserver serving",
         listen=config.listen,
         port=running.port,
-        metrics_port=metrics_port,
+        metrics_port=metrics_server.port if metrics_server is not None else None,
         heartbeat_interval=config.heartbeat_interval,
         default_ttl=config.default_ttl,
     )
@@ -434,4 +525,6 @@ async def serve(config: Config) -> None:
     await stop.wait()
     log.info("shutting down", grace=config.shutdown_grace)
     await running.stop()
+    if metrics_server is not None:
+        await metrics_server.close()
     log.info("stopped")

@@ -49,6 +49,9 @@ LBSERVER_ENV: Mapping[str, str] = {
     "LBSERVER_STARTUP_GRACE": "0",
     # One load generator on 127.0.0.1 sends thousands of heartbeats/s.
     "LBSERVER_HEARTBEAT_RATE_PER_PEER": "0",
+    # Every client process and generator is on 127.0.0.1: one peer address
+    # for all the streams (the NAT case of docs/operations.md).
+    "LBSERVER_MAX_STREAMS_PER_PEER": "20000",
     # The fan-out backends are registered once and must not expire mid-run.
     "LBSERVER_MAX_TTL": str(REGISTRATION_TTL),
     "LBSERVER_LOG_FORMAT": "json",

@@ -1,5 +1,8 @@
 """`lbserver status`: what one balancer knows, from Admin.GetState.
 
+The state is read page by page (GetState's page_token) and put together again,
+so any number of backends can be shown; the document is the same either way.
+
 `--json` prints one document with snake_case keys; every key is always present
 (null when unknown), and services and backends keep the balancer's order::
 
@@ -133,10 +136,18 @@ def add_parser(subparsers: Any) -> None:
         type=positive_seconds,
         default=5.0,
         metavar="S",
-        help="seconds to wait for the balancer (default: %(default)s)",
+        help="seconds to wait for each reply of the balancer (default: %(default)s)",
     )
     add_credential_options(parser)
     parser.set_defaults(run=run)
+
+
+# A reply larger than gRPC's default 4 MB receive limit is still read (the
+# balancer pages its state far below that; older balancers send it whole).
+MAX_RECEIVE_BYTES = 256 * 1024 * 1024
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+)
 
 
 def fetch_state(
@@ -146,35 +157,63 @@ def fetch_state(
     *,
     token: str | Sequence[str] | None = None,
     credentials: grpc.ChannelCredentials | None = None,
+    page_size: int = 0,
 ) -> lbserver_pb2.GetStateResponse:
-    """Admin.GetState from `balancer` within `timeout` seconds. With several
-    tokens, a call refused with UNAUTHENTICATED or PERMISSION_DENIED is made
-    again with the next one; the last refusal is raised."""
+    """Admin.GetState from `balancer`, every page of it, merged into one
+    response (a service split across pages becomes one entry again; `now`
+    and `version` are the first page's). Each page gets `timeout` seconds;
+    `page_size` 0 lets the balancer choose. With several tokens, a call
+    refused with UNAUTHENTICATED or PERMISSION_DENIED is made again with the
+    next one; the last refusal is raised."""
     tokens = [token] if isinstance(token, str) else list(token or ())
     candidates: list[str | None] = [t for t in tokens if t] or [None]
     channel = (
-        grpc.secure_channel(balancer, credentials)
+        grpc.secure_channel(balancer, credentials, options=CHANNEL_OPTIONS)
         if credentials is not None
-        else grpc.insecure_channel(balancer)
+        else grpc.insecure_channel(balancer, options=CHANNEL_OPTIONS)
     )
-    deadline = time.monotonic() + timeout
     with channel:
         stub = lbserver_pb2_grpc.AdminStub(channel)
+        first = lbserver_pb2.GetStateRequest(service=service, page_size=page_size)
         for attempt, candidate in enumerate(candidates):
             metadata = (("authorization", f"Bearer {candidate}"),) if candidate else None
             try:
                 response: lbserver_pb2.GetStateResponse = stub.GetState(
-                    lbserver_pb2.GetStateRequest(service=service),
-                    timeout=max(deadline - time.monotonic(), 0.0),
-                    metadata=metadata,
+                    first, timeout=timeout, metadata=metadata
                 )
             except grpc.RpcError as err:
                 code = err.code() if isinstance(err, grpc.Call) else None
                 if code in _DENIED_CODES and attempt + 1 < len(candidates):
                     continue
                 raise
+            seen = {""}
+            while response.next_page_token not in seen:
+                seen.add(response.next_page_token)
+                page: lbserver_pb2.GetStateResponse = stub.GetState(
+                    lbserver_pb2.GetStateRequest(
+                        service=service,
+                        page_size=page_size,
+                        page_token=response.next_page_token,
+                    ),
+                    timeout=timeout,
+                    metadata=metadata,
+                )
+                merge_page(response, page)
+            response.next_page_token = ""
             return response
     raise AssertionError("no token candidates")  # pragma: no cover - never empty
+
+
+def merge_page(state: lbserver_pb2.GetStateResponse, page: lbserver_pb2.GetStateResponse) -> None:
+    """Appends `page` to `state`: a `continued` service's backends join the
+    entry they continue."""
+    for service in page.services:
+        if service.continued and state.services and state.services[-1].name == service.name:
+            state.services[-1].backends.extend(service.backends)
+        else:
+            state.services.append(service)
+            state.services[-1].continued = False
+    state.next_page_token = page.next_page_token
 
 
 Tokens = TokenFile | str | None
@@ -421,7 +460,7 @@ def render_tables(state: lbserver_pb2.GetStateResponse, balancer: str) -> str:
     ]
     if not document["services"]:
         lines.append("no services")
-    for service in document["services"]:
+    for message, service in zip(state.services, document["services"], strict=True):
         stats = service["client_stats"]
         lines.append("")
         lines.append(
@@ -446,4 +485,21 @@ def render_tables(state: lbserver_pb2.GetStateResponse, balancer: str) -> str:
                 else ""
             )
         )
+        refused = _refused_stats(message.client_stats)
+        if refused:
+            lines.append(f"  client stats refused: {refused}")
     return "\n".join(lines) + "\n"
+
+
+def _refused_stats(stats: lbserver_pb2.ClientCallStats) -> str:
+    """What the balancer did not take from clients' reports as they were
+    (empty when it took everything)."""
+    parts = []
+    if stats.calls_dropped_other_tokens or stats.drop_tokens_ignored:
+        parts.append(
+            f"{stats.calls_dropped_other_tokens} dropped under tokens not in the list "
+            f"({_count(stats.drop_tokens_ignored, 'token')} ignored)"
+        )
+    if stats.counters_clamped:
+        parts.append(f"{_count(stats.counters_clamped, 'counter')} clamped to the per-report bound")
+    return ", ".join(parts)

@@ -1,4 +1,25 @@
-"""grpc.lb.v1.LoadBalancer/BalanceLoad: streams a name's server lists."""
+"""grpc.lb.v1.LoadBalancer/BalanceLoad: streams a name's server lists.
+
+BalanceLoad is open to every client, so what one client can hold is bounded
+(docs/operations.md, "Limits"):
+
+- A stream waiting for its initial request is *pending*: it holds no
+  `max_streams` slot. At most `max_pending_streams` wait at once; one more
+  ends the oldest waiting stream (a grpclb client sends its initial request
+  with the call, so the oldest is the likeliest not to send one). Each waits
+  at most `initial_request_timeout`.
+- A stream holds a `max_streams` slot once its initial request is accepted.
+- One peer IP holds at most `max_streams_per_peer` streams, pending or not;
+  a new stream over the cap ends that peer's oldest pending stream if it has
+  one, else it is refused. Clients behind one NAT or proxy share the cap.
+- After the initial request a stream may send `client_stats_rate_per_stream`
+  messages per second (bursts of CLIENT_STATS_BURST); a stream that sends
+  more is ended.
+
+Every refusal is RESOURCE_EXHAUSTED (DEADLINE_EXCEEDED for the timeout) with
+the limit's name and value in the message, counted in
+lbserver_streams_refused_total and logged at most LogLimiter's budget.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +27,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -14,14 +36,22 @@ from google.protobuf import duration_pb2
 
 from lbserver import metrics
 from lbserver._grpc_compat import EOF_MARKER
+from lbserver._logging import LogLimiter, clip
 from lbserver.balancer import Balancer, ClientCallStats, Watch
 from lbserver.domain.serverlist import ServerList
 from lbserver.domain.validation import check_balance_name
 from lbserver.errors import InvalidArgumentError
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
+from lbserver.security import RefusedMessage, abort_refused, peer_ip, request_decoder
 
 log = structlog.get_logger("lbserver.grpclb")
+
+METHOD = "/grpc.lb.v1.LoadBalancer/BalanceLoad"
+# The burst of a stream's message rate limit (client_stats_rate_per_stream).
+CLIENT_STATS_BURST = 10.0
+# Status details carrying a client's value are clipped to this many bytes.
+DETAILS_BYTES = 512
 
 
 def server_list_message(servers: ServerList) -> lb_pb2.LoadBalanceResponse:
@@ -80,6 +110,161 @@ def client_stats_delta(stats: lb_pb2.ClientStats) -> ClientCallStats:
 _LIST_PUSHES: dict[str, Any] = {}
 
 
+@dataclass(frozen=True)
+class StreamLimits:
+    """What one BalanceLoad stream, and one peer, may hold (config options of
+    the same names)."""
+
+    max_streams: int = 20_000
+    max_streams_per_peer: int = 1_000
+    max_pending_streams: int = 1_000
+    initial_request_timeout: float = 2.0
+    # Messages per second after the initial request; 0: no limit.
+    client_stats_rate_per_stream: float = 2.0
+
+
+class _RefusedError(Exception):
+    """Ends a stream with `code` and `details`; `limit` labels the metric."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, limit: str = "") -> None:
+        super().__init__(details)
+        self.code = code
+        self.details = details
+        self.limit = limit
+
+
+class _Ticket:
+    """One stream's hold on the admission counts."""
+
+    __slots__ = ("established", "evicted", "ip", "released")
+
+    def __init__(self, ip: str, evicted: asyncio.Future[_RefusedError]) -> None:
+        self.ip = ip
+        self.evicted = evicted
+        self.established = False
+        self.released = False
+
+
+class StreamAdmission:
+    """Counts BalanceLoad streams: pending ones (no initial request yet, in
+    arrival order), established ones, and both per peer IP. Every table is
+    bounded by the number of open streams (entries leave with them)."""
+
+    def __init__(self, limits: StreamLimits) -> None:
+        self._limits = limits
+        self.established = 0
+        self._pending: dict[_Ticket, None] = {}
+        self._pending_by_peer: dict[str, dict[_Ticket, None]] = {}
+        self._per_peer: dict[str, int] = {}
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def streams_of(self, ip: str) -> int:
+        return self._per_peer.get(ip, 0)
+
+    def admit(self, ip: str) -> _Ticket:
+        """A pending ticket for a new stream from `ip`, making room by ending
+        older pending streams; _RefusedError when the peer's cap is taken by
+        established streams."""
+        limits = self._limits
+        if self._per_peer.get(ip, 0) >= limits.max_streams_per_peer:
+            own = self._pending_by_peer.get(ip)
+            if not own:
+                raise _RefusedError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"too many BalanceLoad streams from this address: "
+                    f"max_streams_per_peer={limits.max_streams_per_peer}",
+                    "max_streams_per_peer",
+                )
+            self._evict(
+                next(iter(own)),
+                "max_streams_per_peer",
+                f"ended while waiting for its initial_request: this address opened more "
+                f"streams than max_streams_per_peer={limits.max_streams_per_peer}",
+            )
+        if len(self._pending) >= limits.max_pending_streams:
+            self._evict(
+                next(iter(self._pending)),
+                "max_pending_streams",
+                f"ended while waiting for its initial_request: more than "
+                f"max_pending_streams={limits.max_pending_streams} streams were waiting "
+                "for theirs",
+            )
+        ticket = _Ticket(ip, asyncio.get_running_loop().create_future())
+        self._pending[ticket] = None
+        self._pending_by_peer.setdefault(ip, {})[ticket] = None
+        self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
+        return ticket
+
+    def establish(self, ticket: _Ticket) -> None:
+        """Moves a pending ticket to a `max_streams` slot; _RefusedError when all
+        are taken (the ticket is then released)."""
+        self._unpend(ticket)
+        if self.established >= self._limits.max_streams:
+            self.release(ticket)
+            raise _RefusedError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this balancer serves at most max_streams={self._limits.max_streams} "
+                "BalanceLoad streams; try another replica",
+                "max_streams",
+            )
+        ticket.established = True
+        self.established += 1
+
+    def release(self, ticket: _Ticket) -> None:
+        if ticket.released:
+            return
+        ticket.released = True
+        self._unpend(ticket)
+        if ticket.established:
+            self.established -= 1
+        left = self._per_peer[ticket.ip] - 1
+        if left:
+            self._per_peer[ticket.ip] = left
+        else:
+            del self._per_peer[ticket.ip]
+
+    def _unpend(self, ticket: _Ticket) -> None:
+        if ticket in self._pending:
+            del self._pending[ticket]
+            own = self._pending_by_peer[ticket.ip]
+            del own[ticket]
+            if not own:
+                del self._pending_by_peer[ticket.ip]
+
+    def _evict(self, ticket: _Ticket, limit: str, details: str) -> None:
+        self.release(ticket)
+        if not ticket.evicted.done():
+            ticket.evicted.set_result(
+                _RefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED, details, limit)
+            )
+
+
+class _MessageRate:
+    """A token bucket: `rate` messages per second, bursts of `burst`."""
+
+    __slots__ = ("_burst", "_last", "_rate", "_tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._tokens = burst
+        self._last = time.monotonic()
+
+    def allow(self) -> bool:
+        if self._rate <= 0:
+            return True
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+        self._last = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
 class LoadBalancerService(lb_grpc.LoadBalancerServicer):
     def __init__(
         self,
@@ -88,9 +273,20 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         client_stats_interval: float,
         initial_request_timeout: float,
         max_streams: int = 20_000,
+        max_streams_per_peer: int = 1_000,
+        max_pending_streams: int = 1_000,
+        client_stats_rate_per_stream: float = 2.0,
+        log_limiter: LogLimiter | None = None,
     ) -> None:
-        self._max_streams = max_streams
-        self._open_streams = 0
+        self._limits = StreamLimits(
+            max_streams=max_streams,
+            max_streams_per_peer=max_streams_per_peer,
+            max_pending_streams=max_pending_streams,
+            initial_request_timeout=initial_request_timeout,
+            client_stats_rate_per_stream=client_stats_rate_per_stream,
+        )
+        self.admission = StreamAdmission(self._limits)
+        self._log_limiter = log_limiter or LogLimiter()
         self._balancer = balancer
         self._stats_interval = duration_pb2.Duration()
         self._stats_interval.FromNanoseconds(int(client_stats_interval * 1e9))
@@ -105,14 +301,18 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         self._writes_bytes = False
         self._encoded: dict[int, tuple[ServerList, bytes]] = {}
 
-    def add_to_server(self, server: grpc.aio.Server) -> None:
+    def add_to_server(self, server: grpc.aio.Server, max_message_bytes: int = 4 * 1024**2) -> None:
         """Registers BalanceLoad like add_LoadBalancerServicer_to_server, but
         with a response serializer that lets the stream write each list
-        serialized once for all its clients."""
+        serialized once for all its clients, and a request deserializer that
+        refuses (rather than fails on) messages over `max_message_bytes` or
+        that do not decode."""
         handlers = {
             "BalanceLoad": grpc.stream_stream_rpc_method_handler(
                 self.BalanceLoad,
-                request_deserializer=lb_pb2.LoadBalanceRequest.FromString,
+                request_deserializer=request_decoder(
+                    lb_pb2.LoadBalanceRequest, METHOD, max_message_bytes
+                ),
                 response_serializer=serialize_response,
             )
         }
@@ -140,71 +340,108 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
     ) -> None:
         metrics.STREAMS_OPENED.inc()
         peer = context.peer()
-        if self._open_streams >= self._max_streams:
-            await self._abort(
-                context,
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this balancer serves at most {self._max_streams} BalanceLoad streams "
-                "(max_streams); try another replica",
-                peer,
-            )
-            return
-        self._open_streams += 1
         try:
-            await self._balance(context, peer)
+            ticket = self.admission.admit(peer_ip(peer))
+        except _RefusedError as refusal:
+            await self._abort(context, refusal, peer)
+            return
+        try:
+            await self._balance(context, peer, ticket)
         finally:
-            self._open_streams -= 1
+            self.admission.release(ticket)
+
+    async def _initial_request(
+        self,
+        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
+        ticket: _Ticket,
+    ) -> object:
+        """The stream's first message (or EOF_MARKER); _RefusedError when it takes
+        longer than initial_request_timeout or the stream is evicted."""
+        read = asyncio.ensure_future(context.read())
+        try:
+            await asyncio.wait(
+                (read, ticket.evicted),
+                timeout=self._initial_request_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if not read.done():
+                read.cancel()
+        if ticket.evicted.done():
+            raise ticket.evicted.result()
+        if not read.done() or read.cancelled():
+            raise _RefusedError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "no initial_request within "
+                f"initial_request_timeout={self._initial_request_timeout:g}s",
+                "initial_request_timeout",
+            )
+        return read.result()
 
     async def _balance(
         self,
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
         peer: str,
+        ticket: _Ticket,
     ) -> None:
         try:
-            first = await asyncio.wait_for(context.read(), self._initial_request_timeout)
-        except TimeoutError:
-            await self._abort(
-                context,
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"no initial_request within {self._initial_request_timeout:g} s",
-                peer,
-            )
+            first = await self._initial_request(context, ticket)
+        except _RefusedError as refusal:
+            await self._abort(context, refusal, peer)
             return
         if first is EOF_MARKER:
+            return
+        if type(first) is RefusedMessage:
+            await self._abort_refused(context, first)
             return
         assert isinstance(first, lb_pb2.LoadBalanceRequest)
         if first.WhichOneof("load_balance_request_type") != "initial_request":
             await self._abort(
                 context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "the first message of a BalanceLoad stream must be initial_request",
+                _RefusedError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "the first message of a BalanceLoad stream must be initial_request",
+                ),
                 peer,
             )
             return
         try:
             name = check_balance_name(first.initial_request.name)
+            self.admission.establish(ticket)
         except InvalidArgumentError as exc:
-            await self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), peer)
+            await self._abort(
+                context, _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)), peer
+            )
+            return
+        except _RefusedError as refusal:
+            await self._abort(context, refusal, peer)
             return
         logger = log.bind(peer=peer, name=name)
         await context.write(self._initial_response)
         watch = self._balancer.watch(name)
-        logger.info("client connected", service=watch.service)
+        self._log_limiter.info(logger, "client connected", service=watch.service)
         reader = asyncio.create_task(self._read_stats(context, watch, logger))
+        ended: _RefusedError | RefusedMessage | None = None
         try:
             await self._stream_answers(context, watch, reader, logger)
+            if reader.done() and not reader.cancelled() and reader.exception() is None:
+                ended = reader.result()
         finally:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
             watch.close()
-            logger.info("client disconnected")
+            self._log_limiter.info(logger, "client disconnected")
+        if type(ended) is RefusedMessage:
+            await self._abort_refused(context, ended)
+        elif isinstance(ended, _RefusedError):
+            await self._abort(context, ended, peer)
 
     async def _stream_answers(
         self,
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
         watch: Watch,
-        reader: asyncio.Task[None],
+        reader: asyncio.Task[Any],
         logger: structlog.typing.FilteringBoundLogger,
     ) -> None:
         version, answer = watch.current()
@@ -248,32 +485,66 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
         watch: Watch,
         logger: structlog.typing.FilteringBoundLogger,
-    ) -> None:
-        """Ends when the client half-closes or the call ends."""
+    ) -> _RefusedError | RefusedMessage | None:
+        """Ends when the client half-closes or the call ends (None), or with
+        why the stream must end: a message that was refused, or one message
+        too many for client_stats_rate_per_stream."""
+        limiter = self._log_limiter
+        rate = self._limits.client_stats_rate_per_stream
+        bucket = _MessageRate(rate, max(CLIENT_STATS_BURST, rate))
         while True:
-            request = await context.read()
+            # LoadBalanceRequest, or RefusedMessage (request_decoder), or EOF.
+            request: object = await context.read()
             if request is EOF_MARKER:
-                return
+                return None
+            if type(request) is RefusedMessage:
+                return request
             assert isinstance(request, lb_pb2.LoadBalanceRequest)
+            if not bucket.allow():
+                return _RefusedError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "too many messages on this BalanceLoad stream: "
+                    f"client_stats_rate_per_stream={rate:g}/s "
+                    f"(bursts of {max(CLIENT_STATS_BURST, rate):g})",
+                    "client_stats_rate_per_stream",
+                )
             if request.WhichOneof("load_balance_request_type") != "client_stats":
-                logger.warning("ignoring a second initial_request")
+                limiter.warning(logger, "ignoring a second initial_request")
                 continue
             metrics.CLIENT_STATS_REPORTS.inc()
             try:
                 delta = client_stats_delta(request.client_stats)
             except InvalidArgumentError as exc:
-                logger.warning("ignoring invalid client stats", error=str(exc))
+                limiter.warning(logger, "ignoring invalid client stats", error=clip(exc))
                 continue
             if watch.service is not None:
                 self._balancer.record_client_stats(watch.service, delta)
 
-    @staticmethod
     async def _abort(
+        self,
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
-        code: grpc.StatusCode,
-        details: str,
+        refusal: _RefusedError,
         peer: str,
     ) -> None:
+        code = refusal.code
+        details = clip(refusal.details, DETAILS_BYTES)
         metrics.STREAM_ERRORS.labels(code.name).inc()
-        log.warning("rejected BalanceLoad stream", peer=peer, code=code.name, details=details)
+        if refusal.limit:
+            metrics.STREAMS_REFUSED.labels("BalanceLoad", refusal.limit).inc()
+        self._log_limiter.warning(
+            log,
+            "rejected BalanceLoad stream",
+            peer=peer,
+            code=code.name,
+            limit=refusal.limit or None,
+            details=clip(details),
+        )
         await context.abort(code, details)
+
+    async def _abort_refused(
+        self,
+        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
+        refused: RefusedMessage,
+    ) -> None:
+        metrics.STREAM_ERRORS.labels(refused.code.name).inc()
+        await abort_refused(context, refused, self._log_limiter)

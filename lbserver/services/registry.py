@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,11 +14,13 @@ from google.protobuf import duration_pb2
 
 from lbserver import metrics
 from lbserver._grpc_compat import EOF_MARKER
+from lbserver._logging import LogLimiter, clip
 from lbserver.balancer import Balancer
 from lbserver.domain.model import LoadReport, Registration, with_load
 from lbserver.domain.validation import (
     MAX_INSTANCE_ID_BYTES,
     MAX_SERVICE_BYTES,
+    check_backend_address,
     check_text,
     parse_load,
     parse_registration,
@@ -24,7 +28,15 @@ from lbserver.domain.validation import (
 from lbserver.errors import InvalidArgumentError, LimitExceededError, RegistrationRefusedError
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
-from lbserver.security import Authorizer, PeerRateLimiter, require
+from lbserver.security import (
+    Authorizer,
+    PeerRateLimiter,
+    RefusedMessage,
+    abort_refused,
+    peer_ip,
+    require,
+    serve_decoded,
+)
 
 log = structlog.get_logger("lbserver.registry")
 
@@ -46,15 +58,35 @@ _REFUSAL_CODES = {
 }
 
 
-_RATE_LIMITED = "too many Registry calls from this address; slow down (heartbeat_rate_per_peer)"
 _SHUTTING_DOWN = "the balancer is shutting down; heartbeat another replica"
+
+
+# Status messages that may embed what a client sent are clipped to this.
+DETAILS_BYTES = 512
+# The calls of each method, as security.require and the metrics name them.
+_CALLS = {"Heartbeat": "heartbeat", "HeartbeatStream": "heartbeat", "Deregister": "deregister"}
 
 
 class _RefusedError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        message = clip(message, DETAILS_BYTES)
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def _answered_key(request: pb.HeartbeatRequest) -> tuple[str, str] | bytes:
+    """Which backend a streamed heartbeat is about, as the stream remembers
+    it: the names themselves while they are no longer than a valid
+    registration's, a digest of them otherwise (a refused heartbeat may carry
+    a name of max_message_bytes)."""
+    service, instance = request.service, request.instance_id
+    if len(service) <= MAX_SERVICE_BYTES and len(instance) <= MAX_INSTANCE_ID_BYTES:
+        return service, instance
+    digest = hashlib.sha256(service.encode())
+    digest.update(b"\0")
+    digest.update(instance.encode())
+    return digest.digest()
 
 
 # What a heartbeat came to: the reply, or the status and message of a refusal.
@@ -91,6 +123,16 @@ def _load(message: pb.LoadReport) -> LoadReport:
     )
 
 
+def _loopback(peer: str) -> bool:
+    """Whether a call came from this host ('ipv4:127.0.0.1:5555', 'unix:...')."""
+    if peer.startswith("unix:"):
+        return True
+    try:
+        return ipaddress.ip_address(peer_ip(peer)).is_loopback
+    except ValueError:
+        return False
+
+
 class _Registrations:
     """HeartbeatRequest -> Registration, validating each backend's identity
     (everything but the load) once: a backend's heartbeats repeat it, and
@@ -100,7 +142,10 @@ class _Registrations:
         self._kept = kept
         self._identities: dict[tuple[Any, ...], Registration] = {}
 
-    def parse(self, request: pb.HeartbeatRequest) -> Registration:
+    def parse(self, request: pb.HeartbeatRequest, *, loopback_peer: bool) -> Registration:
+        """The registration; InvalidArgumentError when it is malformed or its
+        address is one clients must not be sent to (check_backend_address:
+        link-local, broadcast, ...; loopback only from a loopback peer)."""
         ttl = request.requested_ttl if request.HasField("requested_ttl") else None
         key = (
             request.service,
@@ -129,6 +174,10 @@ class _Registrations:
             if len(self._identities) >= self._kept:
                 self._identities.clear()
             self._identities[key] = identity
+        # A loopback backend only from the same host: a registrar beside the
+        # balancer (tests, a single machine). From anywhere else, 127.0.0.1
+        # would send every client to its own host.
+        check_backend_address(identity.ip, allow_loopback=loopback_peer)
         if not request.HasField("load"):
             return identity
         return with_load(identity, _load(request.load))
@@ -140,16 +189,40 @@ class RegistryService(pb_grpc.RegistryServicer):
         balancer: Balancer,
         authorizer: Authorizer | None = None,
         rate_limiter: PeerRateLimiter | None = None,
+        *,
+        max_streams_per_peer: int = 1_000,
     ) -> None:
         self._balancer = balancer
         self._authorizer = authorizer or Authorizer()
+        self._log_limiter: LogLimiter = self._authorizer.log_limiter
         self._rate_limiter = rate_limiter or PeerRateLimiter(0)
+        self._rate_limited = (
+            "too many Registry calls from this address; slow down: "
+            f"heartbeat_rate_per_peer={self._rate_limiter.rate:g}/s"
+        )
+        # Open HeartbeatStreams per peer IP (entries leave with their streams).
+        self._max_streams_per_peer = max_streams_per_peer
+        self._streams_per_peer: dict[str, int] = {}
         self._grants: dict[float, pb.HeartbeatResponse] = {}
         self._registrations = _Registrations()
         # The tasks serving open HeartbeatStreams, and whether close() ended
         # them (streams opened after it end at once).
         self._streams: set[asyncio.Task[Any]] = set()
         self._closed = False
+
+    def add_to_server(self, server: grpc.aio.Server, max_message_bytes: int) -> None:
+        """Registers Registry like add_RegistryServicer_to_server, with
+        request deserializers that refuse messages over max_message_bytes or
+        that do not decode (security.serve_decoded): a unary call with one is
+        checked like any other (credentials, rate) and then refused."""
+        serve_decoded(
+            server,
+            pb_grpc.add_RegistryServicer_to_server,
+            self,
+            max_message_bytes=max_message_bytes,
+            limiter=self._log_limiter,
+            gate=lambda context, method: self._admit(context, _CALLS[method]),
+        )
 
     def close(self) -> None:
         """Ends every open HeartbeatStream with UNAVAILABLE, as a balancer
@@ -169,30 +242,41 @@ class RegistryService(pb_grpc.RegistryServicer):
         await require(self._authorizer, context, what)
         if not self._rate_limiter.allow(context.peer()):
             metrics.HEARTBEATS.labels("rate_limited").inc()
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, _RATE_LIMITED)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._rate_limited)
 
     def _accept(self, request: pb.HeartbeatRequest, peer: str) -> pb.HeartbeatResponse:
         """Validates and applies one heartbeat; _RefusedError (counted and logged)
         when the balancer will not take it. The caller binds the peer for the
         balancer's own events (joined, state changed)."""
         try:
-            registration = self._registrations.parse(request)
+            registration = self._registrations.parse(request, loopback_peer=_loopback(peer))
         except InvalidArgumentError as exc:
             metrics.HEARTBEATS.labels("invalid_argument").inc()
-            log.warning("heartbeat rejected", peer=peer, service=request.service, error=str(exc))
+            self._warn("heartbeat rejected", peer, request, exc)
             raise _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         try:
             backend = self._balancer.heartbeat(registration)
         except RegistrationRefusedError as exc:
             metrics.HEARTBEATS.labels(exc.status).inc()
-            log.warning("heartbeat refused", peer=peer, service=request.service, error=str(exc))
+            self._warn("heartbeat refused", peer, request, exc)
             raise _RefusedError(_REFUSAL_CODES[exc.status], str(exc)) from None
         except LimitExceededError as exc:
             metrics.HEARTBEATS.labels("limit_exceeded").inc()
-            log.warning("heartbeat refused", peer=peer, service=request.service, error=str(exc))
+            self._warn("heartbeat refused", peer, request, exc)
             raise _RefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)) from None
         _ACCEPTED.inc()
         return self._grant(backend.ttl)
+
+    def _warn(self, event: str, peer: str, request: pb.HeartbeatRequest, error: Exception) -> None:
+        """A refused heartbeat's warning: rate-limited, its names clipped."""
+        self._log_limiter.warning(
+            log,
+            event,
+            peer=peer,
+            service=clip(request.service),
+            instance_id=clip(request.instance_id),
+            error=clip(error),
+        )
 
     def _grant(self, ttl: float) -> pb.HeartbeatResponse:
         """The (shared, not to be modified) reply for a granted TTL: one per
@@ -233,6 +317,19 @@ class RegistryService(pb_grpc.RegistryServicer):
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details(_SHUTTING_DOWN)
             return
+        ip = peer_ip(context.peer())
+        open_here = self._streams_per_peer.get(ip, 0)
+        if open_here >= self._max_streams_per_peer:
+            metrics.STREAMS_REFUSED.labels("HeartbeatStream", "max_streams_per_peer").inc()
+            self._log_limiter.warning(
+                log, "rejected HeartbeatStream", peer=context.peer(), limit="max_streams_per_peer"
+            )
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "too many HeartbeatStreams from this address: "
+                f"max_streams_per_peer={self._max_streams_per_peer}",
+            )
+        self._streams_per_peer[ip] = open_here + 1
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
@@ -248,6 +345,11 @@ class RegistryService(pb_grpc.RegistryServicer):
             context.set_details(_SHUTTING_DOWN)
         finally:
             self._streams.discard(task)
+            left = self._streams_per_peer[ip] - 1
+            if left:
+                self._streams_per_peer[ip] = left
+            else:
+                del self._streams_per_peer[ip]
 
     async def _heartbeat_stream(
         self,
@@ -265,12 +367,15 @@ class RegistryService(pb_grpc.RegistryServicer):
         peer = context.peer()
         # The outcome last answered per backend: a heartbeat is answered only
         # when its outcome differs or it asks (reply_token).
-        answered: dict[tuple[str, str], _Outcome] = {}
+        answered: dict[tuple[str, str] | bytes, _Outcome] = {}
         with structlog.contextvars.bound_contextvars(peer=peer):
             while True:
-                request = await context.read()
+                # HeartbeatRequest, or RefusedMessage (serve_decoded), or EOF.
+                request: object = await context.read()
                 if request is EOF_MARKER:
                     return
+                if type(request) is RefusedMessage:
+                    await abort_refused(context, request, self._log_limiter)
                 assert isinstance(request, pb.HeartbeatRequest)
                 if authorizer.generation != generation:
                     generation = authorizer.generation
@@ -280,13 +385,13 @@ class RegistryService(pb_grpc.RegistryServicer):
                 outcome: _Outcome
                 if not self._rate_limiter.allow(peer):
                     metrics.HEARTBEATS.labels("rate_limited").inc()
-                    outcome = (grpc.StatusCode.RESOURCE_EXHAUSTED, _RATE_LIMITED)
+                    outcome = (grpc.StatusCode.RESOURCE_EXHAUSTED, self._rate_limited)
                 else:
                     try:
                         outcome = self._accept(request, peer)
                     except _RefusedError as refused:
                         outcome = (refused.code, refused.message)
-                key = (request.service, request.instance_id)
+                key = _answered_key(request)
                 if not request.reply_token:
                     last = answered.get(key)
                     # Grants are shared objects: `is` settles most heartbeats.

@@ -78,10 +78,15 @@ async def test_metrics_reflect_registrations_and_client_reported_calls(
 
 async def test_metrics_endpoint_serves_http(harness: Harness) -> None:
     running = await harness.start(metrics_listen="127.0.0.1:0")
-    port = start_metrics(running.config, running.balancer)
-    assert port is not None
-    body = await asyncio.to_thread(
-        lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-    )
+    server = await start_metrics(running.config, running.balancer)
+    assert server is not None
+    try:
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{server.port}/metrics", timeout=5
+            ).read()
+        )
+    finally:
+        await server.close()
     assert b"lbserver_heartbeats_total" in body
     assert b"process_cpu_seconds_total" in body

@@ -132,13 +132,23 @@ def test_tokens_are_stable_unique_and_short() -> None:
 
 def test_client_stats_accumulate(clock: Clock) -> None:
     from lbserver.balancer import ClientCallStats
+    from lbserver.domain.serverlist import DROP_TOKEN
 
     balancer = make(clock)
-    balancer.record_client_stats("oap", ClientCallStats(3, 3, 0, 3, {"t": 1}, 1))
-    balancer.record_client_stats("oap", ClientCallStats(2, 1, 1, 0, {"t": 2, "u": 1}, 1))
+    balancer.heartbeat(registration(1))
+    list_now = balancer.server_list("oap")
+    assert list_now is not None
+    token = list_now.entries[0].token
+    balancer.record_client_stats("oap", ClientCallStats(3, 3, 0, 3, {token: 1}, 1))
+    balancer.record_client_stats(
+        "oap", ClientCallStats(2, 1, 1, 0, {token: 2, DROP_TOKEN: 1, "u": 1}, 1)
+    )
     stats = balancer.view("oap")[0].client_stats
     assert (stats.calls_started, stats.calls_finished, stats.reports) == (5, 4, 2)
-    assert stats.calls_dropped_by_token == {"t": 3, "u": 1}
+    # Drops under tokens of the list (and lbserver's own) are kept by token;
+    # any other token only adds to one sum.
+    assert stats.calls_dropped_by_token == {token: 3, DROP_TOKEN: 1}
+    assert (stats.calls_dropped_other_tokens, stats.drop_tokens_ignored) == (1, 1)
 
 
 def loaded(n: int, cpu: float, rps: float = 100.0, **changes: object) -> Registration:

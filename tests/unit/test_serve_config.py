@@ -206,6 +206,8 @@ def test_the_int_options_are_known() -> None:
             "max_services",
             "max_backends_per_service",
             "max_streams",
+            "max_streams_per_peer",
+            "max_pending_streams",
             "max_message_bytes",
         ]
     )

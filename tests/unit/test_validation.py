@@ -55,3 +55,16 @@ def test_balance_name_limit() -> None:
     assert check_balance_name("a" * 256) == "a" * 256
     with pytest.raises(InvalidArgumentError, match="257 bytes"):
         check_balance_name("a" * 257)
+
+
+@pytest.mark.parametrize("address", ["::ffff:0.0.0.0", "::ffff:224.0.0.1", "[::ffff:239.1.2.3]"])
+def test_ipv4_mapped_unspecified_and_multicast_cannot_be_connected_to(address: str) -> None:
+    # A dual-stack socket connects to ::ffff:a.b.c.d as a.b.c.d.
+    with pytest.raises(InvalidArgumentError, match="cannot be connected to") as error:
+        parse_registration(service="oap", instance_id="", ip=address, port=80)
+    assert error.value.field == "ip"
+
+
+def test_ipv4_mapped_ordinary_address_is_accepted() -> None:
+    reg = parse_registration(service="oap", instance_id="", ip="::ffff:10.0.0.1", port=80)
+    assert str(reg.ip) == "::ffff:a00:1"

@@ -290,16 +290,32 @@ class GetStateRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SERVICE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Empty for every service."""
+    page_size: _builtins.int
+    """Most backends in one reply (a service without backends counts as one);
+    0 means the server's default, 1000. The server caps it at 5000 and also
+    ends a page before it grows past 1 MiB, so a reply stays far under
+    gRPC's default 4 MB receive limit.
+    """
+    page_token: _builtins.str
+    """The next_page_token of the previous reply, to read the next page; empty
+    for the first page. Opaque; INVALID_ARGUMENT when malformed. Pages are
+    not a snapshot: a page shows the state when it was built, continuing
+    after the last backend (by address) of the previous page.
+    """
     def __init__(
         self,
         *,
         service: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["service", b"service"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "service", b"service"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -394,7 +410,13 @@ Global___BackendStatus: _TypeAlias = BackendStatus  # noqa: Y015
 
 @_typing.final
 class ClientCallStats(_message.Message):
-    """Sums of the ClientStats deltas clients reported for one service."""
+    """Sums of the ClientStats deltas clients reported for one service. Any
+    client may report, so each counter of a report (and each token's drop
+    count) is clamped to 0..1000000000 calls, and sums stop at the int64
+    maximum. Drops are kept per token only for the tokens of the service's
+    current server list and lbserver's drop token "lbserver-drop"; the stats
+    are forgotten when the service has no backends and no clients.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -423,10 +445,24 @@ class ClientCallStats(_message.Message):
     CALLS_FINISHED_WITH_CLIENT_FAILED_TO_SEND_FIELD_NUMBER: _builtins.int
     CALLS_FINISHED_KNOWN_RECEIVED_FIELD_NUMBER: _builtins.int
     CALLS_DROPPED_BY_TOKEN_FIELD_NUMBER: _builtins.int
+    CALLS_DROPPED_OTHER_TOKENS_FIELD_NUMBER: _builtins.int
+    DROP_TOKENS_IGNORED_FIELD_NUMBER: _builtins.int
+    COUNTERS_CLAMPED_FIELD_NUMBER: _builtins.int
+    REPORTS_FIELD_NUMBER: _builtins.int
     calls_started: _builtins.int
     calls_finished: _builtins.int
     calls_finished_with_client_failed_to_send: _builtins.int
     calls_finished_known_received: _builtins.int
+    calls_dropped_other_tokens: _builtins.int
+    """Dropped calls kept under no token: reported with a token that was not in
+    the list, or counted under a token that has since left it.
+    """
+    drop_tokens_ignored: _builtins.int
+    """Per-token drop counts refused for their token (one per token per report)."""
+    counters_clamped: _builtins.int
+    """Counters of reports that were over the per-report bound and clamped."""
+    reports: _builtins.int
+    """ClientStats reports received."""
     @_builtins.property
     def calls_dropped_by_token(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
@@ -437,10 +473,14 @@ class ClientCallStats(_message.Message):
         calls_finished_with_client_failed_to_send: _builtins.int = ...,
         calls_finished_known_received: _builtins.int = ...,
         calls_dropped_by_token: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        calls_dropped_other_tokens: _builtins.int = ...,
+        drop_tokens_ignored: _builtins.int = ...,
+        counters_clamped: _builtins.int = ...,
+        reports: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_dropped_by_token", b"calls_dropped_by_token", "calls_finished", b"calls_finished", "calls_finished_known_received", b"calls_finished_known_received", "calls_finished_with_client_failed_to_send", b"calls_finished_with_client_failed_to_send", "calls_started", b"calls_started"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_dropped_by_token", b"calls_dropped_by_token", "calls_dropped_other_tokens", b"calls_dropped_other_tokens", "calls_finished", b"calls_finished", "calls_finished_known_received", b"calls_finished_known_received", "calls_finished_with_client_failed_to_send", b"calls_finished_with_client_failed_to_send", "calls_started", b"calls_started", "counters_clamped", b"counters_clamped", "drop_tokens_ignored", b"drop_tokens_ignored", "reports", b"reports"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -456,12 +496,17 @@ class ServiceStatus(_message.Message):
     CLIENT_STATS_FIELD_NUMBER: _builtins.int
     LIST_LENGTH_FIELD_NUMBER: _builtins.int
     DROP_ENTRIES_FIELD_NUMBER: _builtins.int
+    CONTINUED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     clients: _builtins.int
     """Open BalanceLoad streams whose name maps to this service."""
     list_length: _builtins.int
     drop_entries: _builtins.int
     """Drop entries in the list (overload shedding)."""
+    continued: _builtins.bool
+    """Set when this entry continues the service of the previous page's last
+    entry: only name and the further backends are set.
+    """
     @_builtins.property
     def backends(self) -> _containers.RepeatedCompositeFieldContainer[Global___BackendStatus]: ...
     @_builtins.property
@@ -475,10 +520,11 @@ class ServiceStatus(_message.Message):
         client_stats: Global___ClientCallStats | None = ...,
         list_length: _builtins.int = ...,
         drop_entries: _builtins.int = ...,
+        continued: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["client_stats", b"client_stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "client_stats", b"client_stats", "clients", b"clients", "drop_entries", b"drop_entries", "list_length", b"list_length", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backends", b"backends", "client_stats", b"client_stats", "clients", b"clients", "continued", b"continued", "drop_entries", b"drop_entries", "list_length", b"list_length", "name", b"name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -491,7 +537,10 @@ class GetStateResponse(_message.Message):
     SERVICES_FIELD_NUMBER: _builtins.int
     NOW_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     version: _builtins.str
+    next_page_token: _builtins.str
+    """Pass it as page_token for the next page; empty on the last page."""
     @_builtins.property
     def services(self) -> _containers.RepeatedCompositeFieldContainer[Global___ServiceStatus]: ...
     @_builtins.property
@@ -502,10 +551,11 @@ class GetStateResponse(_message.Message):
         services: _abc.Iterable[Global___ServiceStatus] | None = ...,
         now: _timestamp_pb2.Timestamp | None = ...,
         version: _builtins.str = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["now", b"now"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["now", b"now", "services", b"services", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "now", b"now", "services", b"services", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -215,7 +215,10 @@ class AdminServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetState(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """The balancer's state, one page at a time: call again with the reply's
+        next_page_token until it is empty. A service whose backends span pages
+        comes once per page; entries after the first have `continued` set.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')

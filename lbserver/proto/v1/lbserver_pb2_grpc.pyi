@@ -116,11 +116,19 @@ class AdminStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AdminAsyncStub: ...
     GetState: _grpc.UnaryUnaryMultiCallable[_lbserver_pb2.GetStateRequest, _lbserver_pb2.GetStateResponse]
+    """The balancer's state, one page at a time: call again with the reply's
+    next_page_token until it is empty. A service whose backends span pages
+    comes once per page; entries after the first have `continued` set.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetState: _aio.UnaryUnaryMultiCallable[_lbserver_pb2.GetStateRequest, _lbserver_pb2.GetStateResponse]  # type: ignore[assignment]
+    """The balancer's state, one page at a time: call again with the reply's
+    next_page_token until it is empty. A service whose backends span pages
+    comes once per page; entries after the first have `continued` set.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -128,6 +136,10 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _lbserver_pb2.GetStateRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_lbserver_pb2.GetStateResponse, _abc.Awaitable[_lbserver_pb2.GetStateResponse]]: ...
+    ) -> _typing.Union[_lbserver_pb2.GetStateResponse, _abc.Awaitable[_lbserver_pb2.GetStateResponse]]:
+        """The balancer's state, one page at a time: call again with the reply's
+        next_page_token until it is empty. A service whose backends span pages
+        comes once per page; entries after the first have `continued` set.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -194,7 +194,17 @@ class Cluster:
             self._controller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._controller
-        await asyncio.gather(*(p.delete(grace=0) for p in list(self.pods)), return_exceptions=True)
+        pods = list(self.pods)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(p.delete(grace=0) for p in pods), return_exceptions=True), 30
+            )
+        except TimeoutError:
+            print(f"harness: pods still terminating at close:\n{self.describe()}", flush=True)
+        for pod in pods:
+            for container in pod.containers:
+                if container.process is not None and container.process.returncode is None:
+                    container.process.kill()
         for task in list(self._background):
             task.cancel()
         for forwarders in self._forwarders.values():

@@ -116,7 +116,8 @@ class Container:
         # Set once the container counts as started (startup probe passed).
         self.started_event = asyncio.Event()
         self.ready = False
-        self.pid: int | None = None
+        self._pid: int | None = None
+        self._pid_file: Path | None = None
         self.process: asyncio.subprocess.Process | None = None
         self.env: dict[str, str] = {}
         self.argv: list[str] = []
@@ -221,7 +222,7 @@ class Container:
             if self.process.returncode is not None or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.01)
-        self.pid = int(pid_file.read_text()) if pid_file.exists() else None
+        self._pid_file = pid_file
         self.status = ContainerState("running", "")
         pod.event(f"Started container {self.name}")
 
@@ -235,7 +236,8 @@ class Container:
             "terminated", "Completed" if code == 0 else "Error", code, self._tail()
         )
         self.last_termination = self.status
-        self.pid = None
+        self._pid = None
+        self._pid_file = None
         self.ready = False
         self.exited.set()
         return code
@@ -243,6 +245,15 @@ class Container:
     def _tail(self) -> str:
         text = self.logs()
         return "\n".join(text.splitlines()[-5:])
+
+    @property
+    def pid(self) -> int | None:
+        """The host pid of the container's PID 1, once the launcher wrote it
+        (it may write it late on a busy machine: read it when needed)."""
+        if self._pid is None and self._pid_file is not None and self._pid_file.exists():
+            with contextlib.suppress(ValueError, OSError):
+                self._pid = int(self._pid_file.read_text())
+        return self._pid
 
     def signal(self, sig: int) -> None:
         if self.pid is not None:
@@ -263,7 +274,14 @@ class Container:
         if not self.exited.is_set():
             self.pod.event(f"Killing container {self.name} with SIGKILL (grace period over)")
             self.signal(signal.SIGKILL)
-            await self.exited.wait()
+            try:
+                await asyncio.wait_for(self.exited.wait(), 10)
+            except TimeoutError:
+                # Never hang the harness: the launcher goes too (its death
+                # kills the container through PR_SET_PDEATHSIG).
+                self.pod.event(f"container {self.name} survived SIGKILL; killing its launcher")
+                if self.process is not None and self.process.returncode is None:
+                    self.process.kill()
 
     async def _pre_stop(self, deadline: float) -> None:
         hook = ((self.spec.get("lifecycle") or {}).get("preStop")) or {}
