@@ -35,12 +35,14 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def _comparison(results: Results, before: Mapping[str, Any], source: str) -> list[str]:
-    """Before/after rows: the same run on the balancer before the fixes."""
+def _comparison(
+    results: Results, before: Mapping[str, Any], source: str, change: str
+) -> list[str]:
+    """Before/after rows: the same run on the balancer before a change."""
     lines = [
         "",
-        f"Before and after the profiling fixes: the same command, run on the code before "
-        f"them ({source}).",
+        f"Before and after {change}: the same command, run on the code before "
+        f"it ({source}).",
         "",
         "| measure | before | after |",
         "|---|---|---|",
@@ -84,7 +86,10 @@ def _comparison(results: Results, before: Mapping[str, Any], source: str) -> lis
 
 
 def render(
-    results: Results, before: Mapping[str, Any] | None = None, before_source: str = ""
+    results: Results,
+    before: Mapping[str, Any] | None = None,
+    before_source: str = "",
+    change: str = "the change",
 ) -> str:
     m = results.machine
     lines = [
@@ -203,7 +208,7 @@ def render(
             f"service) at one core | {_met(worst.at_one_core >= MIN_HEARTBEATS_PER_CORE)} |"
         )
     if before is not None:
-        lines += _comparison(results, before, before_source)
+        lines += _comparison(results, before, before_source, change)
     if NOTES.exists():
         lines += ["", NOTES.read_text().strip()]
     return "\n".join(lines) + "\n"

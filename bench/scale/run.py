@@ -700,6 +700,11 @@ def main(argv: Sequence[str] | None = None) -> Results:
         "change): adds a before/after table",
     )
     parser.add_argument(
+        "--change",
+        default="the change",
+        help="with --compare: what the code before lacks, for the table's title",
+    )
+    parser.add_argument(
         "--lbserver-root",
         default=str(REPO_ROOT),
         help="import the balancer from this checkout (before/after comparisons)",
@@ -821,7 +826,7 @@ def write_report(results: Results, args: argparse.Namespace) -> None:
     if before is not None:
         root = before.get("settings", {}).get("lbserver_root", "?")
         source = f"`--lbserver-root {root}`, {before['machine']['date']}; `{args.compare}`"
-    text = render(results, before, source)
+    text = render(results, before, source, args.change)
     print(text)
     if not args.no_write:
         write_section(Path(args.out), text)

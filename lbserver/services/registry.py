@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -124,13 +123,16 @@ def _load(message: pb.LoadReport) -> LoadReport:
 
 
 def _loopback(peer: str) -> bool:
-    """Whether a call came from this host ('ipv4:127.0.0.1:5555', 'unix:...')."""
+    """Whether a call came from this host ('ipv4:127.0.0.1:5555',
+    'ipv6:[::1]:5555', 'unix:...'). String checks: this runs per heartbeat."""
     if peer.startswith("unix:"):
         return True
-    try:
-        return ipaddress.ip_address(peer_ip(peer)).is_loopback
-    except ValueError:
-        return False
+    if peer.startswith("ipv4:"):
+        return peer.startswith("ipv4:127.")
+    if peer.startswith("ipv6:"):
+        ip = peer_ip(peer)
+        return ip == "::1" or ip.startswith("::ffff:127.")
+    return False
 
 
 class _Registrations:
@@ -140,7 +142,9 @@ class _Registrations:
 
     def __init__(self, kept: int = 50_000) -> None:
         self._kept = kept
-        self._identities: dict[tuple[Any, ...], Registration] = {}
+        # identity, and whether its address is loopback (acceptable from a
+        # loopback peer only); refused addresses are never kept.
+        self._identities: dict[tuple[Any, ...], tuple[Registration, bool]] = {}
 
     def parse(self, request: pb.HeartbeatRequest, *, loopback_peer: bool) -> Registration:
         """The registration; InvalidArgumentError when it is malformed or its
@@ -158,8 +162,8 @@ class _Registrations:
             (ttl.seconds, ttl.nanos) if ttl is not None else None,
             tuple(sorted(request.labels.items())) if request.labels else (),
         )
-        identity = self._identities.get(key)
-        if identity is None:
+        known = self._identities.get(key)
+        if known is None:
             identity = parse_registration(
                 service=request.service,
                 instance_id=request.instance_id,
@@ -171,13 +175,23 @@ class _Registrations:
                 state=request.state,
                 requested_ttl=ttl.ToNanoseconds() / 1e9 if ttl is not None else None,
             )
+            # Everything but loopback is decided by the address alone, once.
+            check_backend_address(identity.ip, allow_loopback=True)
+            try:
+                check_backend_address(identity.ip, allow_loopback=False)
+                loopback = False
+            except InvalidArgumentError:
+                loopback = True  # 127/8, ::1 or a mapped form of them
+            known = (identity, loopback)
             if len(self._identities) >= self._kept:
                 self._identities.clear()
-            self._identities[key] = identity
-        # A loopback backend only from the same host: a registrar beside the
-        # balancer (tests, a single machine). From anywhere else, 127.0.0.1
-        # would send every client to its own host.
-        check_backend_address(identity.ip, allow_loopback=loopback_peer)
+            self._identities[key] = known
+        identity, loopback = known
+        if loopback and not loopback_peer:
+            # A loopback backend only from the same host: a registrar beside
+            # the balancer (tests, a single machine). From anywhere else,
+            # 127.0.0.1 would send every client to its own host.
+            check_backend_address(identity.ip, allow_loopback=False)
         if not request.HasField("load"):
             return identity
         return with_load(identity, _load(request.load))

@@ -23,6 +23,14 @@ def test_never_acceptable_backends_are_refused_from_anywhere(ip: str, loopback_p
     assert refused.value.field == "ip"
 
 
+@pytest.mark.parametrize("ip", ["127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"])
+def test_every_form_of_loopback_only_from_this_host(ip: str) -> None:
+    registrations = _Registrations()
+    registrations.parse(heartbeat(ip), loopback_peer=True)
+    with pytest.raises(InvalidArgumentError):
+        registrations.parse(heartbeat(ip), loopback_peer=False)
+
+
 def test_loopback_backends_only_from_this_host() -> None:
     registrations = _Registrations()
     assert str(registrations.parse(heartbeat("127.0.0.1"), loopback_peer=True).ip) == "127.0.0.1"
@@ -38,6 +46,7 @@ def test_loopback_backends_only_from_this_host() -> None:
         ("ipv4:127.0.0.1:5555", True),
         ("ipv4:127.0.3.4:5555", True),
         ("ipv6:[::1]:5555", True),
+        ("ipv6:[::ffff:127.0.0.1]:5555", True),
         ("unix:/tmp/sock", True),
         ("ipv4:10.0.0.7:5555", False),
         ("ipv6:[fd00::1]:5555", False),
