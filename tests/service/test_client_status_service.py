@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from concurrent import futures
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from lbserver.cli import main
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
+from tests.support.fake_admin import serve_admin
 
 
 class FilteringAdmin(pb_grpc.AdminServicer):
@@ -35,14 +35,8 @@ class FilteringAdmin(pb_grpc.AdminServicer):
 
 def serve(names: list[str]) -> Iterator[tuple[FilteringAdmin, str]]:
     fake = FilteringAdmin(names)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    pb_grpc.add_AdminServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
-        yield fake, f"127.0.0.1:{port}"
-    finally:
-        server.stop(None)
+    for address in serve_admin(fake):
+        yield fake, address
 
 
 @pytest.fixture
