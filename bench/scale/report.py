@@ -35,14 +35,11 @@ def _met(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
 
-def _comparison(
-    results: Results, before: Mapping[str, Any], source: str, change: str
-) -> list[str]:
+def _comparison(results: Results, before: Mapping[str, Any], source: str, change: str) -> list[str]:
     """Before/after rows: the same run on the balancer before a change."""
     lines = [
         "",
-        f"Before and after {change}: the same command, run on the code before "
-        f"it ({source}).",
+        f"Before and after {change}: the same command, run on the code before it ({source}).",
         "",
         "| measure | before | after |",
         "|---|---|---|",
