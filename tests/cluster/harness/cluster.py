@@ -192,8 +192,9 @@ class Cluster:
     async def close(self) -> None:
         if self._controller is not None:
             self._controller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._controller
+            done, _ = await asyncio.wait({self._controller}, timeout=5)
+            if not done:
+                print("harness: the controller loop ignored its cancel", flush=True)
         pods = list(self.pods)
         try:
             await asyncio.wait_for(
@@ -679,8 +680,12 @@ class Cluster:
 
     async def _control_loop(self) -> None:
         while True:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a
+            # cancel that arrives as the event is set, and this loop would
+            # then never end (close() waited on it forever: a CI run timed out).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.5)
+                async with asyncio.timeout(0.5):
+                    await self._wake.wait()
             self._wake.clear()
             try:
                 self._sync_slices()

@@ -178,6 +178,9 @@ class Container:
         pod = self.pod
         attempt = len(self.log_paths)
         log_path = pod.dir / "logs" / f"{self.name}-{attempt}.log"
+        # The runtime creates the log file before the container runs: a read
+        # right after the start finds it, empty (the copy task opens it late).
+        log_path.touch()
         self.log_paths.append(log_path)
         scratch = pod.dir / "rootfs" / f"{self.name}-{attempt}"
         scratch.mkdir(parents=True)

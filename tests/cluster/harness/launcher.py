@@ -167,11 +167,13 @@ def build_root(spec: dict[str, Any]) -> str:
         mount(source, where, None, MS_BIND | MS_REC)
         if readonly:
             mount("none", where, None, MS_REMOUNT | MS_BIND | MS_RDONLY)
-    # The "image" is this machine's installation: where a volume hides the
-    # interpreter or the project (a checkout under /tmp, an emptyDir at
-    # /tmp), bind them back over it, as an image would still have them.
+    # The "image" is this machine's installation: bind the interpreter and the
+    # project over the overlay, read-only, as an image would have them. The
+    # overlay alone is not enough: it shows only the root filesystem (a
+    # checkout on another mount, as CI's, is an empty directory in it), and a
+    # volume can hide them (a checkout under /tmp, an emptyDir at /tmp).
     for path in spec.get("open_paths", []):
-        if any(path == t or path.startswith(t.rstrip("/") + "/") for _, t, _, _ in binds):
+        if os.path.exists(path):
             where = _inside(root, path)
             os.makedirs(where, exist_ok=True)
             mount(path, where, None, MS_BIND | MS_REC)
