@@ -1,7 +1,8 @@
 """The `agent-shim` command.
 
     agent-shim proxy --listen HOST:PORT --balancer HOST[:PORT][,HOST[:PORT]...] --service NAME
-                     [--fallback HOST:PORT ...] [--max-buffer-bytes N] [--fallback-timeout S]
+                     [--fallback HOST:PORT ...] [--max-buffer-bytes N] [--max-buffer-total N]
+                     [--max-message-bytes N] [--fallback-timeout S]
                      [--no-backend-wait S] [--shutdown-grace S]
                      [--log-level L] [--log-format F]
     agent-shim check [--address HOST:PORT] [--timeout S]
@@ -23,18 +24,18 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import grpc
 import structlog
 
 from agent_shim import __version__
-from agent_shim._selector import Selector
 from agent_shim.proxy import (
     DEFAULT_MAX_BUFFER_BYTES,
+    DEFAULT_MAX_BUFFER_TOTAL,
+    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_NO_BACKEND_WAIT,
     DEFAULT_SHUTDOWN_GRACE,
     Proxy,
     ProxyServer,
-    backend_channel,
+    attach_selector,
 )
 from lbserver._logging import LOG_LEVELS, configure_logging
 from lbserver.cli._argtypes import balancer_address, non_negative_seconds
@@ -165,6 +166,23 @@ def _add_proxy_parser(commands: Any) -> None:
         "suffixes (default: 4Mi)",
     )
     parser.add_argument(
+        "--max-buffer-total",
+        type=byte_count,
+        default=DEFAULT_MAX_BUFFER_TOTAL,
+        metavar="N",
+        help="request bytes kept for replays by all calls together; a call that would "
+        "go beyond it can no longer be replayed (default: 64Mi)",
+    )
+    parser.add_argument(
+        "--max-message-bytes",
+        type=byte_count,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metavar="N",
+        help="largest request message (read from the gRPC message prefix while the "
+        "bytes stream through); a call sending a larger one ends with "
+        "RESOURCE_EXHAUSTED; 0: no limit (default: 64Mi)",
+    )
+    parser.add_argument(
         "--fallback-timeout",
         type=non_negative_seconds,
         default=10.0,
@@ -281,6 +299,8 @@ def run_proxy(args: argparse.Namespace) -> int:
             service=args.service,
             fallback=fallback,
             max_buffer_bytes=args.max_buffer_bytes,
+            max_buffer_total=args.max_buffer_total,
+            max_message_bytes=args.max_message_bytes,
             fallback_timeout=args.fallback_timeout,
             no_backend_wait=args.no_backend_wait,
             shutdown_grace=args.shutdown_grace,
@@ -295,6 +315,8 @@ async def serve_proxy(
     service: str,
     fallback: Sequence[str] = (),
     max_buffer_bytes: int = DEFAULT_MAX_BUFFER_BYTES,
+    max_buffer_total: int = DEFAULT_MAX_BUFFER_TOTAL,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     fallback_timeout: float = 10.0,
     no_backend_wait: float = DEFAULT_NO_BACKEND_WAIT,
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
@@ -305,17 +327,16 @@ async def serve_proxy(
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop_requested.set)
-    selector: Selector[grpc.aio.Channel] = Selector(
-        balancers,
-        service,
-        fallback=fallback,
-        channel_factory=backend_channel,
-        fallback_timeout=fallback_timeout,
+    proxy = Proxy(
+        max_buffer_bytes=max_buffer_bytes,
+        max_buffer_total=max_buffer_total,
+        max_message_bytes=max_message_bytes,
+        no_backend_wait=no_backend_wait,
     )
-    server = ProxyServer(
-        Proxy(selector, max_buffer_bytes=max_buffer_bytes, no_backend_wait=no_backend_wait),
-        listen,
+    selector = attach_selector(
+        proxy, balancers, service, fallback=fallback, fallback_timeout=fallback_timeout
     )
+    server = ProxyServer(proxy, listen)
     try:
         try:
             port = await server.start()

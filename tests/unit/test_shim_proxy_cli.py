@@ -60,5 +60,14 @@ def test_defaults_and_repeated_options() -> None:
 
 
 def test_forwardable_keeps_order_and_duplicates() -> None:
-    md = (("x-a", "1"), ("lb-token", "t"), ("x-a", "2"), ("grpc-accept-encoding", "gzip"))
-    assert forwardable(md) == (("x-a", "1"), ("x-a", "2"))
+    headers = [
+        (b"x-a", b"1"),
+        (b"lb-token", b"t"),
+        (b"x-a", b"2"),
+        (b"grpc-accept-encoding", b"gzip"),
+    ]
+    assert forwardable(headers) == [
+        (b"x-a", b"1"),
+        (b"x-a", b"2"),
+        (b"grpc-accept-encoding", b"gzip"),
+    ]
