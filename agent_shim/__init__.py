@@ -14,12 +14,33 @@ that configured structlog gets them through structlog instead. Nothing is
 printed to stdout.
 """
 
-from agent_shim._aio_channel import aio_balanced_channel
-from agent_shim._channel import balanced_channel
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from agent_shim._errors import DroppedCallError, NoBackendError, ShimError
 from agent_shim._selector import LB_TOKEN_METADATA_KEY, Choice, Selector
 
+if TYPE_CHECKING:
+    from agent_shim._aio_channel import aio_balanced_channel
+    from agent_shim._channel import balanced_channel
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # The channels need grpcio; `agent-shim proxy` imports this package and
+    # must not load it (a sidecar's memory), so they are imported when used.
+    if name == "balanced_channel":
+        from agent_shim._channel import balanced_channel
+
+        return balanced_channel
+    if name == "aio_balanced_channel":
+        from agent_shim._aio_channel import aio_balanced_channel
+
+        return aio_balanced_channel
+    raise AttributeError(f"module 'agent_shim' has no attribute {name!r}")
+
 
 __all__ = [
     "LB_TOKEN_METADATA_KEY",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Final
+from typing import Final, cast
 
 from agent_shim._hpack import TABLE_SIZE_ZERO, Decoder, Header, HeaderError, encode
 
@@ -256,8 +256,8 @@ class Connection(asyncio.Protocol):
     # ---- asyncio.Protocol ---------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses.
+        self.transport = cast(asyncio.Transport, transport)
         if self._out:
             self._dirty = True
             FLUSHER.mark(self)
@@ -330,6 +330,8 @@ class Connection(asyncio.Protocol):
                     raise H2ProtocolError(PROTOCOL_ERROR, "bad PING")
                 if not flags & ACK:
                     self.send(frame(PING, ACK, 0, payload))
+                else:
+                    self.on_ping_ack(payload)
             elif kind == SETTINGS:
                 self._settings(flags, stream_id, payload)
             elif kind == GOAWAY:
@@ -454,6 +456,9 @@ class Connection(asyncio.Protocol):
 
     def on_initial_window_change(self, delta: int) -> None:
         raise NotImplementedError
+
+    def on_ping_ack(self, payload: bytes) -> None:
+        """The peer answered a PING this side sent."""
 
     def on_writable(self) -> None:
         """The transport resumed, or the connection window grew."""

@@ -33,19 +33,29 @@ import contextlib
 import inspect
 import ipaddress
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import grpc
-
+from agent_shim._balancer_call import (
+    BalancerCall,
+    BalancerCallError,
+    BalancerConnector,
+    GrpcBalancerConnector,
+)
 from agent_shim._errors import DroppedCallError, NoBackendError, ShimError
 from agent_shim._picker import Backoff, Picker, ServerEntry, StatsDelta
 from lbserver._logging import Logger, get_logger
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
-from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
+
+# grpc is imported where a grpc.aio channel is made or looked at, not here:
+# the proxy runs the Selector without grpcio loaded at all.
+if TYPE_CHECKING:
+    import grpc
+    import grpc.aio
 
 __all__ = [
     "LB_TOKEN_METADATA_KEY",
@@ -69,15 +79,6 @@ MIN_RECONNECT_INTERVAL = 1.0
 # C-core raises shorter report intervals to 1 s.
 MIN_STATS_INTERVAL = 1.0
 DEFAULT_RETIRE_GRACE = 30.0
-# Keepalive notices a balancer that vanished without closing its connections
-# (node loss); 20 s is what grpc-go uses, and lbserver permits it.
-BALANCER_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-)
-
-_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,14 +97,23 @@ class Choice(Generic[ChannelT]):
 
 
 def aio_insecure_channel(address: str) -> grpc.aio.Channel:
+    import grpc.aio
+
     return grpc.aio.insecure_channel(address)
 
 
+def _is_aio_channel(channel: object) -> bool:
+    grpc_aio = sys.modules.get("grpc.aio")  # no grpc loaded: not a grpc channel
+    return grpc_aio is not None and isinstance(channel, grpc_aio.Channel)
+
+
 def _aio_transient_failure(channel: object) -> bool:
-    return (
-        isinstance(channel, grpc.aio.Channel)
-        and channel.get_state(try_to_connect=False) is grpc.ChannelConnectivity.TRANSIENT_FAILURE
-    )
+    if not _is_aio_channel(channel):
+        return False
+    import grpc
+
+    state = channel.get_state(try_to_connect=False)  # type: ignore[attr-defined]
+    return state is grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
 
 @dataclass(slots=True)
@@ -157,13 +167,16 @@ class Selector(Generic[ChannelT]):
         fallback_timeout: float = 10.0,
         connection_failing: Callable[[ChannelT], bool] | None = None,
         balancer_channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
+        balancer_connector: BalancerConnector | None = None,
         retire_grace: float = DEFAULT_RETIRE_GRACE,
         rng: random.Random | None = None,
     ) -> None:
         """`close_channel` may return an awaitable; by default the channel's
         own close() is called (and awaited for grpc.aio channels).
         `connection_failing` tells whether a backend's connection is down, so
-        it is skipped; by default grpc.aio channels in TRANSIENT_FAILURE are."""
+        it is skipped; by default grpc.aio channels in TRANSIENT_FAILURE are.
+        `balancer_connector` opens the BalanceLoad calls (by default over
+        grpc.aio channels made by `balancer_channel_factory`)."""
         self._balancers = (balancers,) if isinstance(balancers, str) else tuple(balancers)
         if not self._balancers:
             raise ValueError("at least one balancer address is needed")
@@ -178,9 +191,8 @@ class Selector(Generic[ChannelT]):
         self._fallback_timeout = fallback_timeout
         self._connection_failing = connection_failing
         self._default_connection_check = connection_failing is None
-        self._balancer_channel_factory = balancer_channel_factory or (
-            lambda address: grpc.aio.insecure_channel(address, options=BALANCER_CHANNEL_OPTIONS)
-        )
+        self._balancer_connector_arg = balancer_connector
+        self._balancer_channel_factory = balancer_channel_factory
         self._retire_grace = retire_grace
         self._rng = rng or random.Random()
         self._clock = time.monotonic
@@ -203,7 +215,7 @@ class Selector(Generic[ChannelT]):
         self._runner: asyncio.Task[None] | None = None
         self._fallback_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._balancer_channels: dict[str, grpc.aio.Channel] = {}
+        self._balancer_connector: BalancerConnector | None = None
         self._balancer_down_logged = False
         self._listeners: list[Callable[[], None]] = []
         self._log = log.bind(service=service)
@@ -249,9 +261,8 @@ class Selector(Generic[ChannelT]):
         # Pending closes of retired channels finish first; then the rest.
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        for channel in self._balancer_channels.values():
-            await channel.close(None)
-        self._balancer_channels.clear()
+        if self._balancer_connector is not None:
+            await self._balancer_connector.close()
         for slot in slots:
             await self._close_one(slot.channel)
         # Wake anyone still waiting for a list: there will be none, and
@@ -329,6 +340,8 @@ class Selector(Generic[ChannelT]):
     def connectivity(self) -> grpc.ChannelConnectivity:
         """A channel-like summary: READY while a list or fallback with at least
         one backend is in force (whether or not its connections are up)."""
+        import grpc
+
         with self._lock:
             if self._closed:
                 return grpc.ChannelConnectivity.SHUTDOWN
@@ -478,8 +491,8 @@ class Selector(Generic[ChannelT]):
             self._close_soon(slot)
         for channel in created:
             # Connect ahead of the first call.
-            if isinstance(channel, grpc.aio.Channel):
-                channel.get_state(try_to_connect=True)
+            if _is_aio_channel(channel):
+                channel.get_state(try_to_connect=True)  # type: ignore[attr-defined]
         self._notify()
 
     def _retire_expired(self, address: str, slot: _Slot[ChannelT]) -> None:
@@ -516,8 +529,8 @@ class Selector(Generic[ChannelT]):
     def _close_fn(self, channel: ChannelT) -> object:
         if self._close_channel is not None:
             return self._close_channel(channel)
-        if isinstance(channel, grpc.aio.Channel):
-            return channel.close(None)
+        if _is_aio_channel(channel):
+            return channel.close(None)  # type: ignore[attr-defined]
         close = getattr(channel, "close", None)
         return close() if callable(close) else None
 
@@ -639,16 +652,16 @@ class Selector(Generic[ChannelT]):
                 self._log.debug("retrying the balancers later", delay=round(delay, 2))
                 await asyncio.sleep(delay)
 
-    def _balancer_channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._balancer_channels.get(address)
-        if channel is None:
-            channel = self._balancer_channels[address] = self._balancer_channel_factory(address)
-        return channel
+    def _balancer_call(self, address: str) -> BalancerCall:
+        if self._balancer_connector is None:
+            self._balancer_connector = self._balancer_connector_arg or GrpcBalancerConnector(
+                self._balancer_channel_factory
+            )
+        return self._balancer_connector.call(address)
 
     async def _stream(self, address: str) -> bool:
         """One BalanceLoad stream; True if it had started (got initial_response)."""
-        stub = lb_grpc.LoadBalancerStub(self._balancer_channel(address))
-        call = stub.BalanceLoad(None)
+        call = self._balancer_call(address)
         started = False
         reporter: asyncio.Task[None] | None = None
         logger = self._log.bind(balancer=address)
@@ -659,10 +672,9 @@ class Selector(Generic[ChannelT]):
                 )
             )
             first = await call.read()
-            if first is _EOF:
+            if first is None:
                 self._balancer_failed(logger, "the balancer closed the stream before answering")
                 return False
-            assert isinstance(first, lb_pb2.LoadBalanceResponse)
             if first.WhichOneof("load_balance_response_type") != "initial_response":
                 # grpc-go drops such a stream too.
                 self._balancer_failed(logger, "the first response was not initial_response")
@@ -683,10 +695,9 @@ class Selector(Generic[ChannelT]):
             self._balancer_down_logged = False
             while True:
                 message = await call.read()
-                if message is _EOF:
+                if message is None:
                     logger.info("the balancer ended the stream")
                     return True
-                assert isinstance(message, lb_pb2.LoadBalanceResponse)
                 kind = message.WhichOneof("load_balance_response_type")
                 if kind == "server_list":
                     self._on_server_list(message.server_list)
@@ -694,13 +705,11 @@ class Selector(Generic[ChannelT]):
                     self._on_fallback_response()
                 else:
                     logger.debug("ignoring an unexpected response", kind=kind)
-        except grpc.aio.AioRpcError as exc:
+        except BalancerCallError as exc:
             if started:
-                logger.warning(
-                    "the balancer stream broke", code=exc.code().name, details=exc.details()
-                )
+                logger.warning("the balancer stream broke", code=exc.code, details=exc.details)
             else:
-                self._balancer_failed(logger, f"{exc.code().name}: {exc.details()}")
+                self._balancer_failed(logger, str(exc))
             return started
         finally:
             if reporter is not None:
@@ -717,7 +726,7 @@ class Selector(Generic[ChannelT]):
             self._balancer_down_logged = True
             logger.warning("balancer unreachable; retrying with backoff", reason=reason)
 
-    async def _report_stats(self, call: Any, interval: float, logger: Logger) -> None:
+    async def _report_stats(self, call: BalancerCall, interval: float, logger: Logger) -> None:
         last_empty = False
         while True:
             await asyncio.sleep(interval)
@@ -730,6 +739,6 @@ class Selector(Generic[ChannelT]):
             last_empty = empty
             try:
                 await call.write(client_stats_message(delta, time.time()))
-            except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
-                logger.debug("could not send client stats", error=repr(exc))
+            except BalancerCallError as exc:
+                logger.debug("could not send client stats", error=str(exc))
                 return

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import structlog
+import uvloop
 
 from agent_shim import __version__
 from agent_shim.proxy import (
@@ -38,8 +39,8 @@ from agent_shim.proxy import (
     attach_selector,
 )
 from lbserver._logging import LOG_LEVELS, configure_logging
+from lbserver.addresses import join_host_port, parse_host_port
 from lbserver.cli._argtypes import balancer_address, non_negative_seconds
-from lbserver.registrar import join_host_port, parse_host_port
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.cli")
 
@@ -292,7 +293,9 @@ def run_proxy(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     balancers = list(dict.fromkeys(a for group in args.balancer for a in group))
     fallback = list(dict.fromkeys(a for group in args.fallback for a in group))
-    return asyncio.run(
+    # uvloop: the relay spends most of its time in the event loop's I/O
+    # (docs/architecture.md has the measurement).
+    return uvloop.run(
         serve_proxy(
             listen=args.listen,
             balancers=balancers,

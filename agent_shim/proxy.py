@@ -58,6 +58,7 @@ from collections.abc import Collection, Coroutine, Sequence
 from typing import Any, Final, Protocol
 
 from agent_shim import _h2
+from agent_shim._balancer_h2 import H2BalancerConnector
 from agent_shim._errors import DroppedCallError, NoBackendError
 from agent_shim._h2 import CANCEL, NO_ERROR, REFUSED_STREAM, Connection, H2ProtocolError
 from agent_shim._hpack import Header
@@ -1121,6 +1122,7 @@ def attach_selector(
         close_channel=BackendPool.close,
         connection_failing=BackendPool.failing,
         fallback_timeout=fallback_timeout,
+        balancer_connector=H2BalancerConnector(),
     )
     proxy.selector = selector
     return selector

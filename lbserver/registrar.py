@@ -57,6 +57,7 @@ import grpc.aio
 
 from lbserver._heartbeat_stream import HeartbeatStream, refusal
 from lbserver._logging import Logger, get_logger
+from lbserver.addresses import DEFAULT_BALANCER_PORT, join_host_port, parse_host_port
 from lbserver.backendprobe import BackendProbe
 from lbserver.domain.model import LoadReport
 from lbserver.domain.validation import check_weight, parse_registration
@@ -76,7 +77,6 @@ _log = get_logger("lbserver.registrar")
 
 # lbserver's gRPC port: what a balancer address without a port means where
 # one may be omitted (the commands' --balancer).
-DEFAULT_BALANCER_PORT = 11810
 
 _INITIAL_BACKOFF = 0.2
 # A balancer answering with a tiny interval must not turn the loop into a busy loop.
@@ -120,36 +120,6 @@ def _token_callable(token: TokenSource | None) -> Callable[[], Sequence[str]]:
     return lambda: fixed
 
 
-def parse_host_port(value: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """Splits ``HOST:PORT`` or ``[IPV6]:PORT``; with `default_port` also takes
-    ``HOST`` or ``[IPV6]`` alone, meaning that port. Raises ValueError on bad input."""
-    text = value.strip()
-    if text.startswith("["):
-        end = text.find("]")
-        rest = text[end + 1 :] if end >= 0 else ""
-        if end < 0 or not (rest.startswith(":") or (rest == "" and default_port is not None)):
-            form = "[IPV6] or [IPV6]:PORT" if default_port is not None else "[IPV6]:PORT"
-            raise ValueError(f"{value!r} is not {form}")
-        host, port_text = text[1:end], rest[1:] if rest else str(default_port)
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} in {value!r} is not an IPv6 address") from None
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if not sep:
-            if default_port is None:
-                raise ValueError(f"{value!r} is not HOST:PORT")
-            host, port_text = text, str(default_port)
-        elif ":" in host:
-            raise ValueError(f"{value!r}: write IPv6 addresses in brackets, as [::1]:PORT")
-    if not host:
-        raise ValueError(f"{value!r} has no host")
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{value!r}: port must be a number in 1-65535")
-    return host, int(port_text)
-
-
 Resolver = Callable[[str], Awaitable[list[str]]]
 
 
@@ -163,10 +133,6 @@ async def resolve_balancer(host: str) -> list[str]:
         host, None, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
     )
     return sorted({str(info[4][0]) for info in infos})
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _load_message(report: LoadReport) -> lbserver_pb2.LoadReport | None:

@@ -6,8 +6,9 @@ A grpc.aio server with two raw-bytes methods:
 
 - `/bench.Echo/Unary` (unary-unary): replies with the request;
 - `/bench.Echo/Upload` (stream-unary, like SkyWalking's
-  `TraceSegmentReportService/collect`): reads the whole request stream and
-  replies with the number of bytes it got, as 8 ASCII digits.
+  `TraceSegmentReportService/collect`): reads the whole request stream
+  (at most `--read-mb-per-s` MB/s if given) and replies with the number of
+  bytes it got, in ASCII digits.
 
 SIGTERM or SIGINT stops it.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -36,10 +38,20 @@ async def _unary(request: bytes, context: Any) -> bytes:
     return request
 
 
+# Bytes per second the Upload handler reads at most (0: as fast as it can);
+# the slow-backend case of bench/proxy sets it.
+READ_RATE = 0.0
+
+
 async def _upload(requests: AsyncIterator[bytes], context: Any) -> bytes:
     size = 0
+    began = time.monotonic()
     async for message in requests:
         size += len(message)
+        if READ_RATE:
+            ahead = size / READ_RATE - (time.monotonic() - began)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
     return b"%08d" % size
 
 
@@ -70,7 +82,15 @@ async def serve(listen: str) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="bench/proxy echo backend")
     parser.add_argument("--listen", required=True, metavar="HOST:PORT")
+    parser.add_argument(
+        "--read-mb-per-s",
+        type=float,
+        default=0.0,
+        help="read uploads at most this fast (MB/s; default: unlimited)",
+    )
     args = parser.parse_args(argv)
+    global READ_RATE
+    READ_RATE = args.read_mb_per_s * 1e6
     asyncio.run(serve(args.listen))
 
 

@@ -76,7 +76,9 @@ async def unary(target: str, concurrency: int, duration: float) -> dict[str, flo
     }
 
 
-async def upload(target: str, megabytes: float, message_bytes: int) -> dict[str, float]:
+async def upload(
+    target: str, megabytes: float, message_bytes: int, limit: float = 120.0
+) -> dict[str, float]:
     total = int(megabytes * 1_000_000)
     count = max(1, total // message_bytes)
     message = b"s" * message_bytes
@@ -89,7 +91,7 @@ async def upload(target: str, megabytes: float, message_bytes: int) -> dict[str,
         stub = channel.stream_unary(UPLOAD, None, None)
         await channel.unary_unary(UNARY, None, None)(b"w", timeout=10, wait_for_ready=True)
         began = time.perf_counter()
-        reply = await stub(messages(), timeout=120)
+        reply = await stub(messages(), timeout=limit)
         elapsed = time.perf_counter() - began
     sent = count * message_bytes
     if int(reply) != sent:
@@ -113,11 +115,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     s.add_argument("--target", required=True)
     s.add_argument("--megabytes", type=float, default=100.0)
     s.add_argument("--message-bytes", type=int, default=16 * 1024)
+    s.add_argument("--timeout", type=float, default=120.0, help="deadline of the upload (s)")
     args = parser.parse_args(argv)
     if args.mode == "unary":
         result = asyncio.run(unary(args.target, args.concurrency, args.duration))
     else:
-        result = asyncio.run(upload(args.target, args.megabytes, args.message_bytes))
+        result = asyncio.run(upload(args.target, args.megabytes, args.message_bytes, args.timeout))
     print(json.dumps(result))
 
 

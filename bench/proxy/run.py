@@ -1,6 +1,7 @@
 """bench/proxy: the `agent-shim proxy` against a direct connection and nginx.
 
-    python -m bench.proxy.run [--duration 5] [--upload-mb 100] [--repeat 2] [--no-docs]
+    python -m bench.proxy.run [--duration 5] [--upload-mb 100] [--repeat 2]
+                              [--slow-mb 1024] [--slow-rate 10] [--no-docs]
 
 On loopback, with one echo backend (`bench.proxy.backend`), it measures three
 paths to the backend:
@@ -40,6 +41,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -192,7 +194,7 @@ def ensure_nginx() -> str:
     return found
 
 
-def run_client(*args: str) -> dict[str, Any]:
+def run_client(*args: str, timeout: float = 300) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-m", "bench.proxy.client", *args],
         cwd=REPO,
@@ -200,7 +202,7 @@ def run_client(*args: str) -> dict[str, Any]:
         capture_output=True,
         text=True,
         check=True,
-        timeout=300,
+        timeout=timeout,
     )
     result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
@@ -257,6 +259,40 @@ def measure(
     return result
 
 
+def slow_backend_case(target: str, pid: int, megabytes: float, rate: float) -> dict[str, float]:
+    """`megabytes` uploaded through a proxy to a backend reading `rate` MB/s,
+    with the proxy's RSS sampled every 0.2 s."""
+    print(f"slow backend: {megabytes:g} MB at {rate:g} MB/s through {target}", flush=True)
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            samples.append(memory_kib(pid).get("VmRSS", 0))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        r = run_client(
+            "upload", "--target", target, "--megabytes", str(megabytes),
+            "--message-bytes", str(16 * 1024), "--timeout", str(megabytes / rate * 2 + 60),
+            timeout=megabytes / rate * 2 + 120,
+        )  # fmt: skip
+    finally:
+        done.set()
+        sampler.join()
+    result = {
+        "megabytes": r["bytes"] / 1e6,
+        "rate_mb_per_s": rate,
+        "seconds": r["seconds"],
+        "mb_per_s": r["mb_per_s"],
+        "max_rss_mib": max(samples, default=0) / 1024,
+        "peak_rss_mib": memory_kib(pid).get("VmHWM", 0) / 1024,
+    }
+    print(f"  slow backend: {json.dumps(result)}", flush=True)
+    return result
+
+
 def machine() -> dict[str, str]:
     cpu = "unknown"
     with contextlib.suppress(OSError):
@@ -284,7 +320,7 @@ def machine() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def deployment(tmp: Path) -> Iterator[dict[str, Any]]:
+def deployment(tmp: Path, slow_rate: float) -> Iterator[dict[str, Any]]:
     procs = Processes(tmp)
     try:
         backend_port = free_port()
@@ -325,6 +361,42 @@ def deployment(tmp: Path) -> Iterator[dict[str, Any]]:
             ],
         )  # fmt: skip
         wait_serving(f"{LOOPBACK}:{proxy_port}")
+        # A sidecar at rest: its balancer stream up, one call made.
+        time.sleep(2)
+        idle = memory_kib(proxy.pid)
+
+        # The slow-backend case: a second service whose one backend reads
+        # uploads at `slow_rate` MB/s, behind its own proxy.
+        slow_backend_port = free_port()
+        procs.start(
+            "slow-backend",
+            [
+                sys.executable, "-m", "bench.proxy.backend",
+                "--listen", f"{LOOPBACK}:{slow_backend_port}",
+                "--read-mb-per-s", str(slow_rate),
+            ],
+        )  # fmt: skip
+        slow_backend = f"{LOOPBACK}:{slow_backend_port}"
+        wait_serving(slow_backend)
+        procs.start(
+            "register-slow",
+            [
+                sys.executable, "-m", "lbserver", "register",
+                "--balancer", f"{LOOPBACK}:{lb_port}", "--service", "bench-slow",
+                "--backend", slow_backend, "--interval", "1", "--log-level", "warning",
+            ],
+        )  # fmt: skip
+        slow_proxy_port = free_port()
+        slow_proxy = procs.start(
+            "agent-shim-proxy-slow",
+            [
+                sys.executable, "-m", "agent_shim.cli", "proxy",
+                "--listen", f"{LOOPBACK}:{slow_proxy_port}",
+                "--balancer", f"{LOOPBACK}:{lb_port}", "--service", "bench-slow",
+                "--log-level", "warning",
+            ],
+        )  # fmt: skip
+        wait_serving(f"{LOOPBACK}:{slow_proxy_port}")
 
         nginx_port = free_port()
         conf = tmp / "nginx.conf"
@@ -335,9 +407,13 @@ def deployment(tmp: Path) -> Iterator[dict[str, Any]]:
         wait_serving(f"{LOOPBACK}:{nginx_port}")
         workers = children(nginx.pid)
         yield {
-            "direct": (backend, []),
-            "agent-shim proxy": (f"{LOOPBACK}:{proxy_port}", [proxy.pid]),
-            "nginx grpc_pass": (f"{LOOPBACK}:{nginx_port}", workers),
+            "paths": {
+                "direct": (backend, []),
+                "agent-shim proxy": (f"{LOOPBACK}:{proxy_port}", [proxy.pid]),
+                "nginx grpc_pass": (f"{LOOPBACK}:{nginx_port}", workers),
+            },
+            "idle_rss_mib": idle.get("VmRSS", 0) / 1024,
+            "slow": (f"{LOOPBACK}:{slow_proxy_port}", slow_proxy.pid),
         }
     finally:
         procs.stop_all()
@@ -362,22 +438,39 @@ def markdown(report: dict[str, Any]) -> str:
         f" {report['repeat']} runs).",
         "",
         "| path | c=1 p50 | c=1 p99 | added p50 (c=1) | c=32 p50 | c=32 p99 | calls/s (c=32)"
-        " | proxy CPU per call | calls/s per proxy core | upload MB/s, 16 KiB msgs"
-        " | upload MB/s, 256 KiB msgs | proxy RSS (peak) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        " | proxy CPU per call (c=1) | proxy CPU per call (c=32) | calls/s per proxy core"
+        " | upload MB/s, 16 KiB msgs | upload MB/s, 256 KiB msgs | proxy RSS (peak) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         c1, c32 = r["unary_c1"], r["unary_c32"]
         proxied = r is not direct
         added = f"{c1['p50_ms'] - direct['unary_c1']['p50_ms']:+.3f} ms" if proxied else "-"
         cpu = c32.get("proxy_cpu_ms_per_call")
+        cpu1 = c1.get("proxy_cpu_ms_per_call")
         rss = f"{r['rss_mib']:.1f} MiB ({r['peak_rss_mib']:.1f} MiB)" if "rss_mib" in r else "-"
         lines.append(
             f"| {r['path']} | {c1['p50_ms']:.3f} ms | {c1['p99_ms']:.3f} ms | {added}"
             f" | {c32['p50_ms']:.2f} ms | {c32['p99_ms']:.2f} ms | {c32['calls_per_s']:,.0f}"
+            f" | {f'{cpu1:.3f} ms' if cpu1 else '-'}"
             f" | {f'{cpu:.3f} ms' if cpu else '-'} | {f'{1e3 / cpu:,.0f}' if cpu else '-'}"
             f" | {r['upload_16k']['mb_per_s']:.1f} | {r['upload_256k']['mb_per_s']:.1f} | {rss} |"
         )
+    lines += [
+        "",
+        "agent-shim at rest (balancer stream up, before the load):"
+        f" {report['idle_rss_mib']:.1f} MiB RSS.",
+    ]
+    slow = report.get("slow_backend")
+    if slow:
+        lines += [
+            "",
+            f"Slow backend: {slow['megabytes']:,.0f} MB uploaded in 16 KiB messages through"
+            f" agent-shim to a backend reading {slow['rate_mb_per_s']:g} MB/s took"
+            f" {slow['seconds']:.0f} s ({slow['mb_per_s']:.1f} MB/s); the proxy's RSS stayed"
+            f" at most {slow['max_rss_mib']:.1f} MiB (peak {slow['peak_rss_mib']:.1f} MiB):"
+            " flow control held the client back instead of buffering.",
+        ]
     lines += ["", *report.get("notes", []), END]
     return "\n".join(lines) + "\n"
 
@@ -399,20 +492,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--upload-mb", type=float, default=100.0)
     parser.add_argument("--repeat", type=int, default=2, help="runs per workload; best kept")
     parser.add_argument("--no-docs", action="store_true", help="do not touch docs/benchmarks.md")
+    parser.add_argument(
+        "--slow-mb", type=float, default=1024.0, help="MB uploaded to the slow backend (0: skip)"
+    )
+    parser.add_argument("--slow-rate", type=float, default=10.0, help="MB/s the slow backend reads")
     args = parser.parse_args(argv)
     ensure_nginx()
     host = machine()  # before the load: it records the load average
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp, deployment(Path(tmp)) as paths:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp,
+        deployment(Path(tmp), args.slow_rate) as setup,
+    ):
         results = []
-        for name, (target, pids) in paths.items():
+        for name, (target, pids) in setup["paths"].items():
             print(f"{name} ({target})", flush=True)
             results.append(measure(name, target, pids, args.duration, args.upload_mb, args.repeat))
+        slow = None
+        if args.slow_mb > 0:
+            slow_target, slow_pid = setup["slow"]
+            slow = slow_backend_case(slow_target, slow_pid, args.slow_mb, args.slow_rate)
     report = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python -m bench.proxy.run" + "".join(f" {a}" for a in (argv or sys.argv[1:])),
         "machine": host,
         "results": results,
+        "idle_rss_mib": setup["idle_rss_mib"],
+        "slow_backend": slow,
         "seconds": round(time.monotonic() - started, 1),
         "repeat": args.repeat,
     }

@@ -7,10 +7,13 @@ import sys
 from collections.abc import Sequence
 
 from lbserver import __version__
-from lbserver.cli import demo, register, serve, status
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Imported here, not at the top: agent-shim uses lbserver.cli._argtypes,
+    # and importing this package must not load the balancer and grpcio.
+    from lbserver.cli import demo, register, serve, status
+
     parser = argparse.ArgumentParser(
         prog="lbserver",
         description="A lookaside gRPC load balancer speaking the grpclb protocol.",

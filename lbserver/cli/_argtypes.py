@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from lbserver.registrar import DEFAULT_BALANCER_PORT, join_host_port, parse_host_port
+from lbserver.addresses import DEFAULT_BALANCER_PORT, join_host_port, parse_host_port
 
 
 def _seconds(value: str) -> float:
