@@ -58,6 +58,7 @@ from collections.abc import Collection, Coroutine, Sequence
 from typing import Any, Final, Protocol
 
 from agent_shim import _h2
+from agent_shim._balancer_call import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT
 from agent_shim._balancer_h2 import H2BalancerConnector
 from agent_shim._errors import DroppedCallError, NoBackendError
 from agent_shim._h2 import CANCEL, NO_ERROR, REFUSED_STREAM, Connection, H2ProtocolError
@@ -750,6 +751,8 @@ class BackendConnection(Connection):
         self.next_stream = 1
         self.ready = False
         self.draining = False  # GOAWAY received or sent: no new streams
+        self.ping_sent: float | None = None  # an unanswered keepalive PING
+        self.last_ping = time.monotonic()
         self.send(
             _h2.PREFACE
             + _h2.settings_frame(
@@ -787,6 +790,7 @@ class BackendConnection(Connection):
         super().connection_made(transport)
         self.ready = True
         self.pool.connected(self)
+        self.pool.proxy.backends.add(self)
         waiting, self.waiting = self.waiting, []
         for stream in waiting:
             if not stream.closed and stream.backend is self:
@@ -805,6 +809,7 @@ class BackendConnection(Connection):
         self.closed = True
         self.ready = False
         self.pool.lost(self, failed_to_connect=False)
+        self.pool.proxy.backends.discard(self)
         reason = f"the connection to backend {self.pool.address} was lost"
         if exc is not None:
             reason += f" ({exc})"
@@ -864,6 +869,23 @@ class BackendConnection(Connection):
             self.blocked.clear()
             for stream in blocked:
                 stream.pump_request()
+
+    def keepalive(self, now: float) -> None:
+        if self.ping_sent is not None:
+            if now - self.ping_sent > KEEPALIVE_TIMEOUT and self.transport is not None:
+                log.warning(
+                    "backend did not answer a keepalive ping: closing its connection",
+                    backend=self.pool.address,
+                    streams=len(self.streams),
+                )
+                self.transport.abort()
+            return
+        if self.streams and now - self.last_ping >= KEEPALIVE_TIME:
+            self.ping_sent = self.last_ping = now
+            self.send(_h2.frame(_h2.PING, 0, 0, b"keepaliv"))
+
+    def on_ping_ack(self, payload: bytes) -> None:
+        self.ping_sent = None
 
     def on_protocol_error(self, error: H2ProtocolError) -> None:
         log.warning(
@@ -936,7 +958,6 @@ class BackendPool:
     def draining(self, conn: BackendConnection) -> None:
         with contextlib.suppress(ValueError):
             self.connections.remove(conn)
-        self.proxy.draining_backends.add(conn)
 
     def close(self) -> None:
         """The backend left the list and no stream uses it any more."""
@@ -974,7 +995,8 @@ class Proxy:
         self.replays = 0  # attempts repeated on another backend
         self.active = 0  # streams running
         self.clients: set[ClientConnection] = set()
-        self.draining_backends: set[BackendConnection] = set()
+        self.backends: set[BackendConnection] = set()  # connected ones
+        self._keepalive: asyncio.Task[None] | None = None
         self._ready = False
         self._drained: asyncio.Event | None = None  # set when stopping and no stream runs
         self._tasks: set[asyncio.Task[None]] = set()
@@ -1083,6 +1105,23 @@ class Proxy:
         )
         self._errors_suppressed = 0
 
+    # ---- keepalive ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._keepalive is None:
+            self._keepalive = asyncio.ensure_future(self._keep_backends_alive())
+
+    async def _keep_backends_alive(self) -> None:
+        """gRPC's client keepalive on backend connections with streams: a PING
+        after `KEEPALIVE_TIME` s, and a connection whose answer does not come
+        within `KEEPALIVE_TIMEOUT` s is given up (its streams are replayed
+        or fail), so a backend whose node vanished does not hold them."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for conn in list(self.backends):
+                conn.keepalive(now)
+
     # ---- stopping --------------------------------------------------------------------------
 
     async def stop(self, grace: float | None) -> None:
@@ -1101,7 +1140,10 @@ class Proxy:
                 client.transport.abort()
         for task in list(self._tasks):
             task.cancel()
-        for conn in list(self.draining_backends):
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+        for conn in list(self.backends):
+            conn.draining = True
             conn.close()
 
 
@@ -1152,6 +1194,7 @@ class ProxyServer:
         except OSError as err:
             raise OSError(err.errno, f"cannot listen on {self.listen}: {err.strerror}") from err
         self.port = self._server.sockets[0].getsockname()[1]
+        self.proxy.start()
         return self.port
 
     async def stop(self, grace: float | None = DEFAULT_SHUTDOWN_GRACE) -> None:

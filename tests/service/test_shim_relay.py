@@ -352,3 +352,27 @@ async def test_stop_sends_goaway_and_lets_running_streams_finish(relay: Relay) -
     # The stop ends when the stream does, long before its 30 s grace.
     await asyncio.wait_for(stopping, 10)
     assert relay.proxy.active == 0
+
+
+async def test_a_backend_that_stops_answering_pings_is_given_up_and_its_streams_replayed(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backend whose node vanished answers nothing, not even a reset: the
+    relay's keepalive notices and the stream goes to another backend."""
+    monkeypatch.setattr("agent_shim.proxy.KEEPALIVE_TIME", 0.2)
+    monkeypatch.setattr("agent_shim.proxy.KEEPALIVE_TIMEOUT", 0.5)
+    a, b = await relay.backend("a"), await relay.backend("b")
+    a.on_request = _silent
+    client = await relay.client(await relay.start(a, b))
+    sid = client.request(extra=[(b"x-n", b"1")], end_stream=True)
+    await client.wait(lambda: a.requests() or client.of(h2.events.StreamEnded, sid))
+    if not a.requests():  # the first stream went to b: the next one goes to a
+        sid = client.request(extra=[(b"x-n", b"2")], end_stream=True)
+        await _requested(a)
+    replayed_before = len(b.requests())
+    assert a.peers[0].transport is not None
+    a.peers[0].transport.pause_reading()  # no PING is answered any more
+    await client.wait(partial(client.of, h2.events.StreamEnded, sid), limit=10)
+    assert _response_status(client, sid) == b"0"
+    assert len(b.requests()) == replayed_before + 1  # replayed on b
+    assert relay.proxy is not None and relay.proxy.replays == 1
