@@ -1,7 +1,8 @@
 """bench/proxy: the `agent-shim proxy` against a direct connection and nginx.
 
     python -m bench.proxy.run [--duration 5] [--upload-mb 100] [--repeat 2]
-                              [--slow-mb 1024] [--slow-rate 10] [--no-docs]
+                              [--slow-mb 1024] [--slow-rate 10] [--from-checkout]
+                              [--no-docs]
 
 On loopback, with one echo backend (`bench.proxy.backend`), it measures three
 paths to the backend:
@@ -319,8 +320,26 @@ def machine() -> dict[str, str]:
     }
 
 
+def image_venv(tmp: Path) -> list[str]:
+    """`agent-shim` installed as the Dockerfile installs it (a venv without
+    pip, the project installed with --compile, no editable-install hooks or
+    other .pth files), so its memory is what a sidecar container's is."""
+    venv = tmp / "image-venv"
+    print("installing the project into a venv as the Dockerfile does ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run(
+        [
+            sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+            "install", "--quiet", "--compile", str(REPO),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return [str(venv / "bin" / "agent-shim")]
+
+
 @contextlib.contextmanager
-def deployment(tmp: Path, slow_rate: float) -> Iterator[dict[str, Any]]:
+def deployment(tmp: Path, slow_rate: float, from_image: bool) -> Iterator[dict[str, Any]]:
     procs = Processes(tmp)
     try:
         backend_port = free_port()
@@ -350,11 +369,12 @@ def deployment(tmp: Path, slow_rate: float) -> Iterator[dict[str, Any]]:
                 "--backend", backend, "--interval", "1", "--log-level", "warning",
             ],
         )  # fmt: skip
+        shim = image_venv(tmp) if from_image else [sys.executable, "-m", "agent_shim.cli"]
         proxy_port = free_port()
         proxy = procs.start(
             "agent-shim-proxy",
             [
-                sys.executable, "-m", "agent_shim.cli", "proxy",
+                *shim, "proxy",
                 "--listen", f"{LOOPBACK}:{proxy_port}",
                 "--balancer", f"{LOOPBACK}:{lb_port}", "--service", "bench",
                 "--log-level", "warning",
@@ -390,7 +410,7 @@ def deployment(tmp: Path, slow_rate: float) -> Iterator[dict[str, Any]]:
         slow_proxy = procs.start(
             "agent-shim-proxy-slow",
             [
-                sys.executable, "-m", "agent_shim.cli", "proxy",
+                *shim, "proxy",
                 "--listen", f"{LOOPBACK}:{slow_proxy_port}",
                 "--balancer", f"{LOOPBACK}:{lb_port}", "--service", "bench-slow",
                 "--log-level", "warning",
@@ -434,7 +454,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Command: `{report['command']}` (loopback; client, backend, proxies and lbserver"
         " share the machine's cores; the client and the echo backend are Python grpc.aio"
-        " processes; nginx runs one worker; each figure is the best of"
+        " processes; nginx runs one worker; agent-shim runs from a venv installed as the"
+        " container image installs it; each figure is the best of"
         f" {report['repeat']} runs).",
         "",
         "| path | c=1 p50 | c=1 p99 | added p50 (c=1) | c=32 p50 | c=32 p99 | calls/s (c=32)"
@@ -496,13 +517,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--slow-mb", type=float, default=1024.0, help="MB uploaded to the slow backend (0: skip)"
     )
     parser.add_argument("--slow-rate", type=float, default=10.0, help="MB/s the slow backend reads")
+    parser.add_argument(
+        "--from-checkout",
+        action="store_true",
+        help="run agent-shim from this checkout's interpreter instead of a venv installed "
+        "as the container image installs it",
+    )
     args = parser.parse_args(argv)
     ensure_nginx()
     host = machine()  # before the load: it records the load average
     started = time.monotonic()
     with (
         tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp,
-        deployment(Path(tmp), args.slow_rate) as setup,
+        deployment(Path(tmp), args.slow_rate, not args.from_checkout) as setup,
     ):
         results = []
         for name, (target, pids) in setup["paths"].items():

@@ -4,6 +4,8 @@
         │ one plain gRPC channel to its collector address
         ▼
     agent-shim proxy (real process) ──BalanceLoad──▶ lbserver serve (real process)
+        (a sidecar: one agent on 127.0.0.1; a gateway: two agents sharing
+        one proxy on another address, as behind the chart's gateway Service)
         │ per call                                      ▲ heartbeats
         ▼                                               │
     OAP stand-ins x3 (processes, the agent's own stubs) ◀── lbserver register x3
@@ -32,6 +34,7 @@ from tests.support.processes import (
     ProcessManager,
     RegistrarProcess,
     _base_env,
+    free_port,
     wait_until,
 )
 from tests.support.proxy_process import ProxyProcess, start_proxy
@@ -63,10 +66,17 @@ def _agent_installed() -> None:
     assert agent_protocol_available(), INSTALL_HINT
 
 
+TOPOLOGIES = ("sidecar", "gateway")
+GATEWAY_ADDRESS = "127.0.0.3"
+
+
 class Deployment:
     """lbserver, three registered OAP stand-ins and the proxy, all processes."""
 
-    def __init__(self, processes: ProcessManager, weights: Sequence[int]) -> None:
+    def __init__(
+        self, processes: ProcessManager, weights: Sequence[int], topology: str = "sidecar"
+    ) -> None:
+        self.topology = topology
         self.processes = processes
         self.balancer: BalancerProcess = processes.start_balancer(env=E2E_BALANCER_ENV)
         self.stand_ins: list[StandInProcess] = [
@@ -84,12 +94,37 @@ class Deployment:
             for s, w in zip(self.stand_ins, weights, strict=True)
         ]
         self.balancer.wait_backends(SERVICE, [s.port for s in self.stand_ins])
+        host = GATEWAY_ADDRESS if topology == "gateway" else "127.0.0.1"
         self.proxy: ProxyProcess = start_proxy(
-            processes, balancers=[self.balancer.address], service=SERVICE
+            processes,
+            balancers=[self.balancer.address],
+            service=SERVICE,
+            host=host,
+            port=free_port(host),
         )
 
+    def start_agents(
+        self, tmp_path: Path, *, segments: int, rate: float, queue_timeout: int
+    ) -> list[tuple[ManagedProcess, Path]]:
+        """One agent for a sidecar, two sharing the proxy for a gateway; the
+        segments and the rate split between them."""
+        count = 2 if self.topology == "gateway" else 1
+        return [
+            (
+                self.start_agent(
+                    tmp_path / f"produced-{i}.txt",
+                    segments=segments // count,
+                    rate=rate / count,
+                    queue_timeout=queue_timeout,
+                    name=f"agent-{i}",
+                ),
+                tmp_path / f"produced-{i}.txt",
+            )
+            for i in range(count)
+        ]
+
     def start_agent(
-        self, out: Path, *, segments: int, rate: float, queue_timeout: int
+        self, out: Path, *, segments: int, rate: float, queue_timeout: int, name: str = "agent"
     ) -> ManagedProcess:
         argv = [
             sys.executable,
@@ -109,7 +144,7 @@ class Deployment:
             "60",
         ]
         agent = ManagedProcess(
-            "skywalking-agent", argv, _base_env(None), self.processes.log_dir / "agent.log"
+            f"skywalking-{name}", argv, _base_env(None), self.processes.log_dir / f"{name}.log"
         )
         self.processes.processes.append(agent)
         return agent
@@ -118,11 +153,15 @@ class Deployment:
         return [s.record() for s in self.stand_ins]
 
 
-def _produced(out: Path) -> list[str]:
-    """Segment ids the agent wrote (complete lines only)."""
-    if not out.exists():
-        return []
-    return [line.split()[0] for line in out.read_text().splitlines() if line.count(" ") == 1]
+def _produced(*outs: Path) -> list[str]:
+    """Segment ids the agents wrote (complete lines only)."""
+    return [
+        line.split()[0]
+        for out in outs
+        if out.exists()
+        for line in out.read_text().splitlines()
+        if line.count(" ") == 1
+    ]
 
 
 def _finish_agent(agent: ManagedProcess) -> None:
@@ -136,19 +175,20 @@ def _finish_agent(agent: ManagedProcess) -> None:
     assert "Exception in" not in agent.logs(), agent.logs()
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_agent_segments_arrive_exactly_once_spread_by_weight(
-    processes: ProcessManager, tmp_path: Path
+    processes: ProcessManager, tmp_path: Path, topology: str
 ) -> None:
     """Must show 1: every segment exactly once; shares within +-10 points of
     the weights. With `agent_queue_timeout=0` each collect call carries one
     segment, so per-call balancing is per-segment balancing."""
-    deployment = Deployment(processes, WEIGHTS)
-    out = tmp_path / "produced.txt"
+    deployment = Deployment(processes, WEIGHTS, topology)
     n = 300
-    agent = deployment.start_agent(out, segments=n, rate=150, queue_timeout=0)
+    agents = deployment.start_agents(tmp_path, segments=n, rate=150, queue_timeout=0)
+    outs = [out for _, out in agents]
 
     def all_arrived() -> bool:
-        produced = _produced(out)
+        produced = _produced(*outs)
         got = set().union(*(r.segment_ids() for r in deployment.records()))
         return len(produced) == n and got >= set(produced)
 
@@ -157,15 +197,16 @@ def test_agent_segments_arrive_exactly_once_spread_by_weight(
         timeout=40,
         interval=0.2,
         message=lambda: (
-            f"all {n} segments at the stand-ins (produced {len(_produced(out))},"
+            f"all {n} segments at the stand-ins (produced {len(_produced(*outs))},"
             f" received {[len(r.segments) for r in deployment.records()]});"
-            f" agent log:\n{agent.logs(4000)}"
+            f" agent log:\n{agents[0][0].logs(4000)}"
         ),
     )
-    _finish_agent(agent)
+    for agent, _ in agents:
+        _finish_agent(agent)
 
     records = deployment.records()
-    produced = _produced(out)
+    produced = _produced(*outs)
     received: Counter[str] = Counter()
     for record in records:
         received.update(record.segment_ids())
@@ -192,8 +233,9 @@ def test_agent_segments_arrive_exactly_once_spread_by_weight(
     assert sum(collect_calls) >= n, diag
 
 
+@pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_no_segment_lost_when_a_collector_drains_and_another_is_killed(
-    processes: ProcessManager, tmp_path: Path
+    processes: ProcessManager, tmp_path: Path, topology: str
 ) -> None:
     """Must show 2, with the agent's default long collect streams (many
     segments each, `agent_queue_timeout=1`): oap-0's registrar gets SIGTERM
@@ -201,20 +243,20 @@ def test_no_segment_lost_when_a_collector_drains_and_another_is_killed(
     stand-in holding an open collect stream is SIGKILLed (its registrar keeps
     heartbeating, as a sidecar would while its collector crashed). Every
     segment reaches a collector that finished the call carrying it."""
-    deployment = Deployment(processes, (1, 1, 1))
-    out = tmp_path / "produced.txt"
+    deployment = Deployment(processes, (1, 1, 1), topology)
     n, rate = 800, 100.0
-    agent = deployment.start_agent(out, segments=n, rate=rate, queue_timeout=1)
+    agents = deployment.start_agents(tmp_path, segments=n, rate=rate, queue_timeout=1)
+    outs = [out for _, out in agents]
 
     # Drain oap-0 once reporting is under way.
-    wait_until(lambda: len(_produced(out)) >= n // 4, timeout=30, message="the agent to start")
+    wait_until(lambda: len(_produced(*outs)) >= n // 4, timeout=30, message="the agent to start")
     drained, drained_registrar = deployment.stand_ins[0], deployment.registrars[0]
     drain_at = time.monotonic()
     drained_registrar.send_signal(signal.SIGTERM)
     assert drained_registrar.wait(10) == 0, drained_registrar.logs()
 
     # Later, SIGKILL whichever other stand-in has a collect stream open.
-    wait_until(lambda: len(_produced(out)) >= n // 2, timeout=30, message="half of the segments")
+    wait_until(lambda: len(_produced(*outs)) >= n // 2, timeout=30, message="half of the segments")
 
     def victim() -> StandInProcess | None:
         for s in deployment.stand_ins[1:]:
@@ -232,9 +274,9 @@ def test_no_segment_lost_when_a_collector_drains_and_another_is_killed(
     killed_at = time.monotonic()
 
     wait_until(
-        lambda: len(_produced(out)) == n, timeout=40, message="the agent to produce everything"
+        lambda: len(_produced(*outs)) == n, timeout=40, message="the agent to produce everything"
     )
-    produced = set(_produced(out))
+    produced = set(_produced(*outs))
 
     def delivered() -> Counter[str]:
         """Segments on calls a collector finished (a killed one's open calls don't count)."""
@@ -251,10 +293,11 @@ def test_no_segment_lost_when_a_collector_drains_and_another_is_killed(
         interval=0.2,
         message=lambda: (
             f"every segment delivered (missing {len(produced - set(delivered()))});"
-            f" agent log:\n{agent.logs(4000)}\nproxy log:\n{deployment.proxy.logs(6000)}"
+            f" agent log:\n{agents[0][0].logs(4000)}\nproxy log:\n{deployment.proxy.logs(6000)}"
         ),
     )
-    _finish_agent(agent)
+    for agent, _ in agents:
+        _finish_agent(agent)
 
     got = delivered()
     assert set(got) >= produced

@@ -73,8 +73,11 @@ def start_proxy(
     wait: bool = True,
     timeout: float = 20.0,
     name: str = "agent-shim-proxy",
+    host: str = LOOPBACK,
 ) -> ProxyProcess:
-    """Starts `agent-shim proxy --listen 127.0.0.1:PORT --balancer ... --service ...`."""
+    """Starts `agent-shim proxy --listen HOST:PORT --balancer ... --service ...`
+    (HOST 127.0.0.1 unless given: another loopback address stands for a
+    gateway's Service address)."""
     port = port or free_port()
     argv = [
         sys.executable,
@@ -82,7 +85,7 @@ def start_proxy(
         "agent_shim.cli",
         "proxy",
         "--listen",
-        f"{LOOPBACK}:{port}",
+        f"{host}:{port}",
         "--balancer",
         ",".join(balancers),
         "--service",
@@ -91,7 +94,7 @@ def start_proxy(
     ]
     unique = f"{name}-{next(_seq)}"
     proc = ProxyProcess(
-        unique, argv, _base_env(env), processes.log_dir / f"{unique}.log", LOOPBACK, port
+        unique, argv, _base_env(env), processes.log_dir / f"{unique}.log", host, port
     )
     processes.processes.append(proc)
     if wait:
