@@ -288,6 +288,7 @@ class _Stream:
             self._credit_client(flow - len(data))
         if data:
             if self.proxy.max_message_bytes and not self._message_sizes_ok(data):
+                self.client.credit(len(data))  # dropped: the connection's window back
                 return
             self.req_chunks.append(data)
             size = len(data)
@@ -527,9 +528,15 @@ class _Stream:
                 return
         self.fail(UNAVAILABLE, f"agent-shim: {reason}")
 
-    def _detach_backend(self, *, reset: bool) -> None:
+    def _detach_backend(self, *, reset: bool, keep_pending: bool = False) -> None:
         conn = self.backend
         if conn is not None:
+            if self.resp_pending and not keep_pending:
+                # Held and never passed on: the backend counts these bytes
+                # against its connection for good unless we credit them.
+                if not conn.closed:
+                    conn.credit(sum(len(c) for c in self.resp_pending))
+                self.resp_pending.clear()
             if self.bsid:
                 conn.streams.pop(self.bsid, None)
                 conn.blocked.pop(self.bsid, None)
@@ -556,14 +563,13 @@ class _Stream:
         if not self.accepted:
             self.not_taken(reason)
             return
-        self._detach_backend(reset=False)
+        self._detach_backend(reset=False, keep_pending=True)
         if self.resp_end:
             return  # pending data and trailers still go to the client
-        self.resp_pending.clear()
-        self.client.send_headers(
-            self.csid, trailers_only(UNAVAILABLE, f"agent-shim: {reason}")[2:], True
-        )
-        self.finish(False, reset_client=not self.req_end)
+        # What the backend sent still goes to the client, then the status.
+        self.resp_trailers = trailers_only(UNAVAILABLE, f"agent-shim: {reason}")[2:]
+        self.resp_end = True
+        self.pump_response()
 
     def fail(self, code: int, message: str) -> None:
         """Ends the stream with a status the proxy made (trailers-only when the
@@ -587,10 +593,21 @@ class _Stream:
         self._detach_backend(reset=True)
         self.finish(False, reset_client=False)
 
+    def _release(self) -> None:
+        """Gives back the client connection's window for request bytes held
+        and never passed on (`_detach_backend` does it for the response)."""
+        if not self.replayable and self.req_chunks:
+            held = sum(len(c) for c in self.req_chunks[self.req_sent :]) - self.req_off
+            if held > 0:
+                self.client.credit(held)
+        self.req_chunks.clear()
+        self.resp_pending.clear()
+
     def finish(self, ok: bool, *, reset_client: bool) -> None:
         if self.closed:
             return
         self.closed = True
+        self._release()
         proxy = self.proxy
         client = self.client
         client.streams.pop(self.csid, None)
@@ -604,8 +621,6 @@ class _Stream:
         if self.kept:
             proxy.kept_total -= self.kept
             self.kept = 0
-        self.req_chunks.clear()
-        self.resp_pending.clear()
         choice, self.choice = self.choice, None
         if choice is not None:
             proxy.selector.finished(choice, reached_backend=True, failed=not ok)

@@ -376,3 +376,40 @@ async def test_a_backend_that_stops_answering_pings_is_given_up_and_its_streams_
     assert _response_status(client, sid) == b"0"
     assert len(b.requests()) == replayed_before + 1  # replayed on b
     assert relay.proxy is not None and relay.proxy.replays == 1
+
+
+async def test_bytes_held_for_a_stream_that_ends_are_given_back_to_its_connection(
+    relay: Relay,
+) -> None:
+    """Each stream ends (client reset) while the relay holds some of its
+    response (the client's window is smaller): those bytes still count
+    against the backend connection's window, so the relay must credit them,
+    or after ~4 MiB the connection, shared by every stream, would stall."""
+    a = await relay.backend("a", initial_window=2**20)
+    body = message(b"r" * 200_000)
+
+    def big_answer(peer: object, sid: int, headers: object, end: bool) -> None:
+        conn = a.peers[-1].conn
+        conn.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+        room = min(len(body), conn.local_flow_control_window(sid))
+        for start in range(0, room, 16_384):
+            conn.send_data(sid, body[start : min(room, start + 16_384)])
+
+    a.on_request = big_answer
+    client = await relay.client(await relay.start(a))
+    await client.wait(lambda: client.of(h2.events.RemoteSettingsChanged))
+    for _ in range(40):  # 40 x ~135 KiB held: beyond the 4 MiB connection window
+        sid = client.request(end_stream=True)
+        await client.wait(lambda sid=sid: len(client.received(sid)) >= 65_535)
+        client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
+        # The client's connection window back (not the stream's: it held
+        # the relay to 64 KiB of the response).
+        client.conn.increment_flow_control_window(len(client.received(sid)))
+        client.flush()
+        await asyncio.sleep(0.01)
+    a.on_request = RawBackend.echo_headers
+    sid = client.request(end_stream=True)
+    await client.wait(partial(client.of, h2.events.StreamEnded, sid), limit=5)
+    assert _response_status(client, sid) == b"0"
+    assert len(a.peers) == 1  # one connection carried every stream
+    assert not [e for e in a.peers[0].events if isinstance(e, Exception)]
