@@ -79,6 +79,10 @@ async def relay() -> AsyncIterator[Relay]:
         await r.close()
 
 
+def _received_at_least(client: RawClient, stream_id: int, size: int) -> bool:
+    return len(client.received(stream_id)) >= size
+
+
 async def _requested(backend: RawBackend) -> None:
     """Until the backend has a request."""
     for _ in range(250):
@@ -400,7 +404,7 @@ async def test_bytes_held_for_a_stream_that_ends_are_given_back_to_its_connectio
     await client.wait(lambda: client.of(h2.events.RemoteSettingsChanged))
     for _ in range(40):  # 40 x ~135 KiB held: beyond the 4 MiB connection window
         sid = client.request(end_stream=True)
-        await client.wait(lambda sid=sid: len(client.received(sid)) >= 65_535)
+        await client.wait(partial(_received_at_least, client, sid, 65_535))
         client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
         # The client's connection window back (not the stream's: it held
         # the relay to 64 KiB of the response).
