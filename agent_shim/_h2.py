@@ -90,6 +90,11 @@ _UNPACK_FRAME = _FRAME_HEADER.unpack_from
 _U32: Final = struct.Struct(">L")
 
 
+def header_list_size(headers: list[Header]) -> int:
+    """The size SETTINGS_MAX_HEADER_LIST_SIZE limits (RFC 9113 6.5.2)."""
+    return sum(len(name) + len(value) + 32 for name, value in headers)
+
+
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
     length = len(payload)
     return _PACK_FRAME(length >> 16, length & 0xFFFF, kind, flags, stream_id) + payload
@@ -173,6 +178,7 @@ class Connection(asyncio.Protocol):
         self.peer_max_frame = DEFAULT_MAX_FRAME
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_streams = 2**31
+        self.peer_max_header_list = 2**31  # SETTINGS_MAX_HEADER_LIST_SIZE: unlimited
         # Connection-level windows: what we may send, what the peer may send.
         self.send_window = DEFAULT_WINDOW
         self.recv_window = CONNECTION_WINDOW
@@ -433,6 +439,8 @@ class Connection(asyncio.Protocol):
                 self.peer_max_frame = value
             elif key == SETTINGS_MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value
+            elif key == SETTINGS_MAX_HEADER_LIST_SIZE:
+                self.peer_max_header_list = value
         self.send(frame(SETTINGS, ACK, 0))
         if window_delta:
             self.on_initial_window_change(window_delta)

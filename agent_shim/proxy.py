@@ -79,6 +79,8 @@ MAX_CLIENT_STREAMS: Final = 1000
 # Tries of one stream before its error is passed on (gRPC's retry policy allows 5).
 MAX_ATTEMPTS: Final = 5
 CONNECT_TIMEOUT: Final = 5.0
+# Client-initiated stream ids are odd and below 2^31.
+_LAST_STREAM_ID: Final = 2**31 - 1
 # A backend whose connection was refused is skipped for a while (the
 # Selector's connection_failing), with gRPC's reconnect backoff.
 CONNECT_BACKOFF: Final = Backoff(initial=1.0, multiplier=1.6, maximum=30.0, jitter=0.2)
@@ -786,6 +788,13 @@ class BackendConnection(Connection):
         return len(self.streams) + len(self.waiting)
 
     def has_room(self) -> bool:
+        if self.next_stream > _LAST_STREAM_ID:
+            # Stream ids are spent (2^31 of them): new streams go to a new
+            # connection, this one ends when its streams do.
+            self.draining = True
+            self.pool.draining(self)
+            self.stream_done()
+            return False
         return not self.draining and not self.closed and self.load < self.peer_max_streams
 
     def attach(self, stream: _Stream) -> None:
@@ -796,6 +805,15 @@ class BackendConnection(Connection):
             stream.backend = self
 
     def _open(self, stream: _Stream) -> None:
+        size = _h2.header_list_size(stream.headers)
+        if size > self.peer_max_header_list:
+            stream.backend = None
+            stream.fail(
+                RESOURCE_EXHAUSTED,
+                f"agent-shim: request headers of {size} bytes exceed the backend's "
+                f"limit of {self.peer_max_header_list} (SETTINGS_MAX_HEADER_LIST_SIZE)",
+            )
+            return
         stream_id = self.next_stream
         self.next_stream += 2
         self.streams[stream_id] = stream

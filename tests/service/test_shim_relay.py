@@ -417,3 +417,17 @@ async def test_bytes_held_for_a_stream_that_ends_are_given_back_to_its_connectio
     assert _response_status(client, sid) == b"0"
     assert len(a.peers) == 1  # one connection carried every stream
     assert not [e for e in a.peers[0].events if isinstance(e, Exception)]
+
+
+async def test_headers_beyond_the_backends_header_list_limit_are_refused_with_a_status(
+    relay: Relay,
+) -> None:
+    a = await relay.backend("a", max_header_list=2_000)
+    client = await relay.client(await relay.start(a))
+    small = client.request(end_stream=True)
+    await client.wait(partial(client.of, h2.events.StreamEnded, small))
+    assert _response_status(client, small) == b"0"  # the SETTINGS are known by now
+    big = client.request(extra=[(b"x-big", b"b" * 3_000)], end_stream=True)
+    await client.wait(partial(client.of, h2.events.StreamEnded, big))
+    assert _response_status(client, big) == b"8"  # RESOURCE_EXHAUSTED
+    assert len(a.requests()) == 1

@@ -101,9 +101,12 @@ class _Protocol(asyncio.Protocol):
 class RawBackend:
     """An h2c server; `on_request(peer, stream_id, headers, end_stream)` answers."""
 
-    def __init__(self, name: str, *, initial_window: int = 65_535) -> None:
+    def __init__(
+        self, name: str, *, initial_window: int = 65_535, max_header_list: int | None = None
+    ) -> None:
         self.name = name
         self.initial_window = initial_window
+        self.max_header_list = max_header_list
         self.peers: list[_Peer] = []
         self.on_request: Callable[[_Peer, int, Headers, bool], None] = self.echo_headers
         self.server: asyncio.Server | None = None
@@ -129,10 +132,10 @@ class RawBackend:
 
     def _protocol(self) -> _Protocol:
         peer = _Peer(client_side=False)
-        peer.conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.initial_window},
-        )
+        values = {h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: self.initial_window}
+        if self.max_header_list is not None:
+            values[h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE] = self.max_header_list
+        peer.conn.local_settings = h2.settings.Settings(client=False, initial_values=values)
         peer.conn.initiate_connection()
         self.peers.append(peer)
 
