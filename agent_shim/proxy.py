@@ -27,7 +27,8 @@ Per stream it relays:
 No loss. A stream's request bytes are kept until the backend sends response
 headers (at most `max_buffer_bytes` per stream and `max_buffer_total` for the
 process). A stream the backend did not take — refused (RST_STREAM
-REFUSED_STREAM or CANCEL before any response, a trailers-only UNAVAILABLE), above the
+REFUSED_STREAM or CANCEL before any response, a trailers-only UNAVAILABLE
+or CANCELLED), above the
 last stream id of the backend's GOAWAY, on a connection that was refused or
 lost — is replayed on another backend with what was kept (`grpc-timeout`
 reduced by the time spent), at most `MAX_ATTEMPTS` times; beyond the bound,
@@ -114,8 +115,11 @@ _TIMEOUT_UNITS: Final = {
     ord("n"): 1e-9,
 }
 # gRPC status codes the proxy sends or reads.
+CANCELLED: Final = 1
 UNAVAILABLE: Final = 14
 RESOURCE_EXHAUSTED: Final = 8
+# Trailers-only answers meaning the backend did not take the stream.
+_NOT_TAKEN: Final = frozenset({UNAVAILABLE, CANCELLED})
 
 
 def forwardable(headers: list[Header]) -> list[Header]:
@@ -410,9 +414,11 @@ class _Stream:
 
     def on_response_headers(self, headers: list[Header], end: bool) -> None:
         if not self.accepted:
-            if end and _status_of(headers) == UNAVAILABLE and self.replayable:
-                # A trailers-only UNAVAILABLE: the backend did not take it.
-                # If no other backend does, the client gets this answer.
+            if end and _status_of(headers) in _NOT_TAKEN and self.replayable:
+                # A trailers-only UNAVAILABLE, or the CANCELLED a grpcio
+                # server answers streams that arrive while it stops (its
+                # handler never ran): the backend did not take it. If no
+                # other backend does, the client gets this answer.
                 self.refusal = forwardable(headers)
                 self.not_taken("the backend answered UNAVAILABLE without a response")
                 return

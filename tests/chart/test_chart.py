@@ -82,7 +82,7 @@ def container_port(container: Manifest, name: str) -> int:
 
 
 def test_ci_scenarios_cover_the_issue() -> None:
-    assert set(SCENARIOS) == {"defaults", "discovery", "tls", "monitoring", "hpa"}
+    assert set(SCENARIOS) == {"defaults", "discovery", "tls", "monitoring", "hpa", "gateway"}
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
@@ -257,7 +257,10 @@ def test_pods_run_as_non_root_with_read_only_root(
     rendered: dict[str, list[Manifest]], scenario: str
 ) -> None:
     specs = pod_specs(rendered[scenario])
-    assert {name for name, _ in specs} == {f"Deployment/{FULLNAME}", f"Pod/{FULLNAME}-test"}
+    expected = {f"Deployment/{FULLNAME}", f"Pod/{FULLNAME}-test"}
+    if scenario == "gateway":
+        expected.add(f"Deployment/{FULLNAME}-agent-shim")
+    assert {name for name, _ in specs} == expected
     for name, spec in specs:
         pod_context = spec.get("securityContext", {})
         assert pod_context.get("runAsNonRoot") is True, name
@@ -600,7 +603,9 @@ def test_helm_test_pod_checks_health_and_status(
     for service in find(objects, "Service"):
         assert not service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     containers = {c["name"]: c for c in pod["spec"]["containers"]}
-    assert set(containers) == {"health", "status"}
+    # With the agent-shim gateway, a third checks its Service (test_gateway.py).
+    assert set(containers) - {"gateway"} == {"health", "status"}
+    assert ("gateway" in containers) == (scenario == "gateway")
     host = f"{FULLNAME}.{NAMESPACE}.svc"
     assert containers["health"]["args"][1] == f"{host}:11810"
     assert "HealthCheckRequest" in containers["health"]["args"][0]

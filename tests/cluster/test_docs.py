@@ -8,9 +8,9 @@ pushed by the docs' own commands.
 
 Then what the docs promise is checked: every OAP pod registered with every
 balancer replica, the status command shows them, and every segment the
-SkyWalking agent behind the agent-shim sidecar produced arrived exactly once,
-through the rolling updates the commands cause (the OAP patch, the token
-rotation)."""
+SkyWalking agents produced — behind the agent-shim sidecar, and (chart
+README) through the agent-shim gateway — arrived exactly once, through the
+rolling updates the commands cause (the OAP patch, the token rotation)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import pytest
 
 from tests.cluster import support as s
 from tests.cluster.harness import ClusterHarness
+from tests.cluster.harness.kubelet import Pod
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -30,7 +31,7 @@ def test_the_docs_have_commands_and_files() -> None:
     for path in DOCS.values():
         assert s.code_blocks(path, "sh"), f"{path} has no sh blocks"
     files = s.named_files(*DOCS.values())
-    assert {"oap-registrar.yaml", "my-app.yaml"} <= set(files)
+    assert {"oap-registrar.yaml", "my-app.yaml", "my-gateway-app.yaml"} <= set(files)
 
 
 async def _delivered_exactly_once(k8s: ClusterHarness, limit: float = 120.0) -> Counter[str]:
@@ -45,15 +46,19 @@ async def _delivered_exactly_once(k8s: ClusterHarness, limit: float = 120.0) -> 
             total.update(counts)
         return total
 
+    def produced(pod: Pod) -> list[str]:
+        # The application container: my-app, or my-gateway-app (no sidecar).
+        return s.produced_segments(pod, pod.container().name)
+
     def done() -> bool:
-        produced = {seg for pod in apps for seg in s.produced_segments(pod)}
-        finished = all("segment queue drained" in p.container("my-app").all_logs() for p in apps)
-        return finished and produced <= set(arrived())
+        wanted = {seg for pod in apps for seg in produced(pod)}
+        finished = all("segment queue drained" in p.container().all_logs() for p in apps)
+        return finished and wanted <= set(arrived())
 
     try:
         await k8s.cluster.wait_for("every produced segment to reach an OAP pod", done, limit, 1.0)
     except AssertionError:
-        wanted = {seg for pod in apps for seg in s.produced_segments(pod)}
+        wanted = {seg for pod in apps for seg in produced(pod)}
         got = arrived()
         missing = wanted - set(got)
         raise AssertionError(
@@ -61,8 +66,8 @@ async def _delivered_exactly_once(k8s: ClusterHarness, limit: float = 120.0) -> 
             f"{sorted(missing)[:5]}; per pod "
             f"{ {k: sum(v.values()) for k, v in s.segments_by_pod(s.oap_records(k8s)).items()} }"
         ) from None
-    produced = [seg for pod in apps for seg in s.produced_segments(pod)]
-    assert len(produced) == len(set(produced)) > 0
+    every = [seg for pod in apps for seg in produced(pod)]
+    assert len(every) == len(set(every)) > 0
     return arrived()
 
 
@@ -109,6 +114,12 @@ async def test_every_command_of_the_doc_runs_as_written(k8s: ClusterHarness, doc
         for address, count in got.items():
             assert abs(count / total - listed[address]) <= 0.07, (got, listed)
     if doc == "chart-readme":
+        # The application without a sidecar sent everything through the
+        # agent-shim gateway (checked above with the others' segments).
+        gateway_apps = k8s.cluster.deployment_pods("my-app", "my-gateway-app", live=False)
+        assert gateway_apps and all(
+            s.produced_segments(pod, "my-gateway-app") for pod in gateway_apps
+        )
         # The rotation left one token, not the one the install generated.
         secret = k8s.cluster.object_data("Secret", s.NS, "lbserver-token")
         assert secret is not None

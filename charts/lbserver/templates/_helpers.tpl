@@ -177,6 +177,49 @@ The lbserver config file: values.config plus the options the chart owns.
 {{- end }}
 {{- end }}
 
+{{/*
+The agent-shim gateway (agentShimGateway): `agent-shim proxy` as a Deployment
+and Service that agents use as their collector. Its name is
+<fullname>-agent-shim (at most 63 characters), its pods have their own
+component, so no Service of the balancer selects them.
+*/}}
+{{- define "lbserver.gatewayName" -}}
+{{- printf "%s-agent-shim" (include "lbserver.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lbserver.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: {{ include "lbserver.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: agent-shim-gateway
+{{- end }}
+
+{{- define "lbserver.gatewayLabels" -}}
+{{ include "lbserver.baseLabels" . }}
+app.kubernetes.io/component: agent-shim-gateway
+{{- end }}
+
+{{/* The service name the gateway asks the balancer for (--service). */}}
+{{- define "lbserver.gatewayBalancedService" -}}
+{{- default (default "oap" .Values.nativeClients.service) .Values.agentShimGateway.balancedService }}
+{{- end }}
+
+{{/* The gateway's address for agents: <name>.<namespace>.svc:<port>. */}}
+{{- define "lbserver.gatewayAddress" -}}
+{{- printf "%s.%s.svc:%v" (include "lbserver.gatewayName" .) .Release.Namespace .Values.agentShimGateway.service.port }}
+{{- end }}
+
+{{/* Fails the render on gateway values that cannot work. */}}
+{{- define "lbserver.validateGateway" -}}
+{{- $gw := .Values.agentShimGateway }}
+{{- if .Values.tls.enabled }}
+{{- fail "agentShimGateway.enabled needs tls.enabled=false: agent-shim proxy has no TLS options, so it cannot reach a balancer that serves TLS" }}
+{{- end }}
+{{- $needed := addf $gw.preStopSleepSeconds $gw.shutdownGrace }}
+{{- if le (float64 $gw.terminationGracePeriodSeconds) $needed }}
+{{- fail (printf "agentShimGateway.terminationGracePeriodSeconds (%v) must exceed agentShimGateway.preStopSleepSeconds + agentShimGateway.shutdownGrace (%v s), or running calls are killed" $gw.terminationGracePeriodSeconds $needed) }}
+{{- end }}
+{{- end }}
+
 {{/* Labels of the `helm test` pod (not selected by the Services). */}}
 {{- define "lbserver.testSelectorLabels" -}}
 app.kubernetes.io/name: {{ include "lbserver.name" . }}

@@ -304,7 +304,11 @@ class Cluster:
         elif kind == "Deployment":
             metadata["generation"] = 1
         self.objects[key] = obj
-        if kind == "Service":
+        if kind == "Service" and (
+            existing is None or existing["spec"].get("ports") != obj["spec"].get("ports")
+        ):
+            # kube-proxy keeps established connections through a Service
+            # re-applied with the same ports (helm upgrade applies them all).
             await self._sync_forwarders(obj)
         if kind in ("Secret", "ConfigMap") and existing is not None and existing != obj:
             self._schedule_volume_refresh(ns, kind, name)
