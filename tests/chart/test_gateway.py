@@ -499,4 +499,4 @@ def test_readme_gateway_app_sends_to_the_rendered_gateway_service(helm: Helm) ->
     # The README's commands enable it the same way.
     assert "--set agentShimGateway.enabled=true" in text
     assert f"rollout status deployment {GATEWAY}" in text
-    assert "Sizing: see docs/benchmarks.md (bench/proxy)" in text
+    assert "**Sizing** (bench/proxy" in text and "docs/benchmarks.md" in text
