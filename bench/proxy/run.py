@@ -112,12 +112,19 @@ class Processes:
     logs: Path
     started: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
-    def start(self, name: str, argv: Sequence[str], **extra_env: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: Sequence[str], *, own_path: bool = False, **extra_env: str
+    ) -> subprocess.Popen[bytes]:
+        """`own_path`: the program finds its modules itself (an installed
+        script), without this checkout on PYTHONPATH."""
         log = (self.logs / f"{name}.log").open("wb")
+        environment = {**env(), **extra_env}
+        if own_path:
+            environment.pop("PYTHONPATH", None)
         proc = subprocess.Popen(
             list(argv),
             cwd=REPO,
-            env={**env(), **extra_env},
+            env=environment,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -373,7 +380,8 @@ def deployment(tmp: Path, slow_rate: float, from_image: bool) -> Iterator[dict[s
         proxy_port = free_port()
         proxy = procs.start(
             "agent-shim-proxy",
-            [
+            own_path=from_image,
+            argv=[
                 *shim, "proxy",
                 "--listen", f"{LOOPBACK}:{proxy_port}",
                 "--balancer", f"{LOOPBACK}:{lb_port}", "--service", "bench",
@@ -409,7 +417,8 @@ def deployment(tmp: Path, slow_rate: float, from_image: bool) -> Iterator[dict[s
         slow_proxy_port = free_port()
         slow_proxy = procs.start(
             "agent-shim-proxy-slow",
-            [
+            own_path=from_image,
+            argv=[
                 *shim, "proxy",
                 "--listen", f"{LOOPBACK}:{slow_proxy_port}",
                 "--balancer", f"{LOOPBACK}:{lb_port}", "--service", "bench-slow",
