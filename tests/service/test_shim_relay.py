@@ -363,8 +363,8 @@ async def test_a_backend_that_stops_answering_pings_is_given_up_and_its_streams_
 ) -> None:
     """A backend whose node vanished answers nothing, not even a reset: the
     relay's keepalive notices and the stream goes to another backend."""
-    monkeypatch.setattr("agent_shim.proxy.KEEPALIVE_TIME", 0.2)
-    monkeypatch.setattr("agent_shim.proxy.KEEPALIVE_TIMEOUT", 0.5)
+    monkeypatch.setattr("agent_shim._relay_backends.KEEPALIVE_TIME", 0.2)
+    monkeypatch.setattr("agent_shim._relay_backends.KEEPALIVE_TIMEOUT", 0.5)
     a, b = await relay.backend("a"), await relay.backend("b")
     a.on_request = _silent
     client = await relay.client(await relay.start(a, b))
