@@ -31,6 +31,7 @@ from agent_shim.proxy import (
     forwardable,
 )
 from tests.support.backends import CountingBackend, call_stub
+from tests.support.eventually import eventually
 from tests.support.probe import (
     BIDI,
     CLIENT_STREAM,
@@ -42,7 +43,6 @@ from tests.support.probe import (
     UNARY,
     FakeBalancer,
     ProbeBackend,
-    eventually,
 )
 from tests.support.processes import REPO_ROOT, ProcessManager, free_port
 from tests.support.proxy_process import start_proxy

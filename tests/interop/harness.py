@@ -328,26 +328,6 @@ class Rig:
         self.balancer.stop()
 
 
-def eventually(
-    predicate: Callable[[], T | None],
-    *,
-    timeout: float = 15,
-    what: str = "condition",
-    state: Callable[[], object] | None = None,
-) -> T:
-    """Polls `predicate` until it returns something truthy; AssertionError after
-    `timeout`, with `state()` (what was seen last) in the message."""
-    deadline = time.monotonic() + timeout
-    last = predicate()
-    while not last:
-        if time.monotonic() > deadline:
-            seen = state() if state is not None else last
-            raise AssertionError(f"{what}: not after {timeout}s; last seen: {seen!r}")
-        time.sleep(0.05)
-        last = predicate()
-    return last
-
-
 RigFactory = Callable[[list[tuple[str, str]]], Rig]
 
 

@@ -33,7 +33,6 @@ from tests.interop.harness import (
     RigFactory,
     RigPool,
     RunningClient,
-    eventually,
     run_client,
 )
 from tests.interop.protocol import (
@@ -54,6 +53,7 @@ from tests.interop.protocol import (
     text,
 )
 from tests.interop.tap import FrameTap, StreamLog, TapStats
+from tests.support.eventually import eventually_blocking
 from tests.support.processes import LOOPBACK
 
 pytestmark = [pytest.mark.e2e, pytest.mark.interop, pytest.mark.timeout(120)]
@@ -434,10 +434,10 @@ def test_deadline_exceeded_and_the_backend_call_ends(
         states = {k: v["state"] for k, v in server.calls(prefix).items()}
         return states if len(states) == 3 and set(states.values()) == {"cancelled"} else None
 
-    eventually(
+    eventually_blocking(
         all_ended,
         what=f"{backend} backend's calls ended by the deadline",
-        state=lambda: _states(server, prefix),
+        detail=lambda: _states(server, prefix),
     )
 
 
@@ -486,10 +486,10 @@ def test_client_cancel_mid_stream_reaches_the_backend(
         states = {k: v["state"] for k, v in server.calls(prefix).items()}
         return states if len(states) == 2 and set(states.values()) == {"cancelled"} else None
 
-    eventually(
+    eventually_blocking(
         cancelled,
         what=f"the client's cancellations reaching the {backend} backend",
-        state=lambda: _states(server, prefix),
+        detail=lambda: _states(server, prefix),
     )
 
 
@@ -586,20 +586,20 @@ def test_backend_graceful_shutdown_mid_run_fails_no_call(
     prefix = _prefix("graceful")
     running = RunningClient(client, rig.target, loop_plan(prefix, concurrency=4, sleep_ms=50))
     try:
-        eventually(
+        eventually_blocking(
             lambda: len(stopping.calls(prefix)) >= 10 and stopping.report()["active"] >= 1,
             what="calls running on the backend about to stop",
-            state=lambda: (stopping.report(), f"client running: {running.alive()}"),
+            detail=lambda: (stopping.report(), f"client running: {running.alive()}"),
         )
         stopping.send_signal(signal.SIGTERM)
         assert stopping.wait(20) == 0
         stopped = [e for e in stopping.events() if e["event"] == "stopped"]
         assert stopped and stopped[0]["graceful"], stopping.logs()
         after_stop = len(staying.calls(prefix))
-        eventually(
+        eventually_blocking(
             lambda: len(staying.calls(prefix)) >= after_stop + 20,
             what="calls after the stop served by the other backend",
-            state=lambda: (len(staying.calls(prefix)), f"client running: {running.alive()}"),
+            detail=lambda: (len(staying.calls(prefix)), f"client running: {running.alive()}"),
         )
         assert running.alive(), "the client ended before it was told to"
         result = running.finish()
@@ -659,10 +659,10 @@ def test_backend_sigkill_mid_stream_replays_unanswered_client_streams(
             }
             return streams if len(streams) >= 2 else None
 
-        in_flight = eventually(
+        in_flight = eventually_blocking(
             half_sent,
             what="streams half sent to the backend to be killed",
-            state=lambda: (doomed.calls(prefix), f"client running: {running.alive()}"),
+            detail=lambda: (doomed.calls(prefix), f"client running: {running.alive()}"),
         )
         doomed.kill()
         result = running.finish(timeout=90)

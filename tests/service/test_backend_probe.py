@@ -17,7 +17,8 @@ from lbserver._grpc_compat import AsyncHealthServicer
 from lbserver.backendprobe import GrpcProbe, TcpProbe, make_probe
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.registrar import Registrar
-from tests.service.test_registrar import FakeRegistry, eventually, running, start_registry
+from tests.service.test_registrar import FakeRegistry, running, start_registry
+from tests.support.eventually import eventually
 
 
 async def plain_server() -> tuple[grpc.aio.Server, int]:

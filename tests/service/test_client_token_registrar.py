@@ -17,7 +17,8 @@ from structlog.testing import capture_logs
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.registrar import Registrar
-from tests.service.test_registrar import FakeRegistry, eventually, running, start_registry
+from tests.service.test_registrar import FakeRegistry, running, start_registry
+from tests.support.eventually import eventually
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,6 +26,7 @@ from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.registrar import Registrar
 from lbserver.server import RunningServer
 from tests.service.harness import Harness
+from tests.support.eventually import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,9 +74,10 @@ async def backends(running: RunningServer, token: str) -> list[str]:
 
 
 async def eventually_registered(running: RunningServer, token: str, instance: str) -> None:
-    async with asyncio.timeout(WAIT):
-        while instance not in await backends(running, token):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+    async def registered() -> bool:
+        return instance in await backends(running, token)
+
+    await eventually(registered, f"{instance} registered", within=WAIT)
 
 
 def registrar_for(*balancers: RunningServer, token_file: Path) -> Registrar:

@@ -4,9 +4,8 @@ terminating endpoint leaves the list at once."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -17,6 +16,7 @@ from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.server import RunningServer
 from tests.service.harness import Harness
+from tests.support.eventually import eventually
 from tests.support.fake_kube import FakeKubeApiServer, endpoint, endpoint_slice
 
 
@@ -28,16 +28,6 @@ def apiserver() -> Iterator[FakeKubeApiServer]:
 
 def heartbeat(ip: str, instance: str) -> pb.HeartbeatRequest:
     return pb.HeartbeatRequest(service="oap", instance_id=instance, ip=ip, port=11800)
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, within: float = 10.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
-    while loop.time() < deadline:
-        if await check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def listed(harness: Harness, running: RunningServer) -> set[str]:

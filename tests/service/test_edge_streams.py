@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -20,6 +20,7 @@ from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.server import RunningServer
 from tests.service.harness import Harness
+from tests.support.eventually import eventually
 
 WAIT = 10.0
 BALANCE_LOAD = "/grpc.lb.v1.LoadBalancer/BalanceLoad"
@@ -46,14 +47,6 @@ def balance_load(channel: grpc.aio.Channel) -> RawStream:
 
 def streams_opened() -> float:
     return REGISTRY.get_sample_value("lbserver_balance_streams_opened_total") or 0.0
-
-
-async def eventually(predicate: Callable[[], bool], what: str) -> None:
-    for _ in range(int(WAIT / 0.02)):
-        if predicate():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never: {what}")
 
 
 async def read_response(call: RawStream) -> lb.LoadBalanceResponse:

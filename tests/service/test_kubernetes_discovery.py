@@ -10,7 +10,8 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
+from functools import partial
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ import structlog
 
 from lbserver.discovery import Endpoint, WatchedService
 from lbserver.discovery.kubernetes import KubernetesEndpointSource
+from tests.support.eventually import eventually
 from tests.support.fake_kube import (
     FakeKubeApiServer,
     JsonObject,
@@ -62,18 +64,6 @@ def by_ip(endpoints: Report, ip: str) -> Endpoint:
     assert endpoints is not None
     (found,) = [e for e in endpoints if e.ip == ip]
     return found
-
-
-async def eventually(
-    predicate: Callable[[], bool], what: str, kube: FakeKubeApiServer | None = None
-) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while not predicate():
-        if loop.time() > deadline:
-            detail = f"\nrequests:\n{describe_requests(kube)}" if kube is not None else ""
-            pytest.fail(f"timed out waiting for {what}{detail}")
-        await asyncio.sleep(0.01)
 
 
 def watcher_threads() -> list[threading.Thread]:
@@ -137,8 +127,18 @@ def slice_a(*endpoints: JsonObject) -> JsonObject:
 
 async def synced(kube: FakeKubeApiServer, recorder: Recorder, n: int = 1) -> None:
     """Wait for the first report and for the watch to be open."""
-    await eventually(lambda: len(recorder.of()) >= n, "the first report", kube)
-    await eventually(lambda: kube.open_watches >= 1, "an open watch", kube)
+    await eventually(
+        lambda: len(recorder.of()) >= n,
+        "the first report",
+        within=WAIT,
+        detail=partial(describe_requests, kube),
+    )
+    await eventually(
+        lambda: kube.open_watches >= 1,
+        "an open watch",
+        within=WAIT,
+        detail=partial(describe_requests, kube),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -157,7 +157,9 @@ async def test_listed_and_added_endpoints_are_reported(kube: FakeKubeApiServer) 
             obj["endpoints"].append(endpoint("10.0.0.2", pod="oap-1"))
 
         kube.modify_slice(NS, "oap-a", add_endpoint)
-        await eventually(lambda: ips(rec.latest()) == {"10.0.0.1", "10.0.0.2"}, "the new one")
+        await eventually(
+            lambda: ips(rec.latest()) == {"10.0.0.1", "10.0.0.2"}, "the new one", within=WAIT
+        )
         assert by_ip(rec.latest(), "10.0.0.2").pod == "oap-1"
     assert [r.watch for r in kube.requests] == [False, True]  # one list, one watch
 
@@ -174,25 +176,33 @@ async def test_not_ready_and_terminating_are_reflected(kube: FakeKubeApiServer) 
         await synced(kube, rec)
 
         kube.set_conditions(NS, "oap-a", "10.0.0.1", ready=False, serving=False)
-        await eventually(lambda: not by_ip(rec.latest(), "10.0.0.1").ready, "not ready")
+        await eventually(
+            lambda: not by_ip(rec.latest(), "10.0.0.1").ready, "not ready", within=WAIT
+        )
         assert by_ip(rec.latest(), "10.0.0.1").serving is False
         assert by_ip(rec.latest(), "10.0.0.2").ready is True
 
         # A terminating pod that still serves (graceful shutdown) ...
         kube.set_conditions(NS, "oap-a", "10.0.0.2", ready=False, serving=True, terminating=True)
-        await eventually(lambda: by_ip(rec.latest(), "10.0.0.2").terminating, "terminating")
+        await eventually(
+            lambda: by_ip(rec.latest(), "10.0.0.2").terminating, "terminating", within=WAIT
+        )
         ep = by_ip(rec.latest(), "10.0.0.2")
         assert (ep.ready, ep.serving, ep.terminating) == (False, True, True)
 
         # ... then stops serving.
         kube.set_conditions(NS, "oap-a", "10.0.0.2", serving=False)
-        await eventually(lambda: not by_ip(rec.latest(), "10.0.0.2").serving, "not serving")
+        await eventually(
+            lambda: not by_ip(rec.latest(), "10.0.0.2").serving, "not serving", within=WAIT
+        )
         ep = by_ip(rec.latest(), "10.0.0.2")
         assert (ep.ready, ep.serving, ep.terminating) == (False, False, True)
 
         # Conditions left out (nil) read as Kubernetes documents.
         kube.set_conditions(NS, "oap-a", "10.0.0.1", ready=None, serving=None, terminating=None)
-        await eventually(lambda: by_ip(rec.latest(), "10.0.0.1").ready, "nil conditions")
+        await eventually(
+            lambda: by_ip(rec.latest(), "10.0.0.1").ready, "nil conditions", within=WAIT
+        )
         ep = by_ip(rec.latest(), "10.0.0.1")
         assert (ep.ready, ep.serving, ep.terminating) == (True, True, False)
 
@@ -204,9 +214,9 @@ async def test_removed_slice_takes_its_endpoints_away(kube: FakeKubeApiServer) -
         await synced(kube, rec)
         assert ips(rec.latest()) == {"10.0.0.1", "10.0.0.2"}
         kube.delete_slice(NS, "oap-b")
-        await eventually(lambda: ips(rec.latest()) == {"10.0.0.1"}, "oap-b gone")
+        await eventually(lambda: ips(rec.latest()) == {"10.0.0.1"}, "oap-b gone", within=WAIT)
         kube.delete_slice(NS, "oap-a")
-        await eventually(lambda: rec.latest() == frozenset(), "all gone")
+        await eventually(lambda: rec.latest() == frozenset(), "all gone", within=WAIT)
 
 
 async def test_slices_of_one_service_are_merged(kube: FakeKubeApiServer) -> None:
@@ -215,12 +225,14 @@ async def test_slices_of_one_service_are_merged(kube: FakeKubeApiServer) -> None
     async with running(kube) as (_, rec):
         await synced(kube, rec)
         kube.add_slice(NS, endpoint_slice("oap-b", "oap", [endpoint("10.0.0.2")]))
-        await eventually(lambda: ips(rec.latest()) == {"10.0.0.1", "10.0.0.2"}, "merged")
+        await eventually(
+            lambda: ips(rec.latest()) == {"10.0.0.1", "10.0.0.2"}, "merged", within=WAIT
+        )
         # The same address in two slices (a slice being replaced) is listed
         # once, as ready when either slice says so.
         kube.add_slice(NS, endpoint_slice("oap-c", "oap", [endpoint("10.0.0.1", ready=False)]))
         kube.add_slice(NS, endpoint_slice("oap-d", "oap", [endpoint("10.0.0.3")]))
-        await eventually(lambda: "10.0.0.3" in ips(rec.latest()), "oap-d")
+        await eventually(lambda: "10.0.0.3" in ips(rec.latest()), "oap-d", within=WAIT)
         assert ips(rec.latest()) == {"10.0.0.1", "10.0.0.2", "10.0.0.3"}
         assert len(rec.latest() or ()) == 3
         assert by_ip(rec.latest(), "10.0.0.1").ready is True
@@ -236,7 +248,7 @@ async def test_port_is_selected_by_name(kube: FakeKubeApiServer) -> None:
     missing = WatchedService("oap-none", NS, "oap", "no-such-port")
     async with running(kube, [grpc, rest, missing]) as (_, rec):
         await synced(kube, rec)
-        await eventually(lambda: len(rec.calls) >= 3, "three services")
+        await eventually(lambda: len(rec.calls) >= 3, "three services", within=WAIT)
         assert {e.port for e in rec.latest("oap") or ()} == {11800}
         assert {e.port for e in rec.latest("oap-rest") or ()} == {12800}
         assert rec.latest("oap-none") == frozenset()
@@ -252,7 +264,12 @@ async def test_unnamed_single_port_matches_empty_port_name(kube: FakeKubeApiServ
     plain = WatchedService("plain", NS, "plain", "")
     named = WatchedService("plain-grpc", NS, "plain", "grpc")
     async with running(kube, [plain, named]) as (_, rec):
-        await eventually(lambda: len(rec.calls) >= 2, "both reports", kube)
+        await eventually(
+            lambda: len(rec.calls) >= 2,
+            "both reports",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         assert rec.latest("plain") == frozenset({Endpoint("10.0.1.1", 80, True, True, False)})
         assert rec.latest("plain-grpc") == frozenset()
 
@@ -262,11 +279,18 @@ async def test_services_in_two_namespaces(kube: FakeKubeApiServer) -> None:
     kube.add_slice("other-ns", endpoint_slice("oap-a", "oap", [endpoint("10.1.0.1")]))
     other = WatchedService("oap-other", "other-ns", "oap", "grpc")
     async with running(kube, [OAP, other]) as (_, rec):
-        await eventually(lambda: len(rec.calls) >= 2, "both reports", kube)
+        await eventually(
+            lambda: len(rec.calls) >= 2,
+            "both reports",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         assert ips(rec.latest("oap")) == {"10.0.0.1"}
         assert ips(rec.latest("oap-other")) == {"10.1.0.1"}
         kube.delete_slice("other-ns", "oap-a")
-        await eventually(lambda: rec.latest("oap-other") == frozenset(), "other emptied")
+        await eventually(
+            lambda: rec.latest("oap-other") == frozenset(), "other emptied", within=WAIT
+        )
         assert ips(rec.latest("oap")) == {"10.0.0.1"}
 
 
@@ -279,12 +303,19 @@ async def test_broken_watch_resumes_from_last_resource_version(kube: FakeKubeApi
     async with running(kube) as (_, rec):
         await synced(kube, rec)
         last_seen = kube.set_conditions(NS, "oap-a", "10.0.0.1", ready=False)
-        await eventually(lambda: not by_ip(rec.latest(), "10.0.0.1").ready, "not ready")
+        await eventually(
+            lambda: not by_ip(rec.latest(), "10.0.0.1").ready, "not ready", within=WAIT
+        )
 
         assert kube.drop_watches() == 1
         # A change while the client is disconnected arrives on the resumed watch.
         kube.add_slice(NS, endpoint_slice("oap-b", "oap", [endpoint("10.0.0.2")]))
-        await eventually(lambda: "10.0.0.2" in ips(rec.latest()), "the missed change", kube)
+        await eventually(
+            lambda: "10.0.0.2" in ips(rec.latest()),
+            "the missed change",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
 
         watches = kube.watch_requests()
         assert len(watches) == 2
@@ -301,9 +332,16 @@ async def test_watch_ended_by_server_is_reopened(kube: FakeKubeApiServer) -> Non
             obj["endpoints"][0]["zone"] = "zone-b"
 
         rv = kube.modify_slice(NS, "oap-a", set_zone)
-        await eventually(lambda: by_ip(rec.latest(), "10.0.0.1").zone == "zone-b", "the zone")
+        await eventually(
+            lambda: by_ip(rec.latest(), "10.0.0.1").zone == "zone-b", "the zone", within=WAIT
+        )
         assert kube.end_watches() == 1  # as the server's timeoutSeconds does
-        await eventually(lambda: len(kube.watch_requests()) == 2, "a new watch", kube)
+        await eventually(
+            lambda: len(kube.watch_requests()) == 2,
+            "a new watch",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         first, second = kube.watch_requests()
         assert second.resource_version == rv
         for request in (first, second):
@@ -327,7 +365,12 @@ async def test_410_error_event_relists(kube: FakeKubeApiServer) -> None:
         start = len(kube.requests)
         kube.set_down(False)
 
-        await eventually(lambda: ips(rec.latest()) == {"10.0.0.2"}, "the relisted state", kube)
+        await eventually(
+            lambda: ips(rec.latest()) == {"10.0.0.2"},
+            "the relisted state",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         after = [(r.watch, r.resource_version) for r in kube.requests[start:]]
         # The watch from the old resourceVersion got ERROR 410, then a list.
         assert after[:2] == [(True, listed), (False, None)], describe_requests(kube)
@@ -342,13 +385,25 @@ async def test_410_on_open_watch_relists(kube: FakeKubeApiServer) -> None:
     async with running(kube) as (_, rec):
         await synced(kube, rec)
         kube.expire()  # ERROR 410 "Expired" on the open watch
-        await eventually(lambda: len(kube.list_requests()) == 2, "a relist", kube)
-        await eventually(lambda: kube.open_watches == 1, "watching again", kube)
+        await eventually(
+            lambda: len(kube.list_requests()) == 2,
+            "a relist",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
+        await eventually(
+            lambda: kube.open_watches == 1,
+            "watching again",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         assert kube.watch_requests()[-1].resource_version == kube.resource_version
         # Still working after the relist; nothing changed, nothing reported.
         assert len(rec.of()) == 1
         kube.set_conditions(NS, "oap-a", "10.0.0.1", ready=False)
-        await eventually(lambda: not by_ip(rec.latest(), "10.0.0.1").ready, "not ready")
+        await eventually(
+            lambda: not by_ip(rec.latest(), "10.0.0.1").ready, "not ready", within=WAIT
+        )
 
 
 async def test_http_410_on_watch_relists(kube: FakeKubeApiServer) -> None:
@@ -357,10 +412,20 @@ async def test_http_410_on_watch_relists(kube: FakeKubeApiServer) -> None:
         await synced(kube, rec)
         kube.fail_next(410, watch=True)
         kube.drop_watches()
-        await eventually(lambda: len(kube.list_requests()) == 2, "a relist", kube)
-        await eventually(lambda: kube.open_watches == 1, "watching again", kube)
+        await eventually(
+            lambda: len(kube.list_requests()) == 2,
+            "a relist",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
+        await eventually(
+            lambda: kube.open_watches == 1,
+            "watching again",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         kube.delete_slice(NS, "oap-a")
-        await eventually(lambda: rec.latest() == frozenset(), "deleted")
+        await eventually(lambda: rec.latest() == frozenset(), "deleted", within=WAIT)
 
 
 async def test_bookmarks_advance_the_resource_version(kube: FakeKubeApiServer) -> None:
@@ -374,14 +439,26 @@ async def test_bookmarks_advance_the_resource_version(kube: FakeKubeApiServer) -
         bookmark = kube.send_bookmark()
         assert bookmark != listed
         await eventually(
-            lambda: source.resource_version(NS, "oap") == bookmark, "the bookmark read"
+            lambda: source.resource_version(NS, "oap") == bookmark,
+            "the bookmark read",
+            within=WAIT,
         )
         # History up to the bookmark is forgotten: resuming from the listed
         # resourceVersion would now get 410 and a relist; from the bookmark's, not.
         kube.compact()
         kube.drop_watches()
-        await eventually(lambda: len(kube.watch_requests()) == 2, "the resumed watch", kube)
-        await eventually(lambda: kube.open_watches == 1, "watching", kube)
+        await eventually(
+            lambda: len(kube.watch_requests()) == 2,
+            "the resumed watch",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
+        await eventually(
+            lambda: kube.open_watches == 1,
+            "watching",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         assert kube.watch_requests()[1].resource_version == bookmark
         assert len(kube.list_requests()) == 1
         assert kube.watch_requests()[0].query.get("allowWatchBookmarks") == "true"
@@ -396,14 +473,19 @@ async def test_apiserver_unreachable_at_start(logs: list[MutableMapping[str, Any
     with FakeKubeApiServer(serving=False) as kube:
         kube.add_slice(NS, slice_a(endpoint("10.0.0.1")))
         async with running(kube) as (_, rec):
-            await eventually(lambda: rec.of() == [None], "an unknown report")
+            await eventually(lambda: rec.of() == [None], "an unknown report", within=WAIT)
 
             def retries() -> int:
                 return sum(1 for e in logs if e["event"] == "kubernetes api still failing")
 
-            await eventually(lambda: retries() >= 2, "retries")
+            await eventually(lambda: retries() >= 2, "retries", within=WAIT)
             kube.start_serving()
-            await eventually(lambda: rec.latest() is not None, "endpoints", kube)
+            await eventually(
+                lambda: rec.latest() is not None,
+                "endpoints",
+                within=WAIT,
+                detail=partial(describe_requests, kube),
+            )
             assert ips(rec.latest()) == {"10.0.0.1"}
             assert rec.of()[0] is None
             assert all(r is not None for r in rec.of()[1:])
@@ -417,17 +499,27 @@ async def test_http_errors_back_off_and_recover(kube: FakeKubeApiServer) -> None
     kube.add_slice(NS, slice_a(endpoint("10.0.0.1")))
     kube.fail_next(500, count=3, watch=False)
     async with running(kube) as (_, rec):
-        await eventually(lambda: len(rec.of()) == 2, "unknown, then endpoints", kube)
+        await eventually(
+            lambda: len(rec.of()) == 2,
+            "unknown, then endpoints",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         assert rec.of()[0] is None  # the first list failed: unknown
         assert len(kube.list_requests()) == 4
-        await eventually(lambda: kube.open_watches == 1, "watching")
+        await eventually(lambda: kube.open_watches == 1, "watching", within=WAIT)
 
         # A failing watch is retried from where it was, without a relist.
         rv = kube.resource_version
         kube.fail_next(503, count=2, watch=True)
         kube.drop_watches()
         kube.set_conditions(NS, "oap-a", "10.0.0.1", ready=False)
-        await eventually(lambda: not by_ip(rec.latest(), "10.0.0.1").ready, "not ready", kube)
+        await eventually(
+            lambda: not by_ip(rec.latest(), "10.0.0.1").ready,
+            "not ready",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         watches = kube.watch_requests()
         assert len(watches) == 4
         assert {w.resource_version for w in watches[1:]} == {rv}
@@ -440,11 +532,16 @@ async def test_long_failure_reports_unknown_then_recovers(kube: FakeKubeApiServe
     async with running(kube, unknown_after=0.3) as (_, rec):
         await synced(kube, rec)
         kube.set_down(True)
-        await eventually(lambda: rec.latest() is None, "unknown")
+        await eventually(lambda: rec.latest() is None, "unknown", within=WAIT)
         kube.add_slice(NS, endpoint_slice("oap-b", "oap", [endpoint("10.0.0.2")]))
         lists = len(kube.list_requests())
         kube.set_down(False)
-        await eventually(lambda: rec.latest() is not None, "known again", kube)
+        await eventually(
+            lambda: rec.latest() is not None,
+            "known again",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         assert ips(rec.latest()) == {"10.0.0.1", "10.0.0.2"}
         assert len(kube.list_requests()) > lists  # recovery goes through a list
         assert [r is None for r in rec.of()] == [False, True, False]
@@ -456,8 +553,18 @@ async def test_short_failure_keeps_endpoints_known(kube: FakeKubeApiServer) -> N
         await synced(kube, rec)
         kube.fail_next(500, count=3, watch=True)
         kube.drop_watches()
-        await eventually(lambda: len(kube.watch_requests()) >= 5, "retries", kube)
-        await eventually(lambda: kube.open_watches == 1, "watching again", kube)
+        await eventually(
+            lambda: len(kube.watch_requests()) >= 5,
+            "retries",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
+        await eventually(
+            lambda: kube.open_watches == 1,
+            "watching again",
+            within=WAIT,
+            detail=partial(describe_requests, kube),
+        )
         assert rec.of() == [frozenset({Endpoint("10.0.0.1", 11800, True, True, False)})]
 
 
@@ -477,9 +584,9 @@ async def test_no_callback_when_nothing_changed(kube: FakeKubeApiServer) -> None
         )
         kube.send_bookmark()
         kube.end_watches()
-        await eventually(lambda: kube.open_watches == 1, "watching again")
+        await eventually(lambda: kube.open_watches == 1, "watching again", within=WAIT)
         kube.set_conditions(NS, "oap-a", "10.0.0.1", ready=False)  # a real change
-        await eventually(lambda: len(rec.calls) >= 2, "the real change")
+        await eventually(lambda: len(rec.calls) >= 2, "the real change", within=WAIT)
         # Reports come in order: a report of any no-op change would come first.
         assert len(rec.calls) == 2
         assert by_ip(rec.latest(), "10.0.0.1").ready is False
@@ -521,7 +628,7 @@ async def test_stop_while_backing_off() -> None:
             [OAP], rec, api_client=kube.api_client(), backoff_initial=30, backoff_max=30
         )
         task = asyncio.create_task(source.run())
-        await eventually(lambda: rec.of() == [None], "unknown")
+        await eventually(lambda: rec.of() == [None], "unknown", within=WAIT)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(task, WAIT)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 
 import grpc
@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.registrar import LoadReport, Registrar
+from tests.support.eventually import eventually
 
 WAIT = 10.0
 
@@ -93,14 +94,6 @@ async def start_registry(registry: FakeRegistry, port: int = 0) -> tuple[grpc.ai
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     return server, f"127.0.0.1:{bound}"
-
-
-async def eventually(predicate: Callable[[], bool], what: str) -> None:
-    async with asyncio.timeout(WAIT):
-        # Polling keeps the fakes free of notification plumbing.
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-    assert predicate(), what
 
 
 @contextlib.asynccontextmanager

@@ -24,10 +24,10 @@ from tests.support.shim_lb import (
     SERVICE,
     balancer_address,
     deregister,
-    eventually,
     ordered_list,
     register,
     service_state,
+    settled,
     tokens_by_name,
 )
 
@@ -90,7 +90,7 @@ class Client:
             except NoBackendError:
                 return []
 
-        return await eventually(probe, lambda seen: address in seen)
+        return await settled(probe, lambda seen: address in seen)
 
 
 @pytest.fixture
@@ -196,7 +196,7 @@ async def test_drops_raise_and_are_reported_per_token(
                 client.selector.finished(choice, reached_backend=True)
                 outcomes[choice.address] += 1
         assert outcomes == {"drop:shed": 10, fleet[0].address: 10, fleet[1].address: 10}
-        state = await eventually(
+        state = await settled(
             lambda: service_state(admin),
             lambda s: s.client_stats.calls_dropped_by_token.get("shed", 0) >= 10,
         )
@@ -217,7 +217,7 @@ async def test_client_stats_deltas_reach_the_balancer(
         client.selector.finished(failed, reached_backend=False, failed=True)
         running_call = client.selector.choose()  # started, not finished yet
 
-        state = await eventually(
+        state = await settled(
             lambda: service_state(admin), lambda s: s.client_stats.calls_started >= 9
         )
         stats = state.client_stats
@@ -227,7 +227,7 @@ async def test_client_stats_deltas_reach_the_balancer(
 
         client.selector.finished(running_call, reached_backend=True)
         client.picks(3)
-        state = await eventually(
+        state = await settled(
             lambda: service_state(admin), lambda s: s.client_stats.calls_finished >= 12
         )
         # Deltas: the balancer's sums are exact, nothing was reported twice.
@@ -304,7 +304,7 @@ async def test_fallback_response_without_fallback_addresses_keeps_the_last_list(
         async def mode() -> str:
             return client.selector.mode
 
-        assert await eventually(mode, lambda m: m == "fallback") == "fallback"
+        assert await settled(mode, lambda m: m == "fallback") == "fallback"
         assert client.picks(3) == [fleet[0].address] * 3
 
 
@@ -363,11 +363,11 @@ async def test_channels_are_cached_per_address_and_closed_when_gone(
 
         await deregister(admin, fleet[0])
         await deregister(admin, fleet[1])
-        await eventually(closed, lambda c: fleet[0].address in c)
+        await settled(closed, lambda c: fleet[0].address in c)
         # fleet[1] still has a call running: its channel waits for it.
         assert fleet[1].address not in client.channels.closed
         client.selector.finished(busy, reached_backend=True)
-        assert fleet[1].address in await eventually(closed, lambda c: fleet[1].address in c)
+        assert fleet[1].address in await settled(closed, lambda c: fleet[1].address in c)
         assert sorted(client.channels.closed) == sorted([fleet[0].address, fleet[1].address])
     assert sorted(client.channels.closed) == sorted(b.address for b in fleet)
 

@@ -10,7 +10,6 @@ Flow control is manual on both: nothing is acknowledged unless the test says.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import h2.connection
 import h2.events
 import h2.settings
 
+from tests.support.eventually import eventually
 from tests.support.probe import FakeBalancer
 
 Headers = list[tuple[bytes, bytes]]
@@ -31,7 +31,6 @@ class _Peer:
         self.events: list[Any] = []
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.Event()
-        self.changed = asyncio.Event()
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -42,24 +41,12 @@ class _Peer:
         events = self.conn.receive_data(data)
         self.events.extend(events)
         self.flush()
-        self.changed.set()
         return events
 
     async def wait(self, predicate: Callable[[], Any], limit: float = 5.0) -> Any:
-        deadline = time.monotonic() + limit
-        while True:
-            value = predicate()
-            if value:
-                return value
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AssertionError(f"timed out; events: {self.events[-20:]}")
-            self.changed.clear()
-            try:
-                async with asyncio.timeout(min(left, 0.1)):
-                    await self.changed.wait()
-            except TimeoutError:
-                pass
+        return await eventually(
+            predicate, "the peer's events", within=limit, detail=lambda: self.events[-20:]
+        )
 
     def of(self, kind: type, stream_id: int | None = None) -> list[Any]:
         return [
@@ -88,14 +75,12 @@ class _Protocol(asyncio.Protocol):
             events = self.peer.feed(data)
         except Exception as err:  # a protocol error by the relay is a test failure
             self.peer.events.append(err)
-            self.peer.changed.set()
             return
         self.on_events(events)
         self.peer.flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.peer.closed.set()
-        self.peer.changed.set()
 
 
 class RawBackend:

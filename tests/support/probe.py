@@ -292,10 +292,3 @@ class ProbeBackend(_HandlerBase):
     async def _slow(self, record: Received, context: Context) -> None:
         await self._read_all(record, context)
         await asyncio.sleep(3600)
-
-
-async def eventually(predicate: Callable[[], object], limit: float = 5.0) -> None:
-    """Polls `predicate` until it is true (TimeoutError after `limit` seconds)."""
-    async with asyncio.timeout(limit):
-        while not predicate():  # noqa: ASYNC110 - the state lives in other tasks
-            await asyncio.sleep(0.02)

@@ -34,6 +34,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
+from tests.support.eventually import eventually_blocking
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
@@ -60,16 +61,14 @@ def wait_until(
     interval: float = 0.05,
     message: str | Callable[[], str] = "condition",
 ) -> T:
-    """Poll `predicate` until it returns a truthy value; raise TimeoutError after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            text = message() if callable(message) else message
-            raise TimeoutError(f"timed out after {timeout:.1f}s waiting for {text}")
-        time.sleep(interval)
+    """`eventually_blocking` with the process tests' argument names."""
+    return eventually_blocking(
+        predicate,
+        message if isinstance(message, str) else "the condition",
+        within=timeout,
+        interval=interval,
+        detail=message if callable(message) else None,
+    )
 
 
 def _base_env(overrides: Mapping[str, str] | None) -> dict[str, str]:

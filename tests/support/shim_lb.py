@@ -4,7 +4,6 @@ fixed order, and bounded polling."""
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
@@ -16,6 +15,7 @@ from lbserver.domain.serverlist import Entry, ServerList
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.server import RunningServer
+from tests.support.eventually import eventually
 from tests.support.processes import free_port
 
 SERVICE = "svc"
@@ -102,22 +102,24 @@ def ordered_list(
     return build
 
 
-async def eventually(
+async def settled(
     probe: Callable[[], Awaitable[T]],
     done: Callable[[T], bool],
     *,
-    attempts: int = 400,
-    pause: float = 0.05,
+    within: float = 20.0,
 ) -> T:
-    """Calls `probe` until `done(result)`; bounded, returns the last result
-    (the caller asserts on it, so a failure shows what was seen)."""
-    result = await probe()
-    for _ in range(attempts):
-        if done(result):
-            break
-        await asyncio.sleep(pause)
-        result = await probe()
-    return result
+    """The first result of `probe` that `done` accepts (AssertionError with
+    the last one seen after `within` seconds)."""
+    seen: list[T] = []
+
+    async def accepted() -> bool:
+        seen[:] = [await probe()]
+        return done(seen[0])
+
+    await eventually(
+        accepted, "a result the test accepts", within=within, interval=0.05, detail=lambda: seen
+    )
+    return seen[0]
 
 
 class Unreachable:
