@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING, Final
 from agent_shim import _h2
 from agent_shim._balancer_call import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT
 from agent_shim._grpc_wire import RESOURCE_EXHAUSTED
-from agent_shim._h2 import NO_ERROR, Connection, H2ProtocolError
+from agent_shim._h2 import NO_ERROR, H2ProtocolError
 from agent_shim._hpack import Header
 from agent_shim._picker import Backoff
+from agent_shim._relay_stream import Stream, StreamConnection
 from lbserver._logging import get_logger
 
 if TYPE_CHECKING:
-    from agent_shim._relay_stream import Stream
     from agent_shim.proxy import Proxy
 
 log = get_logger("agent_shim.proxy")
@@ -30,7 +30,7 @@ _LAST_STREAM_ID: Final = 2**31 - 1
 CONNECT_BACKOFF: Final = Backoff(initial=1.0, multiplier=1.6, maximum=30.0, jitter=0.2)
 
 
-class BackendConnection(Connection):
+class BackendConnection(StreamConnection):
     """One h2c connection to a backend, shared by many streams."""
 
     is_client = True
@@ -38,8 +38,6 @@ class BackendConnection(Connection):
     def __init__(self, pool: BackendPool) -> None:
         super().__init__()
         self.pool = pool
-        self.streams: dict[int, Stream] = {}
-        self.blocked: dict[int, Stream] = {}
         self.waiting: list[Stream] = []  # routed here while connecting
         self.next_stream = 1
         self.ready = False
@@ -161,23 +159,11 @@ class BackendConnection(Connection):
                 stream.not_taken(f"backend {self.pool.address} is going away (GOAWAY code {code})")
         self.stream_done()
 
-    def on_window_update(self, stream_id: int, increment: int) -> None:
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            stream.b_send += increment
-            stream.pump_request()
+    def _grow(self, stream: Stream, amount: int) -> None:
+        stream.b_send += amount
 
-    def on_initial_window_change(self, delta: int) -> None:
-        for stream in self.streams.values():
-            stream.b_send += delta
-        self.on_writable()
-
-    def on_writable(self) -> None:
-        if self.blocked and not self.paused:
-            blocked = list(self.blocked.values())
-            self.blocked.clear()
-            for stream in blocked:
-                stream.pump_request()
+    def _pump(self, stream: Stream) -> None:
+        stream.pump_request()
 
     def keepalive(self, now: float) -> None:
         if self.ping_sent is not None:

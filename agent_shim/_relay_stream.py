@@ -467,3 +467,40 @@ class Stream:
         if not proxy.active and proxy._drained is not None:
             proxy._drained.set()
         client.stream_done()
+
+
+class StreamConnection(_h2.Connection):
+    """What both sides of the relay do with their streams' send windows: a
+    WINDOW_UPDATE or a new SETTINGS_INITIAL_WINDOW_SIZE grows them, and
+    streams blocked on a window or a full transport are pumped again when
+    it opens. A side says which window is its (`_grow`) and which way its
+    streams' bytes flow (`_pump`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.streams: dict[int, Stream] = {}
+        self.blocked: dict[int, Stream] = {}
+
+    def _grow(self, stream: Stream, amount: int) -> None:
+        raise NotImplementedError
+
+    def _pump(self, stream: Stream) -> None:
+        raise NotImplementedError
+
+    def on_window_update(self, stream_id: int, increment: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            self._grow(stream, increment)
+            self._pump(stream)
+
+    def on_initial_window_change(self, delta: int) -> None:
+        for stream in self.streams.values():
+            self._grow(stream, delta)
+        self.on_writable()
+
+    def on_writable(self) -> None:
+        if self.blocked and not self.paused:
+            blocked = list(self.blocked.values())
+            self.blocked.clear()
+            for stream in blocked:
+                self._pump(stream)

@@ -61,10 +61,10 @@ from agent_shim import _h2
 from agent_shim._balancer_h2 import H2BalancerConnector
 from agent_shim._errors import DroppedCallError, NoBackendError
 from agent_shim._grpc_wire import _PATH, UNAVAILABLE, forwardable
-from agent_shim._h2 import NO_ERROR, REFUSED_STREAM, Connection, H2ProtocolError
+from agent_shim._h2 import NO_ERROR, REFUSED_STREAM, H2ProtocolError
 from agent_shim._hpack import Header
 from agent_shim._relay_backends import BackendConnection, BackendPool
-from agent_shim._relay_stream import MAX_ATTEMPTS, Stream
+from agent_shim._relay_stream import MAX_ATTEMPTS, Stream, StreamConnection
 from agent_shim._selector import Choice, Selector
 from lbserver._logging import get_logger
 
@@ -125,14 +125,12 @@ class _NoSelector:
 # ---- connections from clients------------------------------------------------------------
 
 
-class ClientConnection(Connection):
+class ClientConnection(StreamConnection):
     """A connection from an agent (the server side of HTTP/2)."""
 
     def __init__(self, proxy: Proxy) -> None:
         super().__init__()
         self.proxy = proxy
-        self.streams: dict[int, Stream] = {}
-        self.blocked: dict[int, Stream] = {}
         self._last_stream = 0
         self.peer = "?"
         self.send(
@@ -211,23 +209,11 @@ class ClientConnection(Connection):
     def on_goaway(self, last_stream_id: int, code: int) -> None:
         pass  # the client stops opening streams; running ones finish
 
-    def on_window_update(self, stream_id: int, increment: int) -> None:
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            stream.c_send += increment
-            stream.pump_response()
+    def _grow(self, stream: Stream, amount: int) -> None:
+        stream.c_send += amount
 
-    def on_initial_window_change(self, delta: int) -> None:
-        for stream in self.streams.values():
-            stream.c_send += delta
-        self.on_writable()
-
-    def on_writable(self) -> None:
-        if self.blocked and not self.paused:
-            blocked = list(self.blocked.values())
-            self.blocked.clear()
-            for stream in blocked:
-                stream.pump_response()
+    def _pump(self, stream: Stream) -> None:
+        stream.pump_response()
 
     def on_protocol_error(self, error: H2ProtocolError) -> None:
         self.proxy.note_protocol_error(self.peer, error)
