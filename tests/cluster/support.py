@@ -142,13 +142,30 @@ async def start_readme_client(
 ) -> Pod:
     """A pod running the README's grpclb client code (from a ConfigMap made
     of the README's block) for `calls` calls at `rate` per second."""
-    if k8s.cluster.get("ConfigMap", namespace, "readme-client") is None:
+    return await start_client(
+        k8s, namespace, name, calls, rate, "readme-client", readme_python_client()
+    )
+
+
+async def start_client(
+    k8s: ClusterHarness,
+    namespace: str,
+    name: str,
+    calls: int,
+    rate: float,
+    snippet_map: str,
+    snippet: str,
+) -> Pod:
+    """A pod of the client image making `calls` calls at `rate` per second
+    over the channel `snippet` makes (kept in ConfigMap `snippet_map`, made
+    once per namespace)."""
+    if k8s.cluster.get("ConfigMap", namespace, snippet_map) is None:
         await k8s.cluster.apply(
             {
                 "apiVersion": "v1",
                 "kind": "ConfigMap",
-                "metadata": {"name": "readme-client"},
-                "data": {"client.py": readme_python_client()},
+                "metadata": {"name": snippet_map},
+                "data": {"client.py": snippet},
             },
             namespace,
         )
@@ -172,7 +189,7 @@ async def start_readme_client(
                         "volumeMounts": [{"name": "snippet", "mountPath": "/snippet"}],
                     }
                 ],
-                "volumes": [{"name": "snippet", "configMap": {"name": "readme-client"}}],
+                "volumes": [{"name": "snippet", "configMap": {"name": snippet_map}}],
             },
         },
         namespace,
@@ -324,3 +341,13 @@ async def status_json(k8s: ClusterHarness, *flags: str) -> dict[str, Any]:
     )
     document: dict[str, Any] = json.loads(result.output)
     return document
+
+
+def calls_by_oap_pod(k8s: ClusterHarness, name: str) -> Counter[str]:
+    """Calls of client `name` that each OAP pod recorded."""
+    counts: Counter[str] = Counter()
+    for pod_name, segments in segments_by_pod(oap_records(k8s)).items():
+        for segment, n in segments.items():
+            if segment.startswith(f"{name}-"):
+                counts[pod_name] += n
+    return counts

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import Counter
 
 import pytest
 import yaml
@@ -49,48 +48,11 @@ async def _install_registered_oap(k8s: ClusterHarness, replicas: int = 3) -> Non
 
 async def _start_client(k8s: ClusterHarness, name: str, collector: str, calls: int = CALLS) -> Pod:
     """A client sending `calls` calls (50 a second) over one channel to `collector`."""
-    await k8s.cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": f"{name}-client"},
-            "data": {
-                "client.py": (
-                    "# One channel, so one connection: the agent's view of its collector.\n"
-                    f"channel = grpc.insecure_channel({collector!r})\n"
-                )
-            },
-        },
-        APP_NS,
+    snippet = (
+        "# One channel, so one connection: the agent's view of its collector.\n"
+        f"channel = grpc.insecure_channel({collector!r})\n"
     )
-    await k8s.cluster.apply(
-        {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": name},
-            "spec": {
-                "restartPolicy": "Never",
-                "containers": [
-                    {
-                        "name": "client",
-                        "image": s.CLIENT_IMAGE,
-                        "args": [
-                            "--snippet=/snippet/client.py",
-                            f"--calls={calls}",
-                            "--rate=50",
-                            f"--name={name}",
-                        ],
-                        "volumeMounts": [{"name": "snippet", "mountPath": "/snippet"}],
-                    }
-                ],
-                "volumes": [{"name": "snippet", "configMap": {"name": f"{name}-client"}}],
-            },
-        },
-        APP_NS,
-    )
-    pod = k8s.cluster.find_pod(APP_NS, name)
-    assert pod is not None
-    return pod
+    return await s.start_client(k8s, APP_NS, name, calls, 50, f"{name}-client", snippet)
 
 
 async def _wait_gateways_listed(k8s: ClusterHarness, count: int, limit: float = 30.0) -> None:
@@ -115,15 +77,6 @@ async def _wait_gateways_listed(k8s: ClusterHarness, count: int, limit: float = 
         if loop.time() > deadline:
             raise AssertionError(f"{streams} gateway streams, not {count}\n{_gateways(k8s)}")
         await asyncio.sleep(0.5)
-
-
-def _calls_by_oap_pod(k8s: ClusterHarness, name: str) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for pod_name, segments in s.segments_by_pod(s.oap_records(k8s)).items():
-        for segment, n in segments.items():
-            if segment.startswith(f"{name}-"):
-                counts[pod_name] += n
-    return counts
 
 
 def _gateways(k8s: ClusterHarness) -> str:
@@ -180,14 +133,14 @@ async def test_the_gateway_balances_every_call_over_the_oap_pods(k8s: ClusterHar
     # Through the gateway: every OAP pod gets its share of each client's
     # calls, although each client has one connection to one gateway pod.
     for name in ("gateway-a", "gateway-b"):
-        counts = _calls_by_oap_pod(k8s, name)
+        counts = s.calls_by_oap_pod(k8s, name)
         assert sum(counts.values()) == CALLS, (name, counts)
         assert set(counts) == {p.name for p in oap}, (name, counts)
         for n in counts.values():
             assert abs(n / CALLS - 1 / 3) <= 0.1, f"{name}: {counts}\n{_gateways(k8s)}"
     # Straight to the OAP Service: kube-proxy balances the connection, so
     # one pod gets every call.
-    direct = _calls_by_oap_pod(k8s, "direct")
+    direct = s.calls_by_oap_pod(k8s, "direct")
     assert sum(direct.values()) == CALLS and len(direct) == 1, direct
 
     # The gateway pods kept running: no restarts, still ready.
@@ -221,7 +174,7 @@ async def test_the_gateway_balances_every_call_over_the_oap_pods(k8s: ClusterHar
         assert pod.phase == "Succeeded", pod.describe()
         result = s.client_result(pod)
         assert result == {"ok": ROLL_CALLS, "failed": {}}, f"{pod.describe()}\n{_gateways(k8s)}"
-        assert set(_calls_by_oap_pod(k8s, pod.name)) == {p.name for p in oap}
+        assert set(s.calls_by_oap_pod(k8s, pod.name)) == {p.name for p in oap}
     for pod in old:
         # Stopped by SIGTERM within the grace period (137 would be SIGKILL).
         ended = pod.container("agent-shim").last_termination

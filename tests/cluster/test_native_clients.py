@@ -7,8 +7,6 @@ balancer can be reached at all — both of which must still reach the OAP pods
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 
 from tests.cluster import support as s
@@ -30,15 +28,6 @@ async def _run_client(k8s: ClusterHarness, name: str, calls: int = CALLS) -> Pod
     return pod
 
 
-def _calls_by_oap_pod(k8s: ClusterHarness, name: str) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for pod_name, segments in s.segments_by_pod(s.oap_records(k8s)).items():
-        for segment, n in segments.items():
-            if segment.startswith(f"{name}-"):
-                counts[pod_name] += n
-    return counts
-
-
 async def test_the_readme_client_balances_per_call_and_falls_back_to_the_oap_pods(
     k8s: ClusterHarness,
 ) -> None:
@@ -53,7 +42,7 @@ async def test_the_readme_client_balances_per_call_and_falls_back_to_the_oap_pod
     #    the name it dials, and spreads its calls over every OAP pod.
     balanced = await _run_client(k8s, "balanced")
     assert s.client_result(balanced) == {"ok": CALLS, "failed": {}}, balanced.describe()
-    counts = _calls_by_oap_pod(k8s, "balanced")
+    counts = s.calls_by_oap_pod(k8s, "balanced")
     assert sum(counts.values()) == CALLS
     assert set(counts) == {p.name for p in oap}
     for pod_name, n in counts.items():
@@ -69,7 +58,7 @@ async def test_the_readme_client_balances_per_call_and_falls_back_to_the_oap_pod
     await k8s.cluster.wait_rollout(s.NS, "lbserver")
     told = await _run_client(k8s, "told-fallback")
     assert s.client_result(told) == {"ok": CALLS, "failed": {}}, told.describe()
-    counts = _calls_by_oap_pod(k8s, "told-fallback")
+    counts = s.calls_by_oap_pod(k8s, "told-fallback")
     assert sum(counts.values()) == CALLS and len(counts) == 1, counts
 
     # 3. No balancer at all: the balancer's Service has no endpoints; the
@@ -78,5 +67,5 @@ async def test_the_readme_client_balances_per_call_and_falls_back_to_the_oap_pod
     alone = await _run_client(k8s, "no-balancer")
     result = s.client_result(alone)
     assert result == {"ok": CALLS, "failed": {}}, alone.describe()
-    counts = _calls_by_oap_pod(k8s, "no-balancer")
+    counts = s.calls_by_oap_pod(k8s, "no-balancer")
     assert sum(counts.values()) == CALLS, counts
