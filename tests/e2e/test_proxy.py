@@ -21,13 +21,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agent_shim._selector import Selector
 from agent_shim.proxy import (
     MAX_ATTEMPTS,
-    BackendPool,
-    Proxy,
-    ProxyServer,
-    attach_selector,
     forwardable,
 )
 from tests.support.backends import CountingBackend, call_stub
@@ -41,26 +36,23 @@ from tests.support.probe import (
     SERVER_STREAM,
     SLOW,
     UNARY,
-    FakeBalancer,
     ProbeBackend,
 )
 from tests.support.processes import REPO_ROOT, ProcessManager, free_port
 from tests.support.proxy_process import start_proxy
+from tests.support.proxy_rig import ProxyRig
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
 CALL_TIMEOUT = 10.0
 
 
-class Rig:
+class Rig(ProxyRig):
     """A fake balancer, probe backends and an in-process proxy in front of them."""
 
     def __init__(self) -> None:
-        self.balancer = FakeBalancer()
+        super().__init__()
         self.backends: list[ProbeBackend] = []
-        self.selector: Selector[BackendPool] | None = None
-        self.proxy: Proxy | None = None
-        self.server: ProxyServer | None = None
         self.channel: grpc.aio.Channel | None = None
 
     async def backend(self, name: str, **kwargs: bool | int) -> ProbeBackend:
@@ -75,14 +67,9 @@ class Rig:
         max_buffer_bytes: int = 4 * 1024 * 1024,
         no_backend_wait: float = 2.0,
     ) -> grpc.aio.Channel:
-        await self.balancer.start()
-        self.balancer.set_list(servers)
-        self.proxy = Proxy(max_buffer_bytes=max_buffer_bytes, no_backend_wait=no_backend_wait)
-        self.selector = attach_selector(self.proxy, [self.balancer.address], "probe")
-        await self.selector.start()
-        assert await self.selector.wait_ready(5)
-        self.server = ProxyServer(self.proxy, "127.0.0.1:0")
-        port = await self.server.start()
+        port = await self.start_proxy(
+            servers, "probe", max_buffer_bytes=max_buffer_bytes, no_backend_wait=no_backend_wait
+        )
         self.channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", -1)]
         )
@@ -91,11 +78,7 @@ class Rig:
     async def close(self) -> None:
         if self.channel is not None:
             await self.channel.close(None)
-        if self.server is not None:
-            await self.server.stop(0)
-        if self.selector is not None:
-            await self.selector.close()
-        await self.balancer.stop()
+        await super().close()
         for backend in self.backends:
             await backend.stop()
 

@@ -13,10 +13,9 @@ import h2.events
 import pytest
 
 from agent_shim import _h2
-from agent_shim._selector import Selector
-from agent_shim.proxy import BackendPool, Proxy, ProxyServer, attach_selector
+from tests.support.eventually import eventually
 from tests.support.h2peers import RawBackend, RawClient
-from tests.support.probe import FakeBalancer
+from tests.support.proxy_rig import ProxyRig
 
 pytestmark = [pytest.mark.timeout(60)]
 
@@ -29,14 +28,13 @@ def message(payload: bytes) -> bytes:
     return struct.pack(">BL", 0, len(payload)) + payload
 
 
-class Relay:
+class Relay(ProxyRig):
+    """Raw h2 backends and clients around an in-process proxy."""
+
     def __init__(self) -> None:
-        self.balancer = FakeBalancer()
+        super().__init__()
         self.backends: list[RawBackend] = []
         self.clients: list[RawClient] = []
-        self.proxy: Proxy | None = None
-        self.server: ProxyServer | None = None
-        self.selector: Selector[BackendPool] | None = None
 
     async def backend(self, name: str, **kwargs: int) -> RawBackend:
         backend = await RawBackend(name, **kwargs).start()
@@ -44,14 +42,9 @@ class Relay:
         return backend
 
     async def start(self, *backends: RawBackend, **proxy_options: int) -> int:
-        await self.balancer.start()
-        self.balancer.set_list([b.entry() for b in backends])
-        self.proxy = Proxy(no_backend_wait=1.0, **proxy_options)  # type: ignore[arg-type]
-        self.selector = attach_selector(self.proxy, [self.balancer.address], "relay")
-        await self.selector.start()
-        assert await self.selector.wait_ready(5)
-        self.server = ProxyServer(self.proxy, "127.0.0.1:0")
-        return await self.server.start()
+        return await self.start_proxy(
+            [b.entry() for b in backends], "relay", no_backend_wait=1.0, **proxy_options
+        )
 
     async def client(self, port: int) -> RawClient:
         client = await RawClient().connect(port)
@@ -61,11 +54,7 @@ class Relay:
     async def close(self) -> None:
         for client in self.clients:
             client.close()
-        if self.server is not None:
-            await self.server.stop(0)
-        if self.selector is not None:
-            await self.selector.close()
-        await self.balancer.stop()
+        await super().close()
         for backend in self.backends:
             await backend.stop()
 
@@ -84,12 +73,7 @@ def _received_at_least(client: RawClient, stream_id: int, size: int) -> bool:
 
 
 async def _requested(backend: RawBackend) -> None:
-    """Until the backend has a request."""
-    for _ in range(250):
-        if backend.requests():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"backend {backend.name} got no request")
+    await eventually(backend.requests, f"a request at backend {backend.name}")
 
 
 def _response_status(client: RawClient, stream_id: int) -> bytes | None:
