@@ -197,6 +197,10 @@ class Stream:
         self.replayable = False
         self.proxy.kept_total -= self.kept
         self.kept = 0
+        self._drop_sent()
+
+    def _drop_sent(self) -> None:
+        """Forgets the request chunks already written to the backend."""
         if self.req_sent:
             dropped = self.req_chunks[: self.req_sent]
             del self.req_chunks[: self.req_sent]
@@ -232,11 +236,8 @@ class Stream:
                 self.b_end_sent = True
             if not self.replayable:
                 self._credit_client(take)
-        if not self.replayable and self.req_sent:
-            dropped = chunks[: self.req_sent]
-            del chunks[: self.req_sent]
-            self.req_bytes -= sum(len(c) for c in dropped)
-            self.req_sent = 0
+        if not self.replayable:
+            self._drop_sent()
         if self.req_end and not self.b_end_sent and self.req_sent == len(chunks):
             conn.send_data(self.bsid, b"", True)
             self.b_end_sent = True
