@@ -25,7 +25,7 @@ COPY lbserver ./lbserver
 COPY agent_shim ./agent_shim
 # A venv without pip of its own: the build stage's pip installs into it.
 RUN python -m venv --without-pip /opt/venv \
-    && python -m pip --python /opt/venv/bin/python install --compile . \
+    && python -m pip --python /opt/venv/bin/python install --compile ".[kubernetes]" \
     && /opt/venv/bin/lbserver --version \
     && /opt/venv/bin/agent-shim --help >/dev/null
 
