@@ -47,7 +47,7 @@ from agent_shim._common import (
     start_attempt,
 )
 from agent_shim._selector import Choice, Selector, ShimError
-from lbserver._logging import get_logger
+from lbserver.logs import get_logger
 
 log = get_logger("agent_shim.aio_channel")
 

@@ -15,6 +15,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
+from lbserver.keepalive import CLIENT_CHANNEL_OPTIONS
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 
 if TYPE_CHECKING:
@@ -70,16 +71,7 @@ class BalancerConnector(Protocol):
     async def close(self) -> None: ...
 
 
-# Keepalive notices a balancer that vanished without closing its connections
-# (node loss); 20 s is what grpc-go uses, and lbserver permits it.
-KEEPALIVE_TIME = 20.0
-KEEPALIVE_TIMEOUT = 10.0
-
-GRPC_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.keepalive_time_ms", int(KEEPALIVE_TIME * 1000)),
-    ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
-    ("grpc.keepalive_permit_without_calls", 1),
-)
+GRPC_CHANNEL_OPTIONS = CLIENT_CHANNEL_OPTIONS
 
 
 class GrpcBalancerConnector:
@@ -111,8 +103,10 @@ class _GrpcCall:
     def __init__(self, call: Any) -> None:
         import grpc.aio
 
+        from lbserver.grpc_compat import EOF_MARKER
+
         self._call = call
-        self._eof = grpc.aio.EOF  # type: ignore[attr-defined]
+        self._eof = EOF_MARKER
         self._errors = (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError)
 
     def _error(self, exc: BaseException) -> BalancerCallError:

@@ -19,13 +19,12 @@ from typing import Final
 from agent_shim import _h2
 from agent_shim._balancer_call import (
     BALANCE_LOAD_PATH,
-    KEEPALIVE_TIME,
-    KEEPALIVE_TIMEOUT,
     STATUS_NAMES,
     BalancerCall,
     BalancerCallError,
 )
 from agent_shim._hpack import Header
+from lbserver.keepalive import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 
 CONNECT_TIMEOUT: Final = 20.0  # gRPC's minimum connect timeout

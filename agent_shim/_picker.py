@@ -8,12 +8,12 @@ tests drive them by hand.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from agent_shim._errors import DroppedCallError, NoBackendError
+from lbserver.backoff import Backoff
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,23 +83,6 @@ class CallStats:
         self._started = self._finished = self._failed_to_send = self._known_received = 0
         self._dropped = {}
         return delta
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Exponential backoff: initial x multiplier^n, capped, with +-jitter."""
-
-    initial: float = 1.0
-    multiplier: float = 1.6
-    maximum: float = 120.0
-    jitter: float = 0.0
-
-    def delay(self, attempt: int, rng: random.Random | None = None) -> float:
-        """The delay before retry number `attempt` (1 = the first retry)."""
-        base = min(self.maximum, self.initial * self.multiplier ** max(0, attempt - 1))
-        if self.jitter and rng is not None:
-            base *= 1 + rng.uniform(-self.jitter, self.jitter)
-        return base
 
 
 # A backend whose call failed to reach it is skipped for a while; short caps,

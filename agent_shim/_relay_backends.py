@@ -9,13 +9,13 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from agent_shim import _h2
-from agent_shim._balancer_call import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT
 from agent_shim._grpc_wire import RESOURCE_EXHAUSTED
 from agent_shim._h2 import NO_ERROR, H2ProtocolError
 from agent_shim._hpack import Header
-from agent_shim._picker import Backoff
 from agent_shim._relay_stream import Stream, StreamConnection
-from lbserver._logging import get_logger
+from lbserver.backoff import Backoff
+from lbserver.keepalive import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT
+from lbserver.logs import get_logger
 
 if TYPE_CHECKING:
     from agent_shim.proxy import Proxy

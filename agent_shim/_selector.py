@@ -47,8 +47,9 @@ from agent_shim._balancer_call import (
     GrpcBalancerConnector,
 )
 from agent_shim._errors import DroppedCallError, NoBackendError, ShimError
-from agent_shim._picker import Backoff, Picker, ServerEntry, StatsDelta
-from lbserver._logging import Logger, get_logger
+from agent_shim._picker import Picker, ServerEntry, StatsDelta
+from lbserver.backoff import Backoff
+from lbserver.logs import Logger, get_logger
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 
 # grpc is imported where a grpc.aio channel is made or looked at, not here:

@@ -38,9 +38,9 @@ from agent_shim.proxy import (
     ProxyServer,
     attach_selector,
 )
-from lbserver._logging import LOG_LEVELS, configure_logging
 from lbserver.addresses import join_host_port, parse_host_port
-from lbserver.cli._argtypes import balancer_address, non_negative_seconds
+from lbserver.cli.options import balancer_address, non_negative_seconds
+from lbserver.logs import LOG_LEVELS, configure_logging
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.cli")
 
@@ -270,7 +270,7 @@ def _checked_address(value: str) -> tuple[str, int]:
 
 
 def _positive_seconds(value: str) -> float:
-    from lbserver.cli._argtypes import positive_seconds
+    from lbserver.cli.options import positive_seconds
 
     return positive_seconds(value)
 

@@ -66,7 +66,7 @@ from agent_shim._hpack import Header
 from agent_shim._relay_backends import BackendConnection, BackendPool
 from agent_shim._relay_stream import MAX_ATTEMPTS, Stream, StreamConnection
 from agent_shim._selector import Choice, Selector
-from lbserver._logging import get_logger
+from lbserver.logs import get_logger
 
 __all__ = [
     "DEFAULT_MAX_BUFFER_BYTES",

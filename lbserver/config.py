@@ -21,10 +21,10 @@ from typing import Any
 
 import yaml
 
-from lbserver._logging import LOG_LEVELS
 from lbserver.discovery import WatchedService
 from lbserver.domain.naming import RULES
 from lbserver.errors import ConfigError
+from lbserver.logs import LOG_LEVELS
 
 ENV_PREFIX = "LBSERVER_"
 EMPTY_SERVICE_POLICIES = ("fallback", "hold")

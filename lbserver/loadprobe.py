@@ -37,8 +37,8 @@ from types import MappingProxyType
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbserver import __version__
-from lbserver._logging import Logger, get_logger
 from lbserver.domain.model import LoadReport
+from lbserver.logs import Logger, get_logger
 
 __all__ = [
     "DEFAULT_CPU_METRIC",

@@ -56,11 +56,11 @@ import grpc
 import grpc.aio
 
 from lbserver._heartbeat_stream import HeartbeatStream, refusal
-from lbserver._logging import Logger, get_logger
 from lbserver.addresses import DEFAULT_BALANCER_PORT, join_host_port, parse_host_port
 from lbserver.backendprobe import BackendProbe
 from lbserver.domain.model import LoadReport
 from lbserver.domain.validation import check_weight, parse_registration
+from lbserver.logs import Logger, get_logger
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 
 __all__ = [

@@ -33,8 +33,8 @@ from typing import Any
 import grpc
 import structlog
 
-from lbserver._logging import LogLimiter, clip
 from lbserver.errors import ConfigError
+from lbserver.logs import LogLimiter, clip
 
 log = structlog.get_logger("lbserver.security")
 

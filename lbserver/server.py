@@ -19,8 +19,6 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY
 
 from lbserver import metrics
-from lbserver._grpc_compat import HealthServicerBase
-from lbserver._logging import LogLimiter
 from lbserver.balancer import Balancer, EmptyServicePolicy, ListSettings
 from lbserver.config import MAX_MESSAGE_BYTES, Config, parse_host_port
 from lbserver.discovery import EndpointSource
@@ -28,6 +26,9 @@ from lbserver.domain.membership import TtlPolicy
 from lbserver.domain.naming import NameRules
 from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
 from lbserver.errors import ConfigError
+from lbserver.grpc_compat import HealthServicerBase
+from lbserver.keepalive import SERVER_KEEPALIVE_OPTIONS
+from lbserver.logs import LogLimiter
 from lbserver.metrics_server import MetricsServer, start_metrics_server
 from lbserver.proto.grpclb.v1 import load_balancer_pb2
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
@@ -60,15 +61,9 @@ SERVICE_NAMES = (
 # is still freed by reference counting; only cycles wait longer.
 GC_THRESHOLDS = (50_000, 20, 10)
 
-# grpc-go pings its balancer every 20 s even with no call active; without
-# these a server answers with GOAWAY too_many_pings. The server's own pings
-# find clients that vanished without closing their stream.
+# Keepalive as lbserver.keepalive agrees it with the clients.
 SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ("grpc.http2.max_ping_strikes", 0),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
+    *SERVER_KEEPALIVE_OPTIONS,
     # Two balancers on one port would silently split the clients between them.
     ("grpc.so_reuseport", 0),
 )

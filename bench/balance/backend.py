@@ -45,8 +45,8 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from lbserver._logging import configure_logging
 from lbserver.domain.model import LoadReport
+from lbserver.logs import configure_logging
 from lbserver.registrar import Registrar, parse_host_port
 
 SIM_SERVICE = "bench.Sim"

@@ -10,7 +10,7 @@ from lbserver import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    # Imported here, not at the top: agent-shim uses lbserver.cli._argtypes,
+    # Imported here, not at the top: agent-shim uses lbserver.cli.options,
     # and importing this package must not load the balancer and grpcio.
     from lbserver.cli import demo, register, serve, status
 

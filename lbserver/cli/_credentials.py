@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from lbserver._logging import get_logger
+from lbserver.logs import get_logger
 
 __all__ = [
     "TOKEN_FILE_CHECK_SECONDS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lbserver._logging import configure_logging
+from lbserver.logs import configure_logging
 
 
 def _seconds(value: str) -> float:

@@ -17,10 +17,9 @@ from typing import Any
 
 import structlog
 
-from lbserver._logging import LOG_LEVELS, configure_logging
 from lbserver.backendprobe import PROBE_KINDS, make_probe
-from lbserver.cli._argtypes import balancer_address, non_negative_seconds, positive_seconds
 from lbserver.cli._credentials import add_credential_options, channel_credentials, token_source
+from lbserver.cli.options import balancer_address, non_negative_seconds, positive_seconds
 from lbserver.domain.model import LoadReport
 from lbserver.domain.validation import MAX_STATIC_WEIGHT
 from lbserver.loadprobe import (
@@ -30,6 +29,7 @@ from lbserver.loadprobe import (
     parse_selector,
     static_load,
 )
+from lbserver.logs import LOG_LEVELS, configure_logging
 from lbserver.registrar import LoadCallback, Registrar, join_host_port, parse_host_port
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger()

@@ -7,9 +7,9 @@ import asyncio
 import sys
 from typing import Any
 
-from lbserver._logging import LOG_LEVELS, configure_logging
 from lbserver.config import LOG_FORMATS, load_config
 from lbserver.errors import ConfigError
+from lbserver.logs import LOG_LEVELS, configure_logging
 
 
 def add_parser(commands: Any) -> None:

@@ -65,13 +65,13 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from lbserver.cli._argtypes import balancer_address, positive_seconds
 from lbserver.cli._credentials import (
     TokenFile,
     add_credential_options,
     channel_credentials,
     token_source,
 )
+from lbserver.cli.options import balancer_address, positive_seconds
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 from lbserver.registrar import DEFAULT_BALANCER_PORT, join_host_port
 

@@ -35,12 +35,12 @@ import structlog
 from google.protobuf import duration_pb2
 
 from lbserver import metrics
-from lbserver._grpc_compat import EOF_MARKER
-from lbserver._logging import LogLimiter, clip
 from lbserver.balancer import Balancer, ClientCallStats, Watch
 from lbserver.domain.serverlist import ServerList
 from lbserver.domain.validation import check_balance_name
 from lbserver.errors import InvalidArgumentError
+from lbserver.grpc_compat import EOF_MARKER
+from lbserver.logs import LogLimiter, clip
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
 from lbserver.security import RefusedMessage, abort_refused, peer_ip, request_decoder

@@ -12,8 +12,6 @@ import structlog
 from google.protobuf import duration_pb2
 
 from lbserver import metrics
-from lbserver._grpc_compat import EOF_MARKER
-from lbserver._logging import LogLimiter, clip
 from lbserver.balancer import Balancer
 from lbserver.domain.model import LoadReport, Registration, with_load
 from lbserver.domain.validation import (
@@ -25,6 +23,8 @@ from lbserver.domain.validation import (
     parse_registration,
 )
 from lbserver.errors import InvalidArgumentError, LimitExceededError, RegistrationRefusedError
+from lbserver.grpc_compat import EOF_MARKER
+from lbserver.logs import LogLimiter, clip
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.security import (

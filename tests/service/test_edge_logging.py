@@ -14,7 +14,7 @@ import structlog
 from prometheus_client import REGISTRY
 from structlog.testing import LogCapture
 
-from lbserver._logging import EVENTS_PER_WINDOW, LogLimiter
+from lbserver.logs import EVENTS_PER_WINDOW, LogLimiter
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc

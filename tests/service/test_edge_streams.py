@@ -14,7 +14,7 @@ import grpc
 import pytest
 from prometheus_client import REGISTRY
 
-from lbserver._grpc_compat import EOF_MARKER
+from lbserver.grpc_compat import EOF_MARKER
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from lbserver._logging import CLIP_BYTES, LogLimiter, clip
 from lbserver.config import Config, load_config
 from lbserver.errors import ConfigError
+from lbserver.logs import CLIP_BYTES, LogLimiter, clip
 from lbserver.services.loadbalancer import StreamAdmission, StreamLimits, _RefusedError
 
 

@@ -8,7 +8,8 @@ import random
 import pytest
 
 from agent_shim._errors import DroppedCallError, NoBackendError
-from agent_shim._picker import Backoff, CallStats, Picker, ServerEntry, StatsDelta
+from agent_shim._picker import CallStats, Picker, ServerEntry, StatsDelta
+from lbserver.backoff import Backoff
 
 A, B, C = "10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"
 

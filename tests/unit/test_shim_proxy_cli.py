@@ -8,7 +8,7 @@ import pytest
 
 from agent_shim.cli import address_list, build_parser, byte_count, listen_address
 from agent_shim.proxy import DEFAULT_MAX_BUFFER_BYTES, forwardable
-from lbserver.cli._argtypes import non_negative_seconds as seconds
+from lbserver.cli.options import non_negative_seconds as seconds
 
 
 @pytest.mark.parametrize(
