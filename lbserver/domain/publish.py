@@ -1,0 +1,192 @@
+"""Publish policy: whether a service's freshly built list goes out now.
+
+Every membership or load change rebuilds a service's list as a `Draft`; the
+policy compares it with the `ServicePlan` last published and decides. Lists
+whose backends are unchanged are gated by hysteresis (a share change at or
+under the threshold waits until it has lasted `settle_time`) and by a rate
+limit (`min_push_interval`); a join, a leave or a drain goes out at once.
+Pure: the caller passes the time and the service's publish history in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lbserver.domain.model import Backend, Registration
+from lbserver.domain.serverlist import (
+    DEFAULT_MAX_LIST_LENGTH,
+    DROP_TOKEN,
+    ServerList,
+    list_from_counts,
+    max_share_change,
+    max_share_change_of,
+    shares_of,
+)
+from lbserver.domain.weights import SheddingSettings
+
+# Replaces the whole weights → list pipeline for one service: a list made
+# elsewhere (tests use it to script exact lists with drop entries in place).
+ListBuilder = Callable[[str, list[Backend], float], ServerList]
+
+# publish: send the draft now. unpublish: the service has no list any more.
+# unchanged: the published list is the draft's. drifting: a small share
+# change, held back by the hysteresis. deferred: rate-limited, due later.
+Verdict = Literal["publish", "unpublish", "unchanged", "drifting", "deferred"]
+
+
+@dataclass(frozen=True, slots=True)
+class ListSettings:
+    max_length: int = DEFAULT_MAX_LIST_LENGTH
+    # Hysteresis: a list whose backends are unchanged is pushed only when
+    # some backend's share moves by more than this (0 = any change).
+    share_threshold: float = 0.0
+    # A difference under the threshold that lasts this long is pushed anyway,
+    # so small errors (a ramp that ended, a rounding) never freeze in place.
+    settle_time: float = 10.0
+    # Weight-only changes are pushed at most once per this many seconds per
+    # service; membership changes (join, leave, drain) always go out at once.
+    min_push_interval: float = 0.0
+    shedding: SheddingSettings = field(default_factory=SheddingSettings)
+    # Services whose clients each get a subset of this many backends.
+    subset_sizes: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePlan:
+    """A service's published list and what it was built from."""
+
+    backends: tuple[Backend, ...]
+    weights: Mapping[str, float]
+    drop_entries: int
+    servers: ServerList
+    # Entries per token (list_counts) when the default list builder made the
+    # list; None with a custom ListBuilder.
+    counts: Mapping[str, int] | None = field(default=None, compare=False)
+
+
+class Draft:
+    """A list a service could publish, built only as far as deciding needs.
+
+    With the default builder the list is a function of its counts (entries
+    per token) and the backends' addresses, and a token names one address:
+    two lists are equal exactly when their counts are, and their tokens and
+    shares follow from the counts. So a rebuild that ends up not published
+    (most heartbeats: equal list, or a share change under the hysteresis, or
+    rate-limited) never interleaves. A custom ListBuilder's list is compared
+    as it is."""
+
+    __slots__ = ("_servers", "backends", "counts", "weights")
+
+    def __init__(
+        self,
+        backends: tuple[Backend, ...],
+        weights: Mapping[str, float],
+        counts: dict[str, int] | None,
+        servers: ServerList | None = None,
+    ) -> None:
+        self.backends = backends
+        self.weights = weights
+        self.counts = counts
+        self._servers = servers
+
+    @property
+    def servers(self) -> ServerList:
+        if self._servers is None:
+            assert self.counts is not None
+            self._servers = list_from_counts(self.backends, self.counts)
+        return self._servers
+
+    def empty(self) -> bool:
+        return not self.counts if self.counts is not None else not self.servers.entries
+
+    def same_list(self, plan: ServicePlan) -> bool:
+        if self.counts is not None and plan.counts is not None:
+            return self.counts == plan.counts
+        return self.servers == plan.servers
+
+    def membership_changed(self, plan: ServicePlan) -> bool:
+        if self.counts is not None and plan.counts is not None:
+            return self.counts.keys() != plan.counts.keys()
+        return _tokens(plan.servers) != _tokens(self.servers)
+
+    def share_change(self, plan: ServicePlan) -> float:
+        if self.counts is not None and plan.counts is not None:
+            return max_share_change_of(shares_of(plan.counts), shares_of(self.counts))
+        return max_share_change(plan.servers, self.servers)
+
+    def plan(self) -> ServicePlan:
+        # A custom ListBuilder's plan counts no drop entries (subsets get none).
+        drops = self.counts.get(DROP_TOKEN, 0) if self.counts is not None else 0
+        return ServicePlan(self.backends, self.weights, drops, self.servers, self.counts)
+
+
+def decide(
+    draft: Draft | None,
+    current: ServicePlan | None,
+    *,
+    now: float,
+    published_at: float,
+    drifting_since: float | None,
+    settings: ListSettings,
+) -> Verdict:
+    """What to do with `draft` (None: the service has no eligible backend)
+    given the `current` plan, when it was published (-inf: never) and since
+    when the computed list has drifted under the threshold (None: it has not)."""
+    if draft is None or draft.empty():
+        return "unpublish" if current is not None else "unchanged"
+    if current is None:
+        return "publish"
+    if draft.same_list(current):
+        return "unchanged"
+    if draft.membership_changed(current):
+        return "publish"
+    # A drift starts now unless it started before; it is held until it has
+    # lasted settle_time (at once when settle_time is 0).
+    since = now if drifting_since is None else drifting_since
+    if (
+        draft.share_change(current) <= settings.share_threshold
+        and now - since < settings.settle_time
+    ):
+        return "drifting"
+    if now - published_at < settings.min_push_interval:
+        return "deferred"
+    return "publish"
+
+
+def due(
+    now: float,
+    deferred: Iterable[str],
+    published_at: Mapping[str, float],
+    drifting_since: Mapping[str, float],
+    settings: ListSettings,
+) -> set[str]:
+    """Services whose held-back change is due: rate-limited ones whose
+    interval has passed, drifting ones that have drifted for settle_time."""
+    ready = {
+        service
+        for service in deferred
+        if now - published_at.get(service, float("-inf")) >= settings.min_push_interval
+    }
+    ready.update(
+        service for service, since in drifting_since.items() if now - since >= settings.settle_time
+    )
+    return ready
+
+
+def same_member(old: Registration, new: Registration) -> bool:
+    """Whether a heartbeat changes nothing that a list shows but the load
+    (a new TTL changes only when the backend expires)."""
+    return (
+        old.state is new.state
+        and old.port == new.port
+        and old.ip == new.ip
+        and old.weight == new.weight
+        and old.zone == new.zone
+        and old.labels == new.labels
+    )
+
+
+def _tokens(servers: ServerList) -> set[str]:
+    return {entry.token for entry in servers.entries}
