@@ -6,6 +6,7 @@
                      [--no-backend-wait S] [--shutdown-grace S]
                      [--log-level L] [--log-format F]
     agent-shim check [--address HOST:PORT] [--timeout S]
+    agent-shim demo [--duration S] [--seed N] [--json]
 
 `proxy` exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 if it cannot
 listen, 2 for bad options. `check` (a startup or readiness probe for the
@@ -38,27 +39,23 @@ from agent_shim.proxy import (
     ProxyServer,
     attach_selector,
 )
-from lbserver.addresses import join_host_port, parse_host_port
-from lbserver.cli.options import balancer_address, non_negative_seconds
-from lbserver.logs import LOG_LEVELS, configure_logging
+from lbserver.addresses import join_host_port
+from lbserver.cli.options import (
+    add_logging_options,
+    address_list,
+    balancer_address,
+    bounded_seconds,
+    host_port,
+    listen_address,
+    non_negative_seconds,
+    positive_seconds,
+    run_command,
+)
+from lbserver.logs import configure_logging
+
+__all__ = ["address_list", "build_parser", "byte_count", "listen_address", "main", "serve_proxy"]
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.cli")
-
-
-def _address(value: str) -> str:
-    host, port = parse_host_port(value)
-    return join_host_port(host, port)
-
-
-def address_list(value: str) -> list[str]:
-    """argparse type: one or more comma-separated HOST:PORT."""
-    parts = [part.strip() for part in value.split(",") if part.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{value!r} names no address")
-    try:
-        return [_address(part) for part in parts]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def balancer_list(value: str) -> list[str]:
@@ -68,21 +65,6 @@ def balancer_list(value: str) -> list[str]:
     if not parts:
         raise argparse.ArgumentTypeError(f"{value!r} names no balancer")
     return [balancer_address(part) for part in parts]
-
-
-def listen_address(value: str) -> str:
-    """argparse type: HOST:PORT or [IPV6]:PORT to listen on (port 0: any free port)."""
-    text = value.strip()
-    if text.endswith(":0"):
-        try:
-            host, _ = parse_host_port(text[:-1] + "1")
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-        return join_host_port(host, 0)
-    try:
-        return _address(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def byte_count(value: str) -> int:
@@ -207,15 +189,7 @@ def _add_proxy_parser(commands: Any) -> None:
         metavar="S",
         help="seconds running calls get to finish after SIGTERM/SIGINT (default: %(default)s)",
     )
-    parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=("auto", "json", "console"),
-        default="auto",
-        help="log format; auto is JSON unless stderr is a terminal (default: auto)",
-    )
+    add_logging_options(parser)
     parser.set_defaults(run=run_proxy)
 
 
@@ -228,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_proxy_parser(commands)
     _add_check_parser(commands)
+    _add_demo_parser(commands)
     return parser
 
 
@@ -247,14 +222,14 @@ def _add_check_parser(commands: Any) -> None:
     )
     parser.add_argument(
         "--address",
-        type=_checked_address,
+        type=host_port,
         default=DEFAULT_CHECK_ADDRESS,
         metavar="HOST:PORT",
         help="the proxy's --listen address (default: %(default)s)",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=1.0,
         metavar="S",
         help="seconds to wait for the connection (default: %(default)s)",
@@ -262,17 +237,37 @@ def _add_check_parser(commands: Any) -> None:
     parser.set_defaults(run=run_check)
 
 
-def _checked_address(value: str) -> tuple[str, int]:
-    try:
-        return parse_host_port(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def _add_demo_parser(commands: Any) -> None:
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "demo",
+        help="run a self-contained demo: connection balancing vs lbserver",
+        description=(
+            "Starts a balancer, two groups of three demo backends (one at half capacity) "
+            "and two groups of six clients with long-lived channels and skewed call rates: "
+            "one group balanced like a Kubernetes Service (one connection, one backend), "
+            "one through lbserver (agent_shim's balanced channel). Prints a live table of "
+            "each backend's share of calls and utilization, stops by itself and exits 0. "
+            "Everything binds 127.0.0.1."
+        ),
+    )
+    parser.add_argument(
+        "--duration",
+        type=bounded_seconds(4, 3600),
+        default=20.0,
+        metavar="S",
+        help="seconds to run, 4 to 3600 (default 20)",
+    )
+    parser.add_argument("--seed", type=int, default=7, help="seed for the client placement")
+    parser.add_argument("--json", action="store_true", help="print the final figures as JSON")
+    parser.set_defaults(run=run_demo)
 
 
-def _positive_seconds(value: str) -> float:
-    from lbserver.cli.options import positive_seconds
+def run_demo(args: argparse.Namespace) -> int:
+    configure_logging("warning")
+    # Imported here: the demo loads grpcio and the balancer, the proxy neither.
+    from agent_shim.demo import main
 
-    return positive_seconds(value)
+    return main(args.duration, args.seed, args.json)
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -371,9 +366,7 @@ async def serve_proxy(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    exit_code: int = args.run(args)
-    return exit_code
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import structlog
 
 __all__ = [
     "CLIP_BYTES",
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "LogFormat",
+    "LogLevel",
     "LogLimiter",
     "Logger",
     "clip",
@@ -54,7 +56,9 @@ __all__ = [
 ]
 
 LogFormat = Literal["auto", "json", "console"]
-LOG_LEVELS = ("debug", "info", "warning", "error")
+LogLevel = Literal["debug", "info", "warning", "error"]
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 
 def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:

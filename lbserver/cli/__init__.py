@@ -12,7 +12,7 @@ from lbserver import __version__
 def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: agent-shim uses lbserver.cli.options,
     # and importing this package must not load the balancer and grpcio.
-    from lbserver.cli import demo, register, serve, status
+    from lbserver.cli import register, serve, status
 
     parser = argparse.ArgumentParser(
         prog="lbserver",
@@ -20,15 +20,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"lbserver {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (serve, register, status, demo):
+    for module in (serve, register, status):
         module.add_parser(commands)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    exit_code: int = args.run(args)
-    return exit_code
+    from lbserver.cli.options import run_command
+
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,14 @@ import structlog
 
 from lbserver.backendprobe import PROBE_KINDS, make_probe
 from lbserver.cli._credentials import add_credential_options, channel_credentials, token_source
-from lbserver.cli.options import balancer_address, non_negative_seconds, positive_seconds
+from lbserver.cli.options import (
+    add_logging_options,
+    balancer_list,
+    host_port,
+    non_negative_seconds,
+    positive_int,
+    positive_seconds,
+)
 from lbserver.domain.model import LoadReport
 from lbserver.domain.validation import MAX_STATIC_WEIGHT
 from lbserver.loadprobe import (
@@ -29,27 +36,10 @@ from lbserver.loadprobe import (
     parse_selector,
     static_load,
 )
-from lbserver.logs import LOG_LEVELS, configure_logging
-from lbserver.registrar import LoadCallback, Registrar, join_host_port, parse_host_port
+from lbserver.logs import configure_logging
+from lbserver.registrar import LoadCallback, Registrar, join_host_port
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
-
-
-def balancer_list(value: str) -> list[str]:
-    """argparse type: one or more comma-separated HOST[:PORT] (port 11810 if
-    omitted), returned as HOST:PORT."""
-    parts = [part.strip() for part in value.split(",") if part.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{value!r} names no balancer")
-    return [balancer_address(part) for part in parts]
-
-
-def host_port(value: str) -> tuple[str, int]:
-    """argparse type: HOST:PORT or [IPV6]:PORT, checked but not resolved."""
-    try:
-        return parse_host_port(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def label(value: str) -> tuple[str, str]:
@@ -58,16 +48,6 @@ def label(value: str) -> tuple[str, str]:
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"{value!r} is not KEY=VALUE")
     return key.strip(), text
-
-
-def positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {number}")
-    return number
 
 
 DEFAULT_DRAIN_SECONDS = 5.0
@@ -353,15 +333,7 @@ def add_parser(subparsers: Any) -> None:
         help="CPUs the backend may use, like 2 or 500m (default: this container's CPU "
         "limit, else the CPU count; a sidecar must be given the backend container's)",
     )
-    parser.add_argument(
-        "--log-level", choices=LOG_LEVELS, default="info", help="log level (default: info)"
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=("auto", "json", "console"),
-        default="auto",
-        help="log format; auto is JSON unless stderr is a terminal (default: auto)",
-    )
+    add_logging_options(parser)
     parser.set_defaults(run=run)
 
 

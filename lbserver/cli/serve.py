@@ -7,9 +7,10 @@ import asyncio
 import sys
 from typing import Any
 
-from lbserver.config import LOG_FORMATS, load_config
+from lbserver.cli.options import add_logging_options
+from lbserver.config import load_config
 from lbserver.errors import ConfigError
-from lbserver.logs import LOG_LEVELS, configure_logging
+from lbserver.logs import configure_logging
 
 
 def add_parser(commands: Any) -> None:
@@ -32,8 +33,7 @@ def add_parser(commands: Any) -> None:
         metavar="HOST:PORT",
         help="metrics address (default 0.0.0.0:11811; 'off' disables)",
     )
-    parser.add_argument("--log-level", choices=LOG_LEVELS, help="default info")
-    parser.add_argument("--log-format", choices=LOG_FORMATS, help="default auto")
+    add_logging_options(parser, defaults=False)
     parser.set_defaults(run=run)
 
 

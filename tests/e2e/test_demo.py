@@ -1,4 +1,4 @@
-"""`lbserver demo` runs to completion and shows what it promises."""
+"""`agent-shim demo` runs to completion and shows what it promises."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 def test_demo_balances_the_lbserver_group_and_not_the_kubernetes_one() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lbserver", "demo", "--duration", "12", "--json"],
+        [sys.executable, "-m", "agent_shim", "demo", "--duration", "12", "--json"],
         capture_output=True,
         text=True,
         timeout=80,
@@ -32,7 +32,7 @@ def test_demo_balances_the_lbserver_group_and_not_the_kubernetes_one() -> None:
 
 def test_demo_prints_a_table() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "lbserver", "demo", "--duration", "4"],
+        [sys.executable, "-m", "agent_shim", "demo", "--duration", "4"],
         capture_output=True,
         text=True,
         timeout=60,

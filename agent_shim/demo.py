@@ -1,4 +1,4 @@
-"""`lbserver demo`: the problem and the fix, side by side, in one process.
+"""`agent-shim demo`: the problem and the fix, side by side, in one process.
 
 Two identical groups of three backends (one of them with half the capacity)
 serve two groups of clients with long-lived channels and skewed call rates:
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from agent_shim import aio_balanced_channel
 from lbserver.config import Config
 from lbserver.domain.model import LoadReport
 from lbserver.registrar import Registrar
@@ -142,7 +143,7 @@ async def _client(call: grpc.aio.UnaryUnaryMultiCallable, rate: float, stop: asy
 
 
 def _table(groups: Sequence[Group], elapsed: float) -> str:
-    lines = [f"lbserver demo — {elapsed:4.1f} s   (share of calls, utilization of capacity)"]
+    lines = [f"agent-shim demo — {elapsed:4.1f} s   (share of calls, utilization of capacity)"]
     for group in groups:
         lines.append(f"\n  {group.name}  (utilization max/mean {group.imbalance():.2f})")
         for row in group.rows():
@@ -155,8 +156,6 @@ def _table(groups: Sequence[Group], elapsed: float) -> str:
 
 
 async def run_demo(duration: float, seed: int, as_json: bool) -> int:
-    from agent_shim import aio_balanced_channel
-
     config = Config(
         listen="127.0.0.1:0",
         metrics_listen="off",
