@@ -10,7 +10,7 @@ import contextlib
 import logging
 import random
 import threading
-from collections.abc import AsyncIterator, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -125,20 +125,21 @@ def slice_a(*endpoints: JsonObject) -> JsonObject:
     return endpoint_slice("oap-a", "oap", list(endpoints) or [endpoint("10.0.0.1")])
 
 
+async def until(kube: FakeKubeApiServer, check: Callable[[], object], what: str) -> None:
+    """`eventually`, showing the fake API server's requests if it times out."""
+    await eventually(check, what, within=WAIT, detail=partial(describe_requests, kube))
+
+
+async def relisted_and_watching(kube: FakeKubeApiServer) -> None:
+    """Wait for a second list and for the watch opened after it."""
+    await until(kube, lambda: len(kube.list_requests()) == 2, "a relist")
+    await until(kube, lambda: kube.open_watches == 1, "watching again")
+
+
 async def synced(kube: FakeKubeApiServer, recorder: Recorder, n: int = 1) -> None:
     """Wait for the first report and for the watch to be open."""
-    await eventually(
-        lambda: len(recorder.of()) >= n,
-        "the first report",
-        within=WAIT,
-        detail=partial(describe_requests, kube),
-    )
-    await eventually(
-        lambda: kube.open_watches >= 1,
-        "an open watch",
-        within=WAIT,
-        detail=partial(describe_requests, kube),
-    )
+    await until(kube, lambda: len(recorder.of()) >= n, "the first report")
+    await until(kube, lambda: kube.open_watches >= 1, "an open watch")
 
 
 # ---------------------------------------------------------------------------
@@ -264,12 +265,7 @@ async def test_unnamed_single_port_matches_empty_port_name(kube: FakeKubeApiServ
     plain = WatchedService("plain", NS, "plain", "")
     named = WatchedService("plain-grpc", NS, "plain", "grpc")
     async with running(kube, [plain, named]) as (_, rec):
-        await eventually(
-            lambda: len(rec.calls) >= 2,
-            "both reports",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: len(rec.calls) >= 2, "both reports")
         assert rec.latest("plain") == frozenset({Endpoint("10.0.1.1", 80, True, True, False)})
         assert rec.latest("plain-grpc") == frozenset()
 
@@ -279,12 +275,7 @@ async def test_services_in_two_namespaces(kube: FakeKubeApiServer) -> None:
     kube.add_slice("other-ns", endpoint_slice("oap-a", "oap", [endpoint("10.1.0.1")]))
     other = WatchedService("oap-other", "other-ns", "oap", "grpc")
     async with running(kube, [OAP, other]) as (_, rec):
-        await eventually(
-            lambda: len(rec.calls) >= 2,
-            "both reports",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: len(rec.calls) >= 2, "both reports")
         assert ips(rec.latest("oap")) == {"10.0.0.1"}
         assert ips(rec.latest("oap-other")) == {"10.1.0.1"}
         kube.delete_slice("other-ns", "oap-a")
@@ -310,12 +301,7 @@ async def test_broken_watch_resumes_from_last_resource_version(kube: FakeKubeApi
         assert kube.drop_watches() == 1
         # A change while the client is disconnected arrives on the resumed watch.
         kube.add_slice(NS, endpoint_slice("oap-b", "oap", [endpoint("10.0.0.2")]))
-        await eventually(
-            lambda: "10.0.0.2" in ips(rec.latest()),
-            "the missed change",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: "10.0.0.2" in ips(rec.latest()), "the missed change")
 
         watches = kube.watch_requests()
         assert len(watches) == 2
@@ -336,12 +322,7 @@ async def test_watch_ended_by_server_is_reopened(kube: FakeKubeApiServer) -> Non
             lambda: by_ip(rec.latest(), "10.0.0.1").zone == "zone-b", "the zone", within=WAIT
         )
         assert kube.end_watches() == 1  # as the server's timeoutSeconds does
-        await eventually(
-            lambda: len(kube.watch_requests()) == 2,
-            "a new watch",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: len(kube.watch_requests()) == 2, "a new watch")
         first, second = kube.watch_requests()
         assert second.resource_version == rv
         for request in (first, second):
@@ -365,12 +346,7 @@ async def test_410_error_event_relists(kube: FakeKubeApiServer) -> None:
         start = len(kube.requests)
         kube.set_down(False)
 
-        await eventually(
-            lambda: ips(rec.latest()) == {"10.0.0.2"},
-            "the relisted state",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: ips(rec.latest()) == {"10.0.0.2"}, "the relisted state")
         after = [(r.watch, r.resource_version) for r in kube.requests[start:]]
         # The watch from the old resourceVersion got ERROR 410, then a list.
         assert after[:2] == [(True, listed), (False, None)], describe_requests(kube)
@@ -385,18 +361,7 @@ async def test_410_on_open_watch_relists(kube: FakeKubeApiServer) -> None:
     async with running(kube) as (_, rec):
         await synced(kube, rec)
         kube.expire()  # ERROR 410 "Expired" on the open watch
-        await eventually(
-            lambda: len(kube.list_requests()) == 2,
-            "a relist",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
-        await eventually(
-            lambda: kube.open_watches == 1,
-            "watching again",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await relisted_and_watching(kube)
         assert kube.watch_requests()[-1].resource_version == kube.resource_version
         # Still working after the relist; nothing changed, nothing reported.
         assert len(rec.of()) == 1
@@ -412,18 +377,7 @@ async def test_http_410_on_watch_relists(kube: FakeKubeApiServer) -> None:
         await synced(kube, rec)
         kube.fail_next(410, watch=True)
         kube.drop_watches()
-        await eventually(
-            lambda: len(kube.list_requests()) == 2,
-            "a relist",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
-        await eventually(
-            lambda: kube.open_watches == 1,
-            "watching again",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await relisted_and_watching(kube)
         kube.delete_slice(NS, "oap-a")
         await eventually(lambda: rec.latest() == frozenset(), "deleted", within=WAIT)
 
@@ -447,18 +401,8 @@ async def test_bookmarks_advance_the_resource_version(kube: FakeKubeApiServer) -
         # resourceVersion would now get 410 and a relist; from the bookmark's, not.
         kube.compact()
         kube.drop_watches()
-        await eventually(
-            lambda: len(kube.watch_requests()) == 2,
-            "the resumed watch",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
-        await eventually(
-            lambda: kube.open_watches == 1,
-            "watching",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: len(kube.watch_requests()) == 2, "the resumed watch")
+        await until(kube, lambda: kube.open_watches == 1, "watching")
         assert kube.watch_requests()[1].resource_version == bookmark
         assert len(kube.list_requests()) == 1
         assert kube.watch_requests()[0].query.get("allowWatchBookmarks") == "true"
@@ -480,12 +424,7 @@ async def test_apiserver_unreachable_at_start(logs: list[MutableMapping[str, Any
 
             await eventually(lambda: retries() >= 2, "retries", within=WAIT)
             kube.start_serving()
-            await eventually(
-                lambda: rec.latest() is not None,
-                "endpoints",
-                within=WAIT,
-                detail=partial(describe_requests, kube),
-            )
+            await until(kube, lambda: rec.latest() is not None, "endpoints")
             assert ips(rec.latest()) == {"10.0.0.1"}
             assert rec.of()[0] is None
             assert all(r is not None for r in rec.of()[1:])
@@ -499,12 +438,7 @@ async def test_http_errors_back_off_and_recover(kube: FakeKubeApiServer) -> None
     kube.add_slice(NS, slice_a(endpoint("10.0.0.1")))
     kube.fail_next(500, count=3, watch=False)
     async with running(kube) as (_, rec):
-        await eventually(
-            lambda: len(rec.of()) == 2,
-            "unknown, then endpoints",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: len(rec.of()) == 2, "unknown, then endpoints")
         assert rec.of()[0] is None  # the first list failed: unknown
         assert len(kube.list_requests()) == 4
         await eventually(lambda: kube.open_watches == 1, "watching", within=WAIT)
@@ -514,12 +448,7 @@ async def test_http_errors_back_off_and_recover(kube: FakeKubeApiServer) -> None
         kube.fail_next(503, count=2, watch=True)
         kube.drop_watches()
         kube.set_conditions(NS, "oap-a", "10.0.0.1", ready=False)
-        await eventually(
-            lambda: not by_ip(rec.latest(), "10.0.0.1").ready,
-            "not ready",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: not by_ip(rec.latest(), "10.0.0.1").ready, "not ready")
         watches = kube.watch_requests()
         assert len(watches) == 4
         assert {w.resource_version for w in watches[1:]} == {rv}
@@ -536,12 +465,7 @@ async def test_long_failure_reports_unknown_then_recovers(kube: FakeKubeApiServe
         kube.add_slice(NS, endpoint_slice("oap-b", "oap", [endpoint("10.0.0.2")]))
         lists = len(kube.list_requests())
         kube.set_down(False)
-        await eventually(
-            lambda: rec.latest() is not None,
-            "known again",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: rec.latest() is not None, "known again")
         assert ips(rec.latest()) == {"10.0.0.1", "10.0.0.2"}
         assert len(kube.list_requests()) > lists  # recovery goes through a list
         assert [r is None for r in rec.of()] == [False, True, False]
@@ -553,18 +477,8 @@ async def test_short_failure_keeps_endpoints_known(kube: FakeKubeApiServer) -> N
         await synced(kube, rec)
         kube.fail_next(500, count=3, watch=True)
         kube.drop_watches()
-        await eventually(
-            lambda: len(kube.watch_requests()) >= 5,
-            "retries",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
-        await eventually(
-            lambda: kube.open_watches == 1,
-            "watching again",
-            within=WAIT,
-            detail=partial(describe_requests, kube),
-        )
+        await until(kube, lambda: len(kube.watch_requests()) >= 5, "retries")
+        await until(kube, lambda: kube.open_watches == 1, "watching again")
         assert rec.of() == [frozenset({Endpoint("10.0.0.1", 11800, True, True, False)})]
 
 

@@ -45,11 +45,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any, Self
 from urllib.parse import parse_qsl, urlsplit
 
 import kubernetes.client
+
+from tests.support.started import Started
 
 JsonObject = dict[str, Any]
 
@@ -201,8 +202,9 @@ _REASONS = {400: "BadRequest", 404: "NotFound", 410: "Expired", 429: "TooManyReq
 # the server
 
 
-class FakeKubeApiServer:
-    """See the module docstring. Thread-safe; use as a context manager."""
+class FakeKubeApiServer(Started):
+    """See the module docstring. Thread-safe; use as a context manager (it is
+    bound, and serving unless `serving=False`, from construction on)."""
 
     def __init__(
         self,
@@ -271,15 +273,10 @@ class FakeKubeApiServer:
             with contextlib.suppress(Exception):
                 client.close()
 
-    def __enter__(self) -> Self:
+    def start(self) -> Self:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def stop(self) -> None:
         self.close()
 
     def configuration(self) -> kubernetes.client.Configuration:
