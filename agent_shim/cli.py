@@ -41,10 +41,12 @@ from agent_shim.proxy import (
 )
 from lbserver.addresses import join_host_port
 from lbserver.cli.options import (
+    add_command,
     add_logging_options,
     address_list,
-    balancer_address,
+    balancer_list,
     bounded_seconds,
+    command_parser,
     host_port,
     listen_address,
     non_negative_seconds,
@@ -56,15 +58,6 @@ from lbserver.logs import configure_logging
 __all__ = ["address_list", "build_parser", "byte_count", "listen_address", "main", "serve_proxy"]
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.cli")
-
-
-def balancer_list(value: str) -> list[str]:
-    """argparse type: one or more comma-separated HOST[:PORT] (port 11810, the
-    balancer's, if omitted), returned as HOST:PORT."""
-    parts = [part.strip() for part in value.split(",") if part.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{value!r} names no balancer")
-    return [balancer_address(part) for part in parts]
 
 
 def byte_count(value: str) -> int:
@@ -95,8 +88,10 @@ def service_name(value: str) -> str:
 
 
 def _add_proxy_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = add_command(
+        commands,
         "proxy",
+        run=run_proxy,
         help="run a local gRPC proxy that balances every call through a grpclb balancer",
         description=(
             "Listens for gRPC calls (any service, any method) and forwards each one to a "
@@ -190,16 +185,12 @@ def _add_proxy_parser(commands: Any) -> None:
         help="seconds running calls get to finish after SIGTERM/SIGINT (default: %(default)s)",
     )
     add_logging_options(parser)
-    parser.set_defaults(run=run_proxy)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="agent-shim",
-        description="Per-call gRPC balancing for clients without the grpclb policy.",
+    parser, commands = command_parser(
+        "agent-shim", "Per-call gRPC balancing for clients without the grpclb policy.", __version__
     )
-    parser.add_argument("--version", action="version", version=f"agent-shim {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_proxy_parser(commands)
     _add_check_parser(commands)
     _add_demo_parser(commands)
@@ -210,8 +201,10 @@ DEFAULT_CHECK_ADDRESS = "127.0.0.1:11800"
 
 
 def _add_check_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = add_command(
+        commands,
         "check",
+        run=run_check,
         help="exit 0 if the proxy accepts connections (an exec probe for the sidecar)",
         description=(
             "Connects to the proxy's listening address and exits 0 if it accepts the "
@@ -234,12 +227,13 @@ def _add_check_parser(commands: Any) -> None:
         metavar="S",
         help="seconds to wait for the connection (default: %(default)s)",
     )
-    parser.set_defaults(run=run_check)
 
 
 def _add_demo_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = add_command(
+        commands,
         "demo",
+        run=run_demo,
         help="run a self-contained demo: connection balancing vs lbserver",
         description=(
             "Starts a balancer, two groups of three demo backends (one at half capacity) "
@@ -259,7 +253,6 @@ def _add_demo_parser(commands: Any) -> None:
     )
     parser.add_argument("--seed", type=int, default=7, help="seed for the client placement")
     parser.add_argument("--json", action="store_true", help="print the final figures as JSON")
-    parser.set_defaults(run=run_demo)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -13,13 +13,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here, not at the top: agent-shim uses lbserver.cli.options,
     # and importing this package must not load the balancer and grpcio.
     from lbserver.cli import register, serve, status
+    from lbserver.cli.options import command_parser
 
-    parser = argparse.ArgumentParser(
-        prog="lbserver",
-        description="A lookaside gRPC load balancer speaking the grpclb protocol.",
+    parser, commands = command_parser(
+        "lbserver", "A lookaside gRPC load balancer speaking the grpclb protocol.", __version__
     )
-    parser.add_argument("--version", action="version", version=f"lbserver {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in (serve, register, status):
         module.add_parser(commands)
     return parser

@@ -7,17 +7,20 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from lbserver.addresses import DEFAULT_BALANCER_PORT, join_host_port, parse_host_port
 from lbserver.logs import LOG_FORMATS, LOG_LEVELS
 
 __all__ = [
+    "add_command",
     "add_logging_options",
     "address",
     "address_list",
     "balancer_address",
     "balancer_list",
     "bounded_seconds",
+    "command_parser",
     "host_port",
     "listen_address",
     "non_negative_seconds",
@@ -146,3 +149,32 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     args = parser.parse_args(argv)
     exit_code: int = args.run(args)
     return exit_code
+
+
+def command_parser(
+    prog: str, description: str, version: str
+) -> tuple[argparse.ArgumentParser, Any]:
+    """A command's parser with --version, and the subparsers its
+    subcommands are added to (add_command)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return parser, commands
+
+
+def add_command(
+    commands: Any,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    run: Callable[[argparse.Namespace], int],
+    **extra: Any,
+) -> argparse.ArgumentParser:
+    """A subcommand whose `run(args)` run_command calls; add its options to
+    the parser returned. `extra` goes to ArgumentParser (epilog, ...)."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name, help=help, description=description, **extra
+    )
+    parser.set_defaults(run=run)
+    return parser

@@ -20,6 +20,7 @@ import structlog
 from lbserver.backendprobe import PROBE_KINDS, make_probe
 from lbserver.cli._credentials import add_credential_options, channel_credentials, token_source
 from lbserver.cli.options import (
+    add_command,
     add_logging_options,
     balancer_list,
     host_port,
@@ -174,8 +175,10 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
 
 
 def add_parser(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "register",
+        run=run,
         help="register a backend with the balancers and heartbeat until stopped",
         description=(
             "Registers one backend with every given balancer and heartbeats until "
@@ -334,7 +337,6 @@ def add_parser(subparsers: Any) -> None:
         "limit, else the CPU count; a sidecar must be given the backend container's)",
     )
     add_logging_options(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,15 +7,17 @@ import asyncio
 import sys
 from typing import Any
 
-from lbserver.cli.options import add_logging_options
+from lbserver.cli.options import add_command, add_logging_options
 from lbserver.config import load_config
 from lbserver.errors import ConfigError
 from lbserver.logs import configure_logging
 
 
 def add_parser(commands: Any) -> None:
-    parser: argparse.ArgumentParser = commands.add_parser(
+    parser = add_command(
+        commands,
         "serve",
+        run=run,
         help="run the balancer",
         description=(
             "Run the balancer: grpclb, Registry, Admin, health and reflection on one gRPC "
@@ -34,7 +36,6 @@ def add_parser(commands: Any) -> None:
         help="metrics address (default 0.0.0.0:11811; 'off' disables)",
     )
     add_logging_options(parser, defaults=False)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -71,7 +71,7 @@ from lbserver.cli._credentials import (
     channel_credentials,
     token_source,
 )
-from lbserver.cli.options import balancer_address, positive_seconds
+from lbserver.cli.options import add_command, balancer_address, positive_seconds
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 from lbserver.registrar import DEFAULT_BALANCER_PORT, join_host_port
 
@@ -94,8 +94,10 @@ _STATE_NAMES = {
 
 
 def add_parser(subparsers: Any) -> None:
-    parser: argparse.ArgumentParser = subparsers.add_parser(
+    parser = add_command(
+        subparsers,
         "status",
+        run=run,
         help="show a balancer's services, backends, weights, load and clients",
         description="Shows what one balancer knows, read through its Admin API.",
         epilog="Exit codes: 0 ok, 1 balancer unreachable or call failed, 2 bad options, "
@@ -139,7 +141,6 @@ def add_parser(subparsers: Any) -> None:
         help="seconds to wait for each reply of the balancer (default: %(default)s)",
     )
     add_credential_options(parser)
-    parser.set_defaults(run=run)
 
 
 # A reply larger than gRPC's default 4 MB receive limit is still read (the
