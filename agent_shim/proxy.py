@@ -280,18 +280,22 @@ class Proxy:
 
     def route(self, stream: Stream) -> None:
         """Chooses a backend for the stream's next attempt, or waits for one."""
-        if self._ready:
-            try:
-                choice = self.selector.choose(stream.exclude)
-            except NoBackendError:
-                pass
-            except DroppedCallError as err:
-                stream.fail(UNAVAILABLE, str(err))
-                return
-            else:
-                self._attach(stream, choice)
-                return
+        if self._ready and self._try_attach(stream) is None:
+            return
         self.spawn(self._wait_for_backend(stream))
+
+    def _try_attach(self, stream: Stream) -> str | None:
+        """Attaches the stream to the backend the Selector chooses, or fails
+        it when the choice is a drop; else why no backend could be chosen."""
+        try:
+            choice = self.selector.choose(stream.exclude)
+        except NoBackendError as err:
+            return str(err) or "no backend is available"
+        except DroppedCallError as err:
+            stream.fail(UNAVAILABLE, str(err))
+        else:
+            self._attach(stream, choice)
+        return None
 
     def _attach(self, stream: Stream, choice: Choice[BackendPool]) -> None:
         stream.choice = choice
@@ -317,16 +321,10 @@ class Proxy:
                         "agent-shim: no server list from the balancer yet and no fallback",
                     )
                     return
-            try:
-                choice = selector.choose(stream.exclude)
-            except NoBackendError as err:
-                reason = str(err) or reason
-            except DroppedCallError as err:
-                stream.fail(UNAVAILABLE, str(err))
+            why = self._try_attach(stream)
+            if why is None:
                 return
-            else:
-                self._attach(stream, choice)
-                return
+            reason = why
             now = time.monotonic()
             if now >= give_up:
                 stream.fail(UNAVAILABLE, f"agent-shim: {reason}")
