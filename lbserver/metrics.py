@@ -82,6 +82,7 @@ class BalancerCollector(Collector):
         self._balancer = balancer
 
     def collect(self) -> Iterator[Metric]:
+        backend_labels = ["service", "instance"]
         backends = GaugeMetricFamily(
             "lbserver_backends",
             "Registered backends by service and state.",
@@ -90,23 +91,23 @@ class BalancerCollector(Collector):
         entries = GaugeMetricFamily(
             "lbserver_server_list_entries",
             "Entries of each backend in its service's current server list.",
-            labels=["service", "instance"],
+            labels=backend_labels,
         )
         weights = GaugeMetricFamily(
             "lbserver_backend_weight",
             "The weight the balancer computed for each backend (load-aware, clamped, "
             "ramped); 0 while draining.",
-            labels=["service", "instance"],
+            labels=backend_labels,
         )
         shares = GaugeMetricFamily(
             "lbserver_backend_share",
             "Each backend's share of its service's server list, 0..1.",
-            labels=["service", "instance"],
+            labels=backend_labels,
         )
         utilization = GaugeMetricFamily(
             "lbserver_backend_cpu_utilization",
             "CPU utilization each backend last reported (absent when unknown).",
-            labels=["service", "instance"],
+            labels=backend_labels,
         )
         drops = GaugeMetricFamily(
             "lbserver_drop_share",
