@@ -66,6 +66,7 @@ from agent_shim._hpack import Header
 from agent_shim._relay_backends import BackendConnection, BackendPool
 from agent_shim._relay_stream import MAX_ATTEMPTS, Stream, StreamConnection
 from agent_shim._selector import Choice, Selector
+from lbserver.errors import InvalidValueError
 from lbserver.logs import get_logger
 
 __all__ = [
@@ -246,7 +247,7 @@ class Proxy:
         no_backend_wait: float = DEFAULT_NO_BACKEND_WAIT,
     ) -> None:
         if max_buffer_bytes < 0 or max_buffer_total < 0 or max_message_bytes < 0:
-            raise ValueError("buffer and message limits must be >= 0")
+            raise InvalidValueError("buffer and message limits must be >= 0")
         # Set here or later (the Selector's channel factory is `self.pool`).
         self.selector: BackendSelector = selector or _NoSelector()
         self.max_buffer_bytes = max_buffer_bytes

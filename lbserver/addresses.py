@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 
+from lbserver.errors import InvalidValueError
+
 __all__ = ["DEFAULT_BALANCER_PORT", "join_host_port", "parse_host_port"]
 
 # The balancer's gRPC port (BalanceLoad, Registry, Admin).
@@ -23,24 +25,24 @@ def parse_host_port(value: str, *, default_port: int | None = None) -> tuple[str
         rest = text[end + 1 :] if end >= 0 else ""
         if end < 0 or not (rest.startswith(":") or (rest == "" and default_port is not None)):
             form = "[IPV6] or [IPV6]:PORT" if default_port is not None else "[IPV6]:PORT"
-            raise ValueError(f"{value!r} is not {form}")
+            raise InvalidValueError(f"{value!r} is not {form}")
         host, port_text = text[1:end], rest[1:] if rest else str(default_port)
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ValueError(f"{host!r} in {value!r} is not an IPv6 address") from None
+            raise InvalidValueError(f"{host!r} in {value!r} is not an IPv6 address") from None
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep:
             if default_port is None:
-                raise ValueError(f"{value!r} is not HOST:PORT")
+                raise InvalidValueError(f"{value!r} is not HOST:PORT")
             host, port_text = text, str(default_port)
         elif ":" in host:
-            raise ValueError(f"{value!r}: write IPv6 addresses in brackets, as [::1]:PORT")
+            raise InvalidValueError(f"{value!r}: write IPv6 addresses in brackets, as [::1]:PORT")
     if not host:
-        raise ValueError(f"{value!r} has no host")
+        raise InvalidValueError(f"{value!r} has no host")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise ValueError(f"{value!r}: port must be a number in 1-65535")
+        raise InvalidValueError(f"{value!r}: port must be a number in 1-65535")
     return host, int(port_text)
 
 

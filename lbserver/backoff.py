@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from lbserver.errors import InvalidValueError
+
 __all__ = ["Backoff"]
 
 
@@ -31,9 +33,9 @@ class Backoff:
 
     def __post_init__(self) -> None:
         if not 0 < self.initial <= self.maximum:
-            raise ValueError("backoff: initial must be > 0 and <= maximum")
+            raise InvalidValueError("backoff: initial must be > 0 and <= maximum")
         if self.multiplier < 1 or not 0 <= self.jitter < 1:
-            raise ValueError("backoff: multiplier must be >= 1 and jitter in [0, 1)")
+            raise InvalidValueError("backoff: multiplier must be >= 1 and jitter in [0, 1)")
 
     def nominal(self, attempt: int) -> float:
         """The delay before retry number `attempt` (1 = the first), unjittered."""

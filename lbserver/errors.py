@@ -3,11 +3,21 @@ caller can catch the whole family:
 
     LbserverError
     ├── ConfigError            bad configuration (file, environment, flags)
+    │   ├── KubernetesConfigError    no usable Kubernetes API configuration or
+    │   │                            no `kubernetes` package (lbserver[kubernetes])
+    │   └── KubernetesSettingsError  a bad KubernetesEndpointSource argument
     ├── InvalidArgumentError   bad input from a client; names the field
     │                          (also a ValueError: the registrar raises it for a
     │                          registration the balancer would refuse)
+    ├── InvalidValueError      a bad value given to a library function or
+    │                          constructor (an address, a setting); a ValueError
+    ├── UsageError             a call the object's state does not allow (run()
+    │                          twice); a RuntimeError
     ├── LimitExceededError     a configured limit would be exceeded
     └── RegistrationRefusedError  a heartbeat the discovery mode does not allow
+
+The Kubernetes errors live in lbserver.discovery.kubernetes (importing this
+module must not need the `kubernetes` package).
 """
 
 from __future__ import annotations
@@ -30,6 +40,17 @@ class InvalidArgumentError(LbserverError, ValueError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+class InvalidValueError(LbserverError, ValueError):
+    """A value given to a library function or constructor is invalid (an
+    address that is not HOST:PORT, a setting out of range); the message says
+    which and why. Also a ValueError, which callers have always caught."""
+
+
+class UsageError(LbserverError, RuntimeError):
+    """A call the object's state does not allow (run() called twice, a
+    selector started twice). Also a RuntimeError."""
 
 
 class LimitExceededError(LbserverError):

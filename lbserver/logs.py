@@ -42,6 +42,8 @@ from typing import Any, Literal, Protocol, get_args
 
 import structlog
 
+from lbserver.errors import InvalidValueError
+
 __all__ = [
     "CLIP_BYTES",
     "LOG_FORMATS",
@@ -63,7 +65,7 @@ LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 def configure_logging(level: str = "info", fmt: LogFormat = "auto") -> None:
     if level not in LOG_LEVELS:
-        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+        raise InvalidValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
@@ -233,7 +235,7 @@ class LogLimiter:
         on_suppressed: Callable[[str], None] | None = None,
     ) -> None:
         if per_window < 1 or window <= 0:
-            raise ValueError("LogLimiter needs per_window >= 1 and window > 0")
+            raise InvalidValueError("LogLimiter needs per_window >= 1 and window > 0")
         self.per_window = per_window
         self.window = window
         self._clock = clock

@@ -52,6 +52,8 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from lbserver.errors import InvalidValueError
+
 log = structlog.get_logger("lbserver.metrics_server")
 
 DEFAULT_HEADER_TIMEOUT = 5.0
@@ -512,9 +514,9 @@ async def start_metrics_server(
         ("write_timeout", write_timeout),
     ):
         if not value > 0:
-            raise ValueError(f"{name} must be > 0, not {value}")
+            raise InvalidValueError(f"{name} must be > 0, not {value}")
     if max_connections < 1 or max_request_bytes < 64:
-        raise ValueError("max_connections must be >= 1 and max_request_bytes >= 64")
+        raise InvalidValueError("max_connections must be >= 1 and max_request_bytes >= 64")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     server = MetricsServer(
         registry,

@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 import structlog
 
-from lbserver.errors import ConfigError
+from lbserver.errors import ConfigError, InvalidValueError
 from lbserver.logs import LogLimiter, clip
 
 log = structlog.get_logger("lbserver.security")
@@ -67,7 +67,7 @@ class RegistrationTokens:
 
     def __init__(self, tokens: Sequence[str], path: str | None = None) -> None:
         if not tokens:
-            raise ValueError("RegistrationTokens needs at least one token")
+            raise InvalidValueError("RegistrationTokens needs at least one token")
         self._path = path
         self._tokens = tuple(tokens)
         self._digests = _digests(self._tokens)

@@ -55,7 +55,7 @@ from lbserver.discovery._watcher import (
     WatchContext,
     WatchOptions,
 )
-from lbserver.errors import ConfigError
+from lbserver.errors import ConfigError, UsageError
 from lbserver.logs import get_logger
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ class KubernetesEndpointSource:
 
     async def run(self) -> None:
         if self._loop is not None:
-            raise RuntimeError("KubernetesEndpointSource.run() is already running")
+            raise UsageError("KubernetesEndpointSource.run() is already running")
         self._loop = asyncio.get_running_loop()
         self._stopping = threading.Event()
         self._wake = asyncio.Event()

@@ -12,6 +12,8 @@ from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from lbserver.errors import InvalidValueError
+
 RULES = ("exact", "host", "first_label")
 
 
@@ -23,9 +25,11 @@ class NameRules:
     def __post_init__(self) -> None:
         unknown = [rule for rule in self.rules if rule not in RULES]
         if unknown:
-            raise ValueError(f"unknown name rule(s) {unknown}; known rules: {', '.join(RULES)}")
+            raise InvalidValueError(
+                f"unknown name rule(s) {unknown}; known rules: {', '.join(RULES)}"
+            )
         if not self.rules:
-            raise ValueError("at least one name rule is needed")
+            raise InvalidValueError("at least one name rule is needed")
 
 
 def strip_port(name: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache, reduce
 
 from lbserver.domain.model import Backend, IPAddress
+from lbserver.errors import InvalidValueError
 
 DEFAULT_MAX_LIST_LENGTH = 100
 DROP_TOKEN = "lbserver-drop"
@@ -60,7 +61,7 @@ def multiplicities(weights: Mapping[str, float], max_length: int) -> dict[str, i
     the list is scaled to max_length with largest-remainder rounding, ties
     broken by key so replicas agree."""
     if max_length < 1:
-        raise ValueError("max_length must be >= 1")
+        raise InvalidValueError("max_length must be >= 1")
     positive = {key: w for key, w in weights.items() if w > 0 and math.isfinite(w)}
     if not positive:
         return {}

@@ -22,6 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from lbserver.domain.model import Backend, Capacity, LoadReport
+from lbserver.errors import InvalidValueError
 
 # backends of one service, monotonic now → weight per token (> 0; absent = no calls)
 WeightPolicy = Callable[[Sequence[Backend], float], Mapping[str, float]]
@@ -54,15 +55,15 @@ class LoadWeightSettings:
 
     def __post_init__(self) -> None:
         if self.error_penalty < 0:
-            raise ValueError("error_penalty must be >= 0")
+            raise InvalidValueError("error_penalty must be >= 0")
         if not 0 < self.smoothing <= 1:
-            raise ValueError("smoothing must be in (0, 1]")
+            raise InvalidValueError("smoothing must be in (0, 1]")
         if self.blackout < 0 or self.report_expiry <= 0 or self.slow_start < 0:
-            raise ValueError("blackout and slow_start must be >= 0, report_expiry > 0")
+            raise InvalidValueError("blackout and slow_start must be >= 0, report_expiry > 0")
         if not 0 < self.min_ramp <= 1:
-            raise ValueError("min_ramp must be in (0, 1]")
+            raise InvalidValueError("min_ramp must be in (0, 1]")
         if self.max_ratio < 1:
-            raise ValueError("max_ratio must be >= 1")
+            raise InvalidValueError("max_ratio must be >= 1")
 
 
 def estimate_capacity(load: LoadReport, error_penalty: float) -> float | None:
