@@ -17,20 +17,23 @@ from typing import Any
 
 import structlog
 
-from lbserver.backendprobe import PROBE_KINDS, make_probe
+from lbserver.addresses import join_host_port, parse_host_port
 from lbserver.cli._credentials import add_credential_options, channel_credentials, token_source
 from lbserver.cli.options import balancer_address, non_negative_seconds, positive_seconds
 from lbserver.domain.model import LoadReport
 from lbserver.domain.validation import MAX_STATIC_WEIGHT
-from lbserver.loadprobe import (
+from lbserver.logs import LOG_LEVELS, configure_logging
+from lbserver.registrar import (
     DEFAULT_CPU_METRIC,
+    PROBE_KINDS,
+    LoadCallback,
     PrometheusLoadProbe,
+    Registrar,
+    make_probe,
     parse_cpus,
     parse_selector,
     static_load,
 )
-from lbserver.logs import LOG_LEVELS, configure_logging
-from lbserver.registrar import LoadCallback, Registrar, join_host_port, parse_host_port
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 
