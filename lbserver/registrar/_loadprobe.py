@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -71,6 +72,8 @@ class PrometheusLoadProbe:
     leaves that field unknown. Calls within ``min_interval`` seconds of the last
     scrape return its report again, and concurrent calls share one scrape, so a
     registrar heartbeating to several balancers scrapes once per interval.
+    `url`, `cpus` (the default filled in), `timeout` and `min_interval` are
+    read-only attributes; `metrics` gives the selectors by role.
     """
 
     def __init__(
@@ -116,11 +119,12 @@ class PrometheusLoadProbe:
                 selectors[role] = parse_selector(spec)
             except ValueError as err:
                 raise InvalidArgumentError(f"{role}_metric", str(err)) from None
-        self._url = url
+        # The settings, as validated (read-only).
+        self.url: Final = url
+        self.cpus: Final = default_cpus() if cpus is None else float(cpus)
+        self.timeout: Final = float(timeout)
+        self.min_interval: Final = float(min_interval)
         self._selectors = selectors
-        self._cpus = default_cpus() if cpus is None else float(cpus)
-        self._timeout = float(timeout)
-        self._min_interval = float(min_interval)
         self._clock = clock
         # Proxy variables are for the outside world; a sidecar scrapes its pod.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -132,22 +136,6 @@ class PrometheusLoadProbe:
         self._missing: set[str] = set()
 
     @property
-    def url(self) -> str:
-        return self._url
-
-    @property
-    def cpus(self) -> float:
-        return self._cpus
-
-    @property
-    def timeout(self) -> float:
-        return self._timeout
-
-    @property
-    def min_interval(self) -> float:
-        return self._min_interval
-
-    @property
     def metrics(self) -> Mapping[str, str]:
         """Configured selectors by role (cpu, requests, errors, inflight)."""
         return {role: str(selector) for role, selector in self._selectors.items()}
@@ -155,17 +143,17 @@ class PrometheusLoadProbe:
     @property
     def _log(self) -> Logger:
         # Bound on use, so the CLI's logging configuration applies.
-        return _log.bind(load_url=self._url)
+        return _log.bind(load_url=self.url)
 
     async def __call__(self) -> LoadReport:
         async with self._lock:
             if self._last_report is not None and (
-                self._clock() - self._last_call < self._min_interval
+                self._clock() - self._last_call < self.min_interval
             ):
                 return self._last_report
             self._last_call = self._clock()
             try:
-                text = await asyncio.wait_for(asyncio.to_thread(self._fetch), self._timeout)
+                text = await asyncio.wait_for(asyncio.to_thread(self._fetch), self.timeout)
                 report = self.observe(text)
             except _SCRAPE_ERRORS as err:  # TimeoutError is an OSError
                 report = self.scrape_failed(err)
@@ -204,19 +192,19 @@ class PrometheusLoadProbe:
     def _fetch(self) -> str:
         """One blocking GET (run in a thread); bounded by the timeout overall,
         not only per socket operation, so a trickling server cannot pin a thread."""
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + self.timeout
         request = urllib.request.Request(
-            self._url, headers={"Accept": _ACCEPT, "User-Agent": f"lbserver/{__version__}"}
+            self.url, headers={"Accept": _ACCEPT, "User-Agent": f"lbserver/{__version__}"}
         )
         chunks: list[bytes] = []
         size = 0
-        with self._opener.open(request, timeout=self._timeout) as response:
+        with self._opener.open(request, timeout=self.timeout) as response:
             while chunk := response.read1(_READ_CHUNK):
                 size += len(chunk)
                 if size > _MAX_BODY:
                     raise ValueError(f"response is larger than {_MAX_BODY} bytes")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no complete response within {self._timeout} s")
+                    raise TimeoutError(f"no complete response within {self.timeout} s")
                 chunks.append(chunk)
             charset = response.headers.get_content_charset() or "utf-8"
         return b"".join(chunks).decode(charset)
@@ -280,7 +268,7 @@ class PrometheusLoadProbe:
 
         cpu_rate = rate("cpu")
         return LoadReport(
-            cpu_utilization=None if cpu_rate is None else cpu_rate / self._cpus,
+            cpu_utilization=None if cpu_rate is None else cpu_rate / self.cpus,
             requests_per_second=rate("requests"),
             errors_per_second=rate("errors"),
             in_flight=inflight,

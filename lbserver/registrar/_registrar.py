@@ -10,8 +10,7 @@ import dataclasses
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from types import TracebackType
-from typing import Self
+from typing import Final, Self
 
 import grpc
 import grpc.aio
@@ -87,7 +86,11 @@ def _stop_if_cancelled() -> None:
 
 
 class Registrar:
-    """Keeps one backend registered with every given balancer until stop()."""
+    """Keeps one backend registered with every given balancer until stop().
+
+    The arguments, as validated, are its read-only attributes: `balancers`,
+    `service`, `ip`, `port`, `instance_id` (IP:PORT when not given),
+    `weight`, `zone`, `labels`, `interval` and `ttl`."""
 
     def __init__(
         self,
@@ -137,18 +140,19 @@ class Registrar:
         if probe_failures < 1:
             raise InvalidArgumentError("probe_failures", f"must be >= 1, not {probe_failures}")
 
-        self._balancers = addresses
-        self._service = registration.service
-        self._ip = str(registration.ip)
-        self._port = registration.port
-        self._instance_id = registration.instance_id
-        self._weight = registration.weight
-        self._zone = registration.zone
-        self._labels = dict(registration.labels)
-        self._interval = float(interval)
-        self._ttl = ttl
+        # What is registered, as the balancer will see it (read-only).
+        self.balancers: Final = addresses
+        self.service: Final = registration.service
+        self.ip: Final = str(registration.ip)
+        self.port: Final = registration.port
+        self.instance_id: Final = registration.instance_id
+        self.weight: Final = registration.weight
+        self.zone: Final = registration.zone
+        self.labels: Final = registration.labels
+        self.interval: Final = float(interval)
+        self.ttl: Final = ttl
         self._load = load
-        self._log = _log.bind(service=self._service, instance_id=self._instance_id)
+        self._log = _log.bind(service=self.service, instance_id=self.instance_id)
         # Sent as `authorization: Bearer <token>` when the balancers require it.
         self._tokens = Tokens(token, self._log)
         self._credentials = credentials
@@ -170,47 +174,7 @@ class Registrar:
 
     @property
     def _address(self) -> str:
-        return join_host_port(self._ip, self._port)
-
-    @property
-    def balancers(self) -> tuple[str, ...]:
-        return self._balancers
-
-    @property
-    def service(self) -> str:
-        return self._service
-
-    @property
-    def ip(self) -> str:
-        return self._ip
-
-    @property
-    def port(self) -> int:
-        return self._port
-
-    @property
-    def instance_id(self) -> str:
-        return self._instance_id
-
-    @property
-    def weight(self) -> int:
-        return self._weight
-
-    @property
-    def zone(self) -> str:
-        return self._zone
-
-    @property
-    def labels(self) -> Mapping[str, str]:
-        return dict(self._labels)
-
-    @property
-    def interval(self) -> float:
-        return self._interval
-
-    @property
-    def ttl(self) -> float | None:
-        return self._ttl
+        return join_host_port(self.ip, self.port)
 
     @property
     def draining(self) -> bool:
@@ -246,10 +210,10 @@ class Registrar:
             )
         self._log.info(
             "registrar started",
-            balancers=list(self._balancers),
+            balancers=list(self.balancers),
             addresses=[link.address for link in self._links],
-            ip=self._ip,
-            port=self._port,
+            ip=self.ip,
+            port=self.port,
         )
         try:
             await self._closed.wait()
@@ -307,25 +271,21 @@ class Registrar:
                     failures=failures,
                 )
                 await self._announce()
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.interval)
 
     async def __aenter__(self) -> Self:
         self._background = asyncio.create_task(self.run(), name="registrar")
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Stopped (and deregistered) whatever the block raised.
         await self.stop()
         if self._background is not None:
             await self._background
 
     async def _resolver_loop(self) -> None:
         while True:
-            await asyncio.sleep(self._interval)
+            await asyncio.sleep(self.interval)
             await self._update_links(await self._targets.resolve())
 
     async def _update_links(self, addresses: list[str]) -> None:
@@ -354,7 +314,7 @@ class Registrar:
     def _connect(self, address: str) -> Link:
         return Link(
             address,
-            interval=self._interval,
+            interval=self.interval,
             tokens=self._tokens,
             log=self._log,
             credentials=self._credentials,
@@ -390,18 +350,18 @@ class Registrar:
 
     async def _heartbeat_request(self) -> lbserver_pb2.HeartbeatRequest:
         request = lbserver_pb2.HeartbeatRequest(
-            service=self._service,
-            instance_id=self._instance_id,
-            ip=self._ip,
-            port=self._port,
-            zone=self._zone,
-            labels=self._labels,
-            weight=self._weight,
+            service=self.service,
+            instance_id=self.instance_id,
+            ip=self.ip,
+            port=self.port,
+            zone=self.zone,
+            labels=self.labels,
+            weight=self.weight,
             load=await self._current_load(),
             state=self._state,
         )
-        if self._ttl is not None:
-            request.requested_ttl.FromNanoseconds(round(self._ttl * 1e9))
+        if self.ttl is not None:
+            request.requested_ttl.FromNanoseconds(round(self.ttl * 1e9))
         return request
 
     async def _current_load(self) -> lbserver_pb2.LoadReport | None:
@@ -448,7 +408,7 @@ class Registrar:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             if deregister and self._links:
                 request = lbserver_pb2.DeregisterRequest(
-                    service=self._service, instance_id=self._instance_id
+                    service=self.service, instance_id=self.instance_id
                 )
                 await asyncio.gather(*(link.deregister(request, deadline) for link in self._links))
             await asyncio.gather(*(link.close() for link in self._links))
