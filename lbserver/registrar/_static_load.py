@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 from lbserver.domain.model import LoadReport
+from lbserver.domain.validation import parse_load
+from lbserver.errors import InvalidArgumentError
 
 _STATIC_KEYS = {
     "cpu": "cpu_utilization",
@@ -12,11 +12,14 @@ _STATIC_KEYS = {
     "eps": "errors_per_second",
     "inflight": "in_flight",
 }
+# parse_load's field names, back to the keys the spec uses.
+_KEY_OF_FIELD = {f"load.{name}": key for key, name in _STATIC_KEYS.items()}
 
 
 def static_load(spec: str) -> LoadReport:
     """Parses ``cpu=0.9,rps=100[,eps=1,inflight=3]`` (any non-empty subset of
-    the keys; an absent key is unknown). Raises ValueError naming the bad key."""
+    the keys; an absent key is unknown). Raises ValueError naming the bad key;
+    a value the balancer would refuse raises InvalidArgumentError (its rule)."""
     rates: dict[str, float] = {}
     in_flight: int | None = None
     seen: set[str] = set()
@@ -44,14 +47,15 @@ def static_load(spec: str) -> LoadReport:
             number = float(text)
         except ValueError:
             raise ValueError(f"{key}: {text!r} is not a number") from None
-        if not (math.isfinite(number) and number >= 0):
-            raise ValueError(f"{key}: must be a finite number >= 0, not {text!r}")
         rates[_STATIC_KEYS[key]] = number
     if not seen:
         raise ValueError(f"{spec!r} gives no load; use KEY=VALUE with {', '.join(_STATIC_KEYS)}")
-    return LoadReport(
-        cpu_utilization=rates.get("cpu_utilization"),
-        requests_per_second=rates.get("requests_per_second"),
-        errors_per_second=rates.get("errors_per_second"),
-        in_flight=in_flight,
-    )
+    try:
+        return parse_load(
+            cpu_utilization=rates.get("cpu_utilization"),
+            requests_per_second=rates.get("requests_per_second"),
+            errors_per_second=rates.get("errors_per_second"),
+            in_flight=in_flight,
+        )
+    except InvalidArgumentError as err:
+        raise InvalidArgumentError(_KEY_OF_FIELD[err.field], err.problem) from None

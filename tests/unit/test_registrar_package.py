@@ -14,7 +14,7 @@ import lbserver
 import lbserver.registrar
 from lbserver.domain.model import LoadReport
 from lbserver.errors import InvalidArgumentError, LbserverError
-from lbserver.registrar import PrometheusLoadProbe, Registrar, make_probe
+from lbserver.registrar import PrometheusLoadProbe, Registrar, make_probe, static_load
 from lbserver.registrar._registrar import _load_message, _retry_backoff
 
 URL = "http://127.0.0.1:1234/metrics"
@@ -32,12 +32,6 @@ def test_every_public_name_is_there() -> None:
     for name in lbserver.registrar.__all__:
         assert getattr(lbserver.registrar, name) is not None, name
     assert {"Registrar", "PrometheusLoadProbe"} <= set(lbserver.registrar.__all__)
-
-
-def test_the_documented_loadprobe_path_is_the_same_class() -> None:
-    import lbserver.loadprobe
-
-    assert lbserver.loadprobe.PrometheusLoadProbe is PrometheusLoadProbe
 
 
 @pytest.mark.parametrize(
@@ -134,3 +128,10 @@ def test_failed_heartbeats_back_off_from_200ms_doubling_to_the_interval() -> Non
     # An interval shorter than the first retry: every retry waits one interval.
     tiny = _retry_backoff(0.05)
     assert [tiny.delay(n) for n in range(1, 4)] == [0.05, 0.05, 0.05]
+
+
+@pytest.mark.parametrize(("spec", "key"), [("cpu=-1", "cpu"), ("eps=nan", "eps")])
+def test_a_static_load_the_balancer_refuses_names_its_key(spec: str, key: str) -> None:
+    with pytest.raises(InvalidArgumentError) as error:
+        static_load(spec)
+    assert error.value.field == key
