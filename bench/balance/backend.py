@@ -45,9 +45,10 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from lbserver.addresses import parse_host_port
 from lbserver.domain.model import LoadReport
 from lbserver.logs import configure_logging
-from lbserver.registrar import Registrar, parse_host_port
+from lbserver.registrar import Registrar
 
 SIM_SERVICE = "bench.Sim"
 CALL_METHOD = f"/{SIM_SERVICE}/Call"

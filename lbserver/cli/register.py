@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from lbserver.backendprobe import PROBE_KINDS, make_probe
+from lbserver.addresses import join_host_port
 from lbserver.cli._credentials import add_credential_options, channel_credentials, token_source
 from lbserver.cli.options import (
     add_command,
@@ -30,15 +30,18 @@ from lbserver.cli.options import (
 )
 from lbserver.domain.model import LoadReport
 from lbserver.domain.validation import MAX_STATIC_WEIGHT
-from lbserver.loadprobe import (
+from lbserver.logs import configure_logging
+from lbserver.registrar import (
     DEFAULT_CPU_METRIC,
+    PROBE_KINDS,
+    LoadCallback,
     PrometheusLoadProbe,
+    Registrar,
+    make_probe,
     parse_cpus,
     parse_selector,
     static_load,
 )
-from lbserver.logs import configure_logging
-from lbserver.registrar import LoadCallback, Registrar, join_host_port
 
 _log: structlog.typing.FilteringBoundLogger = structlog.get_logger()
 

@@ -65,6 +65,7 @@ from typing import Any
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from lbserver.addresses import DEFAULT_BALANCER_PORT, join_host_port
 from lbserver.cli._credentials import (
     TokenFile,
     add_credential_options,
@@ -73,7 +74,6 @@ from lbserver.cli._credentials import (
 )
 from lbserver.cli.options import add_command, balancer_address, positive_seconds
 from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
-from lbserver.registrar import DEFAULT_BALANCER_PORT, join_host_port
 
 DEFAULT_BALANCER = f"127.0.0.1:{DEFAULT_BALANCER_PORT}"
 

@@ -13,10 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from lbserver.backendprobe import GrpcProbe, TcpProbe, make_probe
 from lbserver.grpc_compat import AsyncHealthServicer
 from lbserver.proto.v1 import lbserver_pb2 as pb
-from lbserver.registrar import Registrar
+from lbserver.registrar import GrpcProbe, Registrar, TcpProbe, make_probe
 from tests.service.test_registrar import FakeRegistry, running, start_registry
 from tests.support.eventually import eventually
 

@@ -16,9 +16,9 @@ from structlog.testing import capture_logs
 from lbserver.cli import build_parser
 from lbserver.cli.register import build_registrar
 from lbserver.domain.model import LoadReport
-from lbserver.loadprobe import PrometheusLoadProbe
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
+from lbserver.registrar import PrometheusLoadProbe
 from lbserver.server import RunningServer
 from tests.service.conftest import Harness
 

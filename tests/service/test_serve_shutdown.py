@@ -9,9 +9,9 @@ import asyncio
 import grpc
 import pytest
 
-from lbserver._heartbeat_stream import HeartbeatStream
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
+from lbserver.registrar._stream import HeartbeatStream
 from lbserver.services.registry import RegistryService
 from tests.service.conftest import Harness
 from tests.service.test_heartbeat_stream import exchange

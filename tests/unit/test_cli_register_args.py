@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
+from lbserver.addresses import parse_host_port
 from lbserver.cli import build_parser, main
 from lbserver.cli.register import build_registrar, resolve_ip
-from lbserver.registrar import parse_host_port
 
 REQUIRED = ["--balancer", "127.0.0.1:11810", "--service", "oap", "--backend", "10.0.0.7:11800"]
 

@@ -8,9 +8,9 @@ import argparse
 
 import pytest
 
+from lbserver.addresses import parse_host_port
 from lbserver.cli import build_parser, main
 from lbserver.cli.register import build_registrar
-from lbserver.registrar import parse_host_port
 
 
 def status_args(*argv: str) -> argparse.Namespace:
@@ -25,7 +25,7 @@ def register_args(*balancers: str) -> argparse.Namespace:
 
 
 def test_default_balancer_port_is_the_grpc_port() -> None:
-    from lbserver.registrar import DEFAULT_BALANCER_PORT
+    from lbserver.addresses import DEFAULT_BALANCER_PORT
 
     assert DEFAULT_BALANCER_PORT == 11810
 

@@ -11,7 +11,7 @@ import pytest
 import structlog
 
 from agent_shim.cli import build_parser
-from lbserver.loadprobe import PrometheusLoadProbe
+from lbserver.registrar import PrometheusLoadProbe
 
 
 def proxy_args(*balancers: str) -> list[list[str]]:

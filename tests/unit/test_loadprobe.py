@@ -14,7 +14,7 @@ from structlog.testing import capture_logs
 from lbserver.cli import build_parser, main
 from lbserver.cli.register import build_load
 from lbserver.domain.model import LoadReport
-from lbserver.loadprobe import (
+from lbserver.registrar import (
     DEFAULT_CPU_METRIC,
     MetricSelector,
     PrometheusLoadProbe,

@@ -13,8 +13,8 @@ from typing import Any
 import grpc
 import pytest
 
-from lbserver._heartbeat_stream import rpc_error
 from lbserver.registrar import Registrar
+from lbserver.registrar._stream import rpc_error
 
 
 async def _never_resolved(host: str) -> list[str]:

@@ -1,22 +1,11 @@
-"""Load input for the registrar: a Prometheus scraper and a static load.
-
-`PrometheusLoadProbe` scrapes a backend's Prometheus text endpoint (skywalking-oap
-serves one on port 1234 when its telemetry selector is ``prometheus``) and turns
-counters into rates between two scrapes. It is an async callable returning a
-`LoadReport`, so it plugs straight into the registrar::
-
-    probe = PrometheusLoadProbe("http://127.0.0.1:1234/metrics",
-                                requests_metric="trace_in_latency_count")
-    Registrar([...], "oap", "10.0.0.7", 11800, load=probe)
+"""PrometheusLoadProbe: a backend's load from its Prometheus text endpoint
+(skywalking-oap serves one on port 1234 when its telemetry selector is
+``prometheus``), counters turned into rates between two scrapes.
 
 Whatever cannot be measured is reported as unknown (None), never as zero: the
 first scrape (no earlier one to take a rate against), a counter that went down
 (the backend restarted), a metric the endpoint does not have, and every field
 while scrapes fail.
-
-Logs go to the standard `logging` module (logger `lbserver.loadprobe`) unless
-the application configured structlog, which then gets them; nothing is
-printed to stdout.
 """
 
 from __future__ import annotations
@@ -24,34 +13,24 @@ from __future__ import annotations
 import asyncio
 import http.client
 import math
-import os
-import re
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from types import MappingProxyType
+from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from lbserver import __version__
 from lbserver.domain.model import LoadReport
+from lbserver.errors import InvalidArgumentError
 from lbserver.logs import Logger, get_logger
+from lbserver.registrar._cpus import default_cpus
+from lbserver.registrar._selector import MetricSelector, parse_selector
 
-__all__ = [
-    "DEFAULT_CPU_METRIC",
-    "MetricSelector",
-    "PrometheusLoadProbe",
-    "available_cpus",
-    "container_cpu_limit",
-    "default_cpus",
-    "parse_cpus",
-    "parse_selector",
-    "static_load",
-]
-
+# The logger users configure (documented): the same name as before the
+# registrar became a package.
 _log = get_logger("lbserver.loadprobe")
 
 DEFAULT_CPU_METRIC = "process_cpu_seconds_total"
@@ -62,195 +41,12 @@ _DEFAULT_TIMEOUT = 2.0
 # A metrics page is kilobytes; anything this large is not one.
 _MAX_BODY = 32 * 1024 * 1024
 _READ_CHUNK = 64 * 1024
-_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 _ACCEPT = "text/plain;version=0.0.4;q=1.0, */*;q=0.1"
 # Errors that mean "this scrape did not work" (network, HTTP, charset, parsing);
 # anything else is a bug and goes to the registrar, which logs it with a traceback.
 _SCRAPE_ERRORS = (OSError, ValueError, LookupError, http.client.HTTPException)
 
 SeriesKey = tuple[tuple[str, str], ...]
-
-
-# --- metric selectors --------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class MetricSelector:
-    """A sample name and optional label matchers, as in ``name{label="x"}``.
-
-    Matches samples by *sample* name (``process_cpu_seconds_total``, not the
-    family name ``process_cpu_seconds`` the parser gives counters). A name
-    without ``_total`` also matches ``NAME_total`` samples when the page has no
-    ``NAME`` samples. A matcher ``label=""`` matches samples without that label,
-    as in PromQL."""
-
-    name: str
-    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(labels.get(key, "") == value for key, value in self.labels.items())
-
-    def __str__(self) -> str:
-        if not self.labels:
-            return self.name
-        # Label values in the exposition format escape backslash, quote, newline.
-        body = ",".join(f'{key}="{_escape(value)}"' for key, value in sorted(self.labels.items()))
-        return f"{self.name}{{{body}}}"
-
-
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def parse_selector(spec: str) -> MetricSelector:
-    """Parses ``NAME`` or ``NAME{label="value",...}``; raises ValueError."""
-    text = spec.strip()
-    brace = text.find("{")
-    name = text if brace < 0 else text[:brace]
-    if not _METRIC_NAME.fullmatch(name):
-        raise ValueError(f'{spec!r} is not a metric name (optionally with {{label="value"}})')
-    if brace < 0:
-        return MetricSelector(name)
-    if not text.endswith("}"):
-        raise ValueError(f"{spec!r}: label matchers must end with '}}'")
-    if not text[brace + 1 : -1].strip():
-        return MetricSelector(name)
-    # The exposition parser already knows label syntax and escapes: feed it the
-    # selector as one sample line.
-    try:
-        families = list(text_string_to_metric_families(f"{text} 0\n"))
-        samples = [sample for family in families for sample in family.samples]
-    except Exception:  # the parser raises ValueError mostly, IndexError on some garbage
-        samples = []
-    if len(samples) != 1 or samples[0].name != name:
-        raise ValueError(f'{spec!r}: label matchers must look like {{label="value",...}}')
-    return MetricSelector(name, MappingProxyType(dict(samples[0].labels)))
-
-
-# --- CPU count ---------------------------------------------------------------
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except (OSError, UnicodeDecodeError):
-        return None
-
-
-def container_cpu_limit(root: str | os.PathLike[str] = "/sys/fs/cgroup") -> float | None:
-    """The CPU limit of the cgroup mounted at *root*, in CPUs, or None if there
-    is none (or it cannot be read). cgroup v2: ``cpu.max`` holds "QUOTA PERIOD"
-    or "max PERIOD"; cgroup v1: ``cpu.cfs_quota_us`` (-1 for none) and
-    ``cpu.cfs_period_us``, under ``cpu/``, ``cpu,cpuacct/`` or *root* itself."""
-    base = Path(root)
-    v2 = _read(base / "cpu.max")
-    if v2 is not None:
-        parts = v2.split()
-        if len(parts) == 2 and parts[0] != "max":
-            return _ratio(parts[0], parts[1])
-        return None
-    for directory in (base / "cpu", base / "cpu,cpuacct", base):
-        quota = _read(directory / "cpu.cfs_quota_us")
-        period = _read(directory / "cpu.cfs_period_us")
-        if quota is not None and period is not None:
-            return _ratio(quota, period)
-    return None
-
-
-def _ratio(quota_text: str, period_text: str) -> float | None:
-    try:
-        quota, period = int(quota_text), int(period_text)
-    except ValueError:
-        return None
-    if quota <= 0 or period <= 0:  # -1: no limit (v1)
-        return None
-    return quota / period
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask), else the machine's."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(len(os.sched_getaffinity(0)), 1)
-    return os.cpu_count() or 1
-
-
-def default_cpus(root: str | os.PathLike[str] = "/sys/fs/cgroup") -> float:
-    """The container's CPU limit, capped at the CPUs the process may use (a
-    quota above the core count cannot be used); without a limit, those CPUs.
-
-    This is the limit of the container *this* process runs in: a registrar in a
-    sidecar container must be told the backend container's limit (``cpus=``)."""
-    limit = container_cpu_limit(root)
-    cores = float(available_cpus())
-    return cores if limit is None else min(limit, cores)
-
-
-def parse_cpus(text: str) -> float:
-    """A CPU count: ``2``, ``0.5`` or Kubernetes millicores ``500m``; raises ValueError."""
-    value = text.strip()
-    try:
-        number = float(value[:-1]) / 1000 if value.endswith("m") else float(value)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a number of CPUs (like 2, 0.5 or 500m)") from None
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"must be a number of CPUs > 0, not {text!r}")
-    return number
-
-
-# --- static load -------------------------------------------------------------
-
-_STATIC_KEYS = {
-    "cpu": "cpu_utilization",
-    "rps": "requests_per_second",
-    "eps": "errors_per_second",
-    "inflight": "in_flight",
-}
-
-
-def static_load(spec: str) -> LoadReport:
-    """Parses ``cpu=0.9,rps=100[,eps=1,inflight=3]`` (any non-empty subset of
-    the keys; an absent key is unknown). Raises ValueError naming the bad key."""
-    rates: dict[str, float] = {}
-    in_flight: int | None = None
-    seen: set[str] = set()
-    for item in spec.split(","):
-        if not item.strip():
-            continue
-        key, sep, text = item.partition("=")
-        key, text = key.strip(), text.strip()
-        if not sep:
-            raise ValueError(f"{item.strip()!r} is not KEY=VALUE")
-        if key not in _STATIC_KEYS:
-            raise ValueError(f"{key!r}: unknown key; use {', '.join(_STATIC_KEYS)}")
-        if key in seen:
-            raise ValueError(f"{key}: given twice")
-        seen.add(key)
-        if key == "inflight":
-            try:
-                in_flight = int(text)
-            except ValueError:
-                raise ValueError(f"{key}: {text!r} is not an integer") from None
-            if in_flight < 0:
-                raise ValueError(f"{key}: must be an integer >= 0, not {text!r}")
-            continue
-        try:
-            number = float(text)
-        except ValueError:
-            raise ValueError(f"{key}: {text!r} is not a number") from None
-        if not (math.isfinite(number) and number >= 0):
-            raise ValueError(f"{key}: must be a finite number >= 0, not {text!r}")
-        rates[_STATIC_KEYS[key]] = number
-    if not seen:
-        raise ValueError(f"{spec!r} gives no load; use KEY=VALUE with {', '.join(_STATIC_KEYS)}")
-    return LoadReport(
-        cpu_utilization=rates.get("cpu_utilization"),
-        requests_per_second=rates.get("requests_per_second"),
-        errors_per_second=rates.get("errors_per_second"),
-        in_flight=in_flight,
-    )
-
-
-# --- the Prometheus probe ----------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +72,8 @@ class PrometheusLoadProbe:
     leaves that field unknown. Calls within ``min_interval`` seconds of the last
     scrape return its report again, and concurrent calls share one scrape, so a
     registrar heartbeating to several balancers scrapes once per interval.
+    `url`, `cpus` (the default filled in), `timeout` and `min_interval` are
+    read-only attributes; `metrics` gives the selectors by role.
     """
 
     def __init__(
@@ -293,17 +91,21 @@ class PrometheusLoadProbe:
     ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise ValueError(f"url: {url!r} is not an http:// or https:// URL with a host")
+            raise InvalidArgumentError(
+                "url", f"{url!r} is not an http:// or https:// URL with a host"
+            )
         try:
             parsed.port  # noqa: B018 - raises ValueError for a bad port
         except ValueError as err:
-            raise ValueError(f"url: {url!r}: {err}") from None
+            raise InvalidArgumentError("url", f"{url!r}: {err}") from None
         if cpus is not None and not (math.isfinite(cpus) and cpus > 0):
-            raise ValueError(f"cpus: must be a number > 0, not {cpus}")
+            raise InvalidArgumentError("cpus", f"must be a number > 0, not {cpus}")
         if not (math.isfinite(timeout) and timeout > 0):
-            raise ValueError(f"timeout: must be a number of seconds > 0, not {timeout}")
+            raise InvalidArgumentError("timeout", f"must be a number of seconds > 0, not {timeout}")
         if not (math.isfinite(min_interval) and min_interval >= 0):
-            raise ValueError(f"min_interval: must be a number of seconds >= 0, not {min_interval}")
+            raise InvalidArgumentError(
+                "min_interval", f"must be a number of seconds >= 0, not {min_interval}"
+            )
         selectors: dict[str, MetricSelector] = {}
         for role, spec in (
             ("cpu", cpu_metric),
@@ -316,12 +118,13 @@ class PrometheusLoadProbe:
             try:
                 selectors[role] = parse_selector(spec)
             except ValueError as err:
-                raise ValueError(f"{role}_metric: {err}") from None
-        self._url = url
+                raise InvalidArgumentError(f"{role}_metric", str(err)) from None
+        # The settings, as validated (read-only).
+        self.url: Final = url
+        self.cpus: Final = default_cpus() if cpus is None else float(cpus)
+        self.timeout: Final = float(timeout)
+        self.min_interval: Final = float(min_interval)
         self._selectors = selectors
-        self._cpus = default_cpus() if cpus is None else float(cpus)
-        self._timeout = float(timeout)
-        self._min_interval = float(min_interval)
         self._clock = clock
         # Proxy variables are for the outside world; a sidecar scrapes its pod.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -333,22 +136,6 @@ class PrometheusLoadProbe:
         self._missing: set[str] = set()
 
     @property
-    def url(self) -> str:
-        return self._url
-
-    @property
-    def cpus(self) -> float:
-        return self._cpus
-
-    @property
-    def timeout(self) -> float:
-        return self._timeout
-
-    @property
-    def min_interval(self) -> float:
-        return self._min_interval
-
-    @property
     def metrics(self) -> Mapping[str, str]:
         """Configured selectors by role (cpu, requests, errors, inflight)."""
         return {role: str(selector) for role, selector in self._selectors.items()}
@@ -356,17 +143,17 @@ class PrometheusLoadProbe:
     @property
     def _log(self) -> Logger:
         # Bound on use, so the CLI's logging configuration applies.
-        return _log.bind(load_url=self._url)
+        return _log.bind(load_url=self.url)
 
     async def __call__(self) -> LoadReport:
         async with self._lock:
             if self._last_report is not None and (
-                self._clock() - self._last_call < self._min_interval
+                self._clock() - self._last_call < self.min_interval
             ):
                 return self._last_report
             self._last_call = self._clock()
             try:
-                text = await asyncio.wait_for(asyncio.to_thread(self._fetch), self._timeout)
+                text = await asyncio.wait_for(asyncio.to_thread(self._fetch), self.timeout)
                 report = self.observe(text)
             except _SCRAPE_ERRORS as err:  # TimeoutError is an OSError
                 report = self.scrape_failed(err)
@@ -405,19 +192,19 @@ class PrometheusLoadProbe:
     def _fetch(self) -> str:
         """One blocking GET (run in a thread); bounded by the timeout overall,
         not only per socket operation, so a trickling server cannot pin a thread."""
-        deadline = time.monotonic() + self._timeout
+        deadline = time.monotonic() + self.timeout
         request = urllib.request.Request(
-            self._url, headers={"Accept": _ACCEPT, "User-Agent": f"lbserver/{__version__}"}
+            self.url, headers={"Accept": _ACCEPT, "User-Agent": f"lbserver/{__version__}"}
         )
         chunks: list[bytes] = []
         size = 0
-        with self._opener.open(request, timeout=self._timeout) as response:
+        with self._opener.open(request, timeout=self.timeout) as response:
             while chunk := response.read1(_READ_CHUNK):
                 size += len(chunk)
                 if size > _MAX_BODY:
                     raise ValueError(f"response is larger than {_MAX_BODY} bytes")
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"no complete response within {self._timeout} s")
+                    raise TimeoutError(f"no complete response within {self.timeout} s")
                 chunks.append(chunk)
             charset = response.headers.get_content_charset() or "utf-8"
         return b"".join(chunks).decode(charset)
@@ -481,7 +268,7 @@ class PrometheusLoadProbe:
 
         cpu_rate = rate("cpu")
         return LoadReport(
-            cpu_utilization=None if cpu_rate is None else cpu_rate / self._cpus,
+            cpu_utilization=None if cpu_rate is None else cpu_rate / self.cpus,
             requests_per_second=rate("requests"),
             errors_per_second=rate("errors"),
             in_flight=inflight,

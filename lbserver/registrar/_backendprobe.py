@@ -18,6 +18,10 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from lbserver.addresses import join_host_port
+from lbserver.errors import InvalidArgumentError
+from lbserver.registrar._channel import reconnect_options
+
 BackendProbe = Callable[[], Awaitable[bool]]
 PROBE_KINDS = ("grpc", "tcp", "none")
 
@@ -35,13 +39,8 @@ class GrpcProbe:
 
     async def __call__(self) -> bool:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(
-                self._address,
-                options=[
-                    ("grpc.initial_reconnect_backoff_ms", 200),
-                    ("grpc.max_reconnect_backoff_ms", 1000),
-                ],
-            )
+            # A backend that restarted is seen alive again within a second.
+            self._channel = grpc.aio.insecure_channel(self._address, options=reconnect_options(1.0))
         stub = health_pb2_grpc.HealthStub(self._channel)
         try:
             reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=self._timeout)
@@ -77,9 +76,8 @@ class TcpProbe:
 def make_probe(kind: str, host: str, port: int, timeout: float) -> BackendProbe | None:
     if kind == "none":
         return None
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if kind == "grpc":
-        return GrpcProbe(address, timeout)
+        return GrpcProbe(join_host_port(host, port), timeout)
     if kind == "tcp":
         return TcpProbe(host, port, timeout)
-    raise ValueError(f"probe must be one of {', '.join(PROBE_KINDS)}, not {kind!r}")
+    raise InvalidArgumentError("probe", f"must be one of {', '.join(PROBE_KINDS)}, not {kind!r}")
