@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
 
 import annotated_types
@@ -18,19 +20,28 @@ from lbserver.errors import ConfigError
 
 _LOWER = {"greater_than", "greater_than_equal"}
 _UPPER = {"less_than", "less_than_equal"}
+_OPERATORS = {
+    "greater_than": ">",
+    "greater_than_equal": ">=",
+    "less_than": "<",
+    "less_than_equal": "<=",
+}
 
 
-def config_error(
-    exc: ValidationError,
-    fields: Mapping[str, FieldInfo],
-    origins: Mapping[str, str] | None = None,
-) -> ConfigError:
+# Where each option was set ("flag", "environment LBSERVER_*", ...) while
+# load_config builds a Config, for the message about a value that cannot be read.
+ORIGINS: ContextVar[Mapping[str, str]] = ContextVar(
+    "lbserver_config_origins", default=MappingProxyType({})
+)
+
+
+def config_error(exc: ValidationError, fields: Mapping[str, FieldInfo]) -> ConfigError:
     """One message per bad option (its first problem), in the order pydantic
-    found them; `origins` says where each option was set ("flag", ...)."""
+    found them."""
     messages: dict[str, str] = {}
     for error in exc.errors(include_url=False):
         option = str(error["loc"][0]) if error["loc"] else ""
-        messages.setdefault(option, _message(error, fields, origins or {}))
+        messages.setdefault(option, _message(error, fields, ORIGINS.get()))
     return ConfigError("; ".join(messages.values()))
 
 
@@ -65,8 +76,12 @@ def _problem(error: ErrorDetails, field: FieldInfo | None) -> str:
         return "must not be empty"
     if kind == "extra_forbidden":
         return "unknown option"
-    if field is not None and kind in _LOWER | _UPPER:
-        return _bounds(field, upper_violated=kind in _UPPER)
+    if kind in _LOWER | _UPPER:
+        if field is not None and len(error["loc"]) == 1:
+            return _bounds(field, upper_violated=kind in _UPPER)
+        # An item's bound (subset_sizes[oap]).
+        (bound,) = context.values()
+        return f"must be {_OPERATORS[kind]} {bound}"
     return error["msg"]
 
 

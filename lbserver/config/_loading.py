@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic_settings import EnvSettingsSource, InitSettingsSource, PydanticBaseSettingsSource
 
+from lbserver.config._errors import ORIGINS
 from lbserver.config._model import ENV_PREFIX, Config, option_names
 from lbserver.errors import ConfigError
 
@@ -180,4 +181,8 @@ def load_config(
     for where, source in layers:
         for option, value in source().items():
             values[option], origins[option] = value, where
-    return Config(origins, **values)
+    token = ORIGINS.set(origins)
+    try:
+        return Config(**values)
+    finally:
+        ORIGINS.reset(token)

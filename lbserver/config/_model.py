@@ -5,7 +5,6 @@ the chart's values schema; scripts/gen-config-docs writes both."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, cast
 
 from pydantic import Field, ValidationError, model_validator
@@ -58,13 +57,11 @@ class Config(BaseSettings):
         validate_default=True,
     )
 
-    def __init__(self, _origins: Mapping[str, str] | None = None, **values: Any) -> None:
-        # _origins: where each value was set, for the message about one that
-        # cannot be read ("environment LBSERVER_*: heartbeat_interval: ...").
+    def __init__(self, **values: Any) -> None:
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise config_error(exc, type(self).model_fields, _origins) from None
+            raise config_error(exc, type(self).model_fields) from None
 
     @classmethod
     def settings_customise_sources(

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import (
     AfterValidator,
     BeforeValidator,
+    Field,
     GetCoreSchemaHandler,
     GetJsonSchemaHandler,
     WithJsonSchema,
@@ -203,7 +204,10 @@ def _frozen(value: dict[str, Any]) -> Mapping[str, Any]:
 NameRules = Annotated[tuple[NameRule, ...], NoDecode, BeforeValidator(_names)]
 Aliases = Annotated[Mapping[str, Str], NoDecode, BeforeValidator(_pairs), AfterValidator(_frozen)]
 SubsetSizes = Annotated[
-    Mapping[str, Int], NoDecode, BeforeValidator(_pairs), AfterValidator(_frozen)
+    Mapping[str, Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]],
+    NoDecode,
+    BeforeValidator(_pairs),
+    AfterValidator(_frozen),
 ]
 
 
