@@ -13,7 +13,6 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from lbserver.config._errors import config_error
 from lbserver.config._values import (
     MAX_BACKENDS_PER_SERVICE,
-    MAX_DURATION,
     MAX_LIST_LENGTH,
     MAX_MESSAGE_BYTES,
     MAX_SERVICES,
@@ -22,7 +21,6 @@ from lbserver.config._values import (
     AddressOrEmpty,
     AddressOrOff,
     Aliases,
-    Duration,
     EmptyServicePolicy,
     Float,
     Int,
@@ -30,6 +28,8 @@ from lbserver.config._values import (
     LogLevel,
     NameRule,
     NameRules,
+    PositiveSeconds,
+    Seconds,
     Str,
     SubsetSizes,
     TlsClientAuth,
@@ -79,51 +79,36 @@ class Config(BaseSettings):
 
     listen: Address = Field(
         "0.0.0.0:11810",
-        description=("HOST:PORT for gRPC: grpclb, Registry, Admin, health and reflection."),
+        description="HOST:PORT for gRPC: grpclb, Registry, Admin, health and reflection.",
     )
     metrics_listen: AddressOrOff = Field(
         "0.0.0.0:11811",
-        description=("HOST:PORT for Prometheus /metrics; empty or 'off' disables it."),
+        description="HOST:PORT for Prometheus /metrics; empty or 'off' disables it.",
     )
-    heartbeat_interval: Duration = Field(
-        3.0,
-        gt=0,
-        le=MAX_DURATION,
-        description=("Seconds between heartbeats that the balancer asks registrars to keep."),
+    heartbeat_interval: PositiveSeconds = Field(
+        3.0, description="Seconds between heartbeats that the balancer asks registrars to keep."
     )
-    default_ttl: Duration = Field(
+    default_ttl: PositiveSeconds = Field(
         10.0,
-        gt=0,
-        le=MAX_DURATION,
         description=(
             "Seconds a backend stays listed after its last heartbeat, unless it asks otherwise."
         ),
     )
-    min_ttl: Duration = Field(
-        1.0,
-        gt=0,
-        le=MAX_DURATION,
-        description=("Smallest TTL a heartbeat may ask for (seconds)."),
+    min_ttl: PositiveSeconds = Field(
+        1.0, description="Smallest TTL a heartbeat may ask for (seconds)."
     )
-    max_ttl: Duration = Field(
-        60.0,
-        gt=0,
-        le=MAX_DURATION,
-        description=("Largest TTL a heartbeat may ask for (seconds)."),
+    max_ttl: PositiveSeconds = Field(
+        60.0, description="Largest TTL a heartbeat may ask for (seconds)."
     )
-    client_stats_interval: Duration = Field(
+    client_stats_interval: Seconds = Field(
         10.0,
-        ge=0,
-        le=MAX_DURATION,
         description=(
             "Seconds between the ClientStats reports clients are asked for; 0 disables them "
             "(gRPC C-core raises anything under 1 s to 1 s)."
         ),
     )
-    startup_grace: Duration = Field(
+    startup_grace: Seconds = Field(
         5.0,
-        ge=0,
-        le=MAX_DURATION,
         description=(
             "Seconds after start during which an unknown service gets no fallback_response, so "
             "clients of a restarted balancer keep their lists until registrars are back."
@@ -162,27 +147,21 @@ class Config(BaseSettings):
             "1 disables smoothing."
         ),
     )
-    blackout: Duration = Field(
+    blackout: Seconds = Field(
         10.0,
-        ge=0,
-        le=MAX_DURATION,
         description=(
             "Seconds after a backend's first load report during which it gets the median weight "
             "(early reports of a starting process are not representative)."
         ),
     )
-    report_expiry: Duration = Field(
+    report_expiry: PositiveSeconds = Field(
         15.0,
-        gt=0,
-        le=MAX_DURATION,
         description=(
             "Seconds after which a backend's last load report no longer counts (median weight)."
         ),
     )
-    slow_start: Duration = Field(
+    slow_start: Seconds = Field(
         0.0,
-        ge=0,
-        le=MAX_DURATION,
         description=(
             "Seconds over which a newly registered backend ramps from 10% to its full weight "
             "(JVM warm-up); 0 disables the ramp."
@@ -191,7 +170,7 @@ class Config(BaseSettings):
     max_weight_ratio: Float = Field(
         10.0,
         ge=1,
-        description=("Load-aware weights are clamped to [median / ratio, median * ratio]."),
+        description="Load-aware weights are clamped to [median / ratio, median * ratio].",
     )
     share_threshold: Float = Field(
         0.02,
@@ -202,19 +181,15 @@ class Config(BaseSettings):
             "backend's share moves by more than this fraction."
         ),
     )
-    share_settle_time: Duration = Field(
+    share_settle_time: Seconds = Field(
         10.0,
-        ge=0,
-        le=MAX_DURATION,
         description=(
             "A list that differs from the pushed one by less than share_threshold is pushed "
             "anyway once the difference has lasted this many seconds."
         ),
     )
-    min_push_interval: Duration = Field(
+    min_push_interval: Seconds = Field(
         1.0,
-        ge=0,
-        le=MAX_DURATION,
         description=(
             "Seconds between two weight-only list pushes per service; joins, leaves and drains "
             "are pushed at once."
@@ -232,7 +207,7 @@ class Config(BaseSettings):
         0.5,
         ge=0,
         lt=1,
-        description=("The largest share of calls overload shedding may drop, in [0, 1)."),
+        description="The largest share of calls overload shedding may drop, in [0, 1).",
     )
     subset_sizes: SubsetSizes = Field(
         {},
@@ -251,8 +226,7 @@ class Config(BaseSettings):
         ),
     )
     name_aliases: Aliases = Field(
-        {},
-        description=("Extra names for services: {client-side name: service}."),
+        {}, description="Extra names for services: {client-side name: service}."
     )
     auth_token_file: Str = Field(
         "",
@@ -271,13 +245,9 @@ class Config(BaseSettings):
         ),
     )
     tls_cert_file: Str = Field(
-        "",
-        description=("Server certificate chain (PEM); with tls_key_file turns on TLS."),
+        "", description="Server certificate chain (PEM); with tls_key_file turns on TLS."
     )
-    tls_key_file: Str = Field(
-        "",
-        description=("Private key (PEM) of tls_cert_file."),
-    )
+    tls_key_file: Str = Field("", description="Private key (PEM) of tls_cert_file.")
     tls_client_ca_file: Str = Field(
         "",
         description=(
@@ -304,13 +274,13 @@ class Config(BaseSettings):
         1000,
         ge=1,
         le=MAX_SERVICES,
-        description=("Most services, 1-100000; heartbeats for more are refused."),
+        description="Most services, 1-100000; heartbeats for more are refused.",
     )
     max_backends_per_service: Int = Field(
         1000,
         ge=1,
         le=MAX_BACKENDS_PER_SERVICE,
-        description=("Most backends in one service, 1-100000; heartbeats for more are refused."),
+        description="Most backends in one service, 1-100000; heartbeats for more are refused.",
     )
     max_streams: Int = Field(
         20_000,
@@ -385,19 +355,15 @@ class Config(BaseSettings):
             "(or $KUBECONFIG / ~/.kube/config outside a cluster)."
         ),
     )
-    initial_request_timeout: Duration = Field(
+    initial_request_timeout: PositiveSeconds = Field(
         2.0,
-        gt=0,
-        le=MAX_DURATION,
         description=(
             "Seconds a BalanceLoad stream may take to send its initial request (grpclb clients "
             "send it with the call); a stream that takes longer ends with DEADLINE_EXCEEDED."
         ),
     )
-    shutdown_grace: Duration = Field(
+    shutdown_grace: Seconds = Field(
         5.0,
-        ge=0,
-        le=MAX_DURATION,
         description=(
             "Seconds open calls get to finish on SIGTERM/SIGINT before they are cancelled; "
             "BalanceLoad, HeartbeatStream and health Watch streams are ended at once (clients, "
@@ -405,13 +371,9 @@ class Config(BaseSettings):
             "open unary calls."
         ),
     )
-    log_level: LogLevel = Field(
-        "info",
-        description=("One of debug, info, warning, error."),
-    )
+    log_level: LogLevel = Field("info", description="One of debug, info, warning, error.")
     log_format: LogFormat = Field(
-        "auto",
-        description=("auto (JSON unless stderr is a terminal), json or console."),
+        "auto", description="auto (JSON unless stderr is a terminal), json or console."
     )
 
     @model_validator(mode="after")

@@ -84,6 +84,11 @@ class _Seconds:
 
 
 Duration = Annotated[float, _Seconds()]
+# The two kinds of duration options: those where 0 disables something, and
+# the others.
+# (The bounds go before the unit parser, or JSON Schema misses them.)
+Seconds = Annotated[float, Field(ge=0, le=MAX_DURATION), _Seconds()]
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_DURATION), _Seconds()]
 
 
 def is_duration(metadata: list[Any]) -> bool:
