@@ -24,7 +24,6 @@ from lbserver.config._values import (
     EmptyServicePolicy,
     Float,
     Int,
-    LogFormat,
     LogLevel,
     NameRule,
     NameRules,
@@ -38,6 +37,7 @@ from lbserver.config._values import (
     problem,
 )
 from lbserver.domain.naming import RULES
+from lbserver.logs import LogFormat
 
 ENV_PREFIX = "LBSERVER_"
 

@@ -28,6 +28,7 @@ from pydantic_settings import NoDecode
 
 from lbserver.discovery import WatchedService
 from lbserver.errors import ConfigError
+from lbserver.logs import LogFormat
 
 # Upper bounds the code can honour: gRPC channel arguments are C ints, and a
 # google.protobuf.Duration (heartbeat intervals, TTLs, the stats interval) holds
@@ -128,8 +129,7 @@ Float = Annotated[float, BeforeValidator(_number)]
 Str = Annotated[str, BeforeValidator(_string)]
 
 EmptyServicePolicy = Literal["fallback", "hold"]
-LogLevel = Literal["debug", "info", "warning", "error"]
-LogFormat = Literal["auto", "json", "console"]
+LogLevel = Literal["debug", "info", "warning", "error"]  # lbserver.logs.LOG_LEVELS
 TlsClientAuth = Literal["registry", "all"]
 NameRule = Literal["exact", "host", "first_label"]
 EMPTY_SERVICE_POLICIES: tuple[str, ...] = get_args(EmptyServicePolicy)

@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from lbserver.config import Config, load_config, option_names
-from lbserver.config._values import NameRule
+from lbserver.config._values import LogLevel, NameRule
 from lbserver.config.reference import (
     CHART_OWNED_OPTIONS,
     CHART_SCHEMA,
@@ -26,6 +26,7 @@ from lbserver.config.reference import (
 )
 from lbserver.domain.naming import RULES
 from lbserver.errors import ConfigError
+from lbserver.logs import LOG_LEVELS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -100,8 +101,9 @@ def test_the_chart_owns_only_real_options() -> None:
     assert set(chart_config_schema()["properties"]) == set(option_names()) - CHART_OWNED_OPTIONS
 
 
-def test_name_rules_are_the_domains() -> None:
+def test_choices_are_those_of_the_code_that_uses_them() -> None:
     assert get_args(NameRule) == RULES
+    assert get_args(LogLevel) == LOG_LEVELS
 
 
 @pytest.mark.parametrize(
