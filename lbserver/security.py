@@ -321,13 +321,9 @@ def server_credentials(
 ) -> grpc.ServerCredentials | None:
     """TLS credentials, or None without a certificate. grpcio either requires
     and verifies client certificates for every call on a port or does not ask
-    for them at all."""
-    if not cert_file and not key_file:
-        if client_ca_file:
-            raise ConfigError("tls_client_ca_file needs tls_cert_file and tls_key_file")
+    for them at all. Config has checked that the files go together."""
+    if not cert_file:
         return None
-    if not cert_file or not key_file:
-        raise ConfigError("tls_cert_file and tls_key_file go together")
 
     def read(option: str, path: str) -> bytes:
         try:

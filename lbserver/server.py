@@ -10,7 +10,7 @@ import ipaddress
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import grpc
 import structlog
@@ -19,13 +19,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY
 
 from lbserver import metrics
-from lbserver.balancer import Balancer, EmptyServicePolicy, ListSettings
+from lbserver.balancer import Balancer, ListSettings
 from lbserver.config import MAX_MESSAGE_BYTES, Config, parse_host_port
 from lbserver.discovery import EndpointSource
 from lbserver.domain.membership import TtlPolicy
 from lbserver.domain.naming import NameRules
 from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
-from lbserver.errors import ConfigError
 from lbserver.grpc_compat import HealthServicerBase
 from lbserver.keepalive import SERVER_KEEPALIVE_OPTIONS
 from lbserver.logs import LogLimiter
@@ -169,7 +168,7 @@ def build_balancer(config: Config) -> Balancer:
             ),
             subset_sizes=config.subset_sizes,
         ),
-        empty_service=cast(EmptyServicePolicy, config.empty_service),
+        empty_service=config.empty_service,
         startup_grace=config.startup_grace,
         max_services=config.max_services,
         max_backends_per_service=config.max_backends_per_service,
@@ -353,16 +352,7 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
     method on one port)."""
     balancer = balancer or build_balancer(config)
     source = _endpoint_source(config, balancer)
-    separate_registry = bool(config.tls_client_ca_file) and config.tls_client_auth == "registry"
-    if separate_registry and not config.registry_listen:
-        raise ConfigError(
-            "tls_client_ca_file with tls_client_auth=registry needs registry_listen: "
-            "Registry and Admin then get their own mTLS port"
-        )
-    if config.registry_listen and not separate_registry:
-        raise ConfigError(
-            "registry_listen is only used with tls_client_ca_file and tls_client_auth=registry"
-        )
+    separate_registry = config.separate_registry
     main_credentials = server_credentials(
         config.tls_cert_file,
         config.tls_key_file,

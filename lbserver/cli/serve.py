@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"lbserver serve: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level, config.log_format)  # type: ignore[arg-type]
+    configure_logging(config.log_level, config.log_format)
     from lbserver.server import serve
 
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -32,7 +31,7 @@ class Harness:
         self.channels: list[grpc.aio.Channel] = []
 
     async def start(self, balancer: Balancer | None = None, **changes: Any) -> RunningServer:
-        config = replace(TEST_CONFIG, **changes)
+        config = TEST_CONFIG.replace(**changes)
         running = await start(config, balancer or build_balancer(config))
         self.servers.append(running)
         return running

@@ -1,0 +1,300 @@
+"""The value types of the options: how a YAML or environment value becomes
+the option's type, and what each type looks like in JSON Schema.
+
+Every conversion error is a `PydanticCustomError` of type `lbserver`, whose
+message is final: the model turns it into a ConfigError naming the option
+(`_errors.py`). Bounds and enum-like choices are declared on the fields and
+checked by pydantic."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    WithJsonSchema,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
+from pydantic_settings import NoDecode
+
+from lbserver.discovery import WatchedService
+from lbserver.errors import ConfigError
+from lbserver.logs import LogFormat
+
+# Upper bounds the code can honour: gRPC channel arguments are C ints, and a
+# google.protobuf.Duration (heartbeat intervals, TTLs, the stats interval) holds
+# at most about 292 years of nanoseconds; a day is more than any of them needs.
+MAX_DURATION = 86_400.0
+MAX_MESSAGE_BYTES = 2**31 - 1
+MAX_SERVICES = 100_000
+MAX_BACKENDS_PER_SERVICE = 100_000
+MAX_STREAMS = 1_000_000
+MAX_LIST_LENGTH = 10_000
+
+# The error type of every message written here (the model keeps it as is).
+ERROR_TYPE = "lbserver"
+
+
+def problem(text: str) -> PydanticCustomError:
+    # The text goes through the context: it may hold braces (a mapping).
+    return PydanticCustomError(ERROR_TYPE, "{problem}", {"problem": text})
+
+
+# --- durations --------------------------------------------------------------
+
+DURATION_PATTERN = r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$"
+_DURATION = re.compile(DURATION_PATTERN)
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def seconds(value: Any) -> float:
+    """3, 2.5, "2.5", "500ms", "3s", "2m", "1h" → seconds."""
+    if isinstance(value, bool):
+        raise problem(f"expected seconds, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(str(value))
+    if not match:
+        raise problem(f"expected seconds like 3, 2.5s or 500ms, got {value!r}")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+class _Seconds:
+    """A float that may be written with a unit; in JSON Schema a number or a
+    string of that pattern (the field's bounds apply to the number)."""
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_before_validator_function(seconds, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        number = handler(schema)
+        return {**number, "type": ["number", "string"], "pattern": DURATION_PATTERN}
+
+
+Duration = Annotated[float, _Seconds()]
+# The two kinds of duration options: those where 0 disables something, and
+# the others.
+# (The bounds go before the unit parser, or JSON Schema misses them.)
+Seconds = Annotated[float, Field(ge=0, le=MAX_DURATION), _Seconds()]
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_DURATION), _Seconds()]
+
+
+def is_duration(metadata: list[Any]) -> bool:
+    """Whether a field with this pydantic metadata is a Duration."""
+    return any(isinstance(item, _Seconds) for item in metadata)
+
+
+# --- scalars ----------------------------------------------------------------
+
+
+def _whole_number(value: Any) -> int:
+    if isinstance(value, bool) or not re.fullmatch(r"-?\d+", str(value).strip()):
+        raise problem(f"expected a whole number, got {value!r}")
+    return int(str(value).strip())
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool):
+        raise problem(f"expected a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return float(str(value).strip())
+    except ValueError:
+        raise problem(f"expected a number, got {value!r}") from None
+
+
+def _string(value: Any) -> str:
+    # YAML reads `listen: 8080` as a number; the option is still the text.
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise problem(f"expected a string, got {value!r}")
+    return str(value)
+
+
+Int = Annotated[int, BeforeValidator(_whole_number)]
+Float = Annotated[float, BeforeValidator(_number)]
+Str = Annotated[str, BeforeValidator(_string)]
+
+EmptyServicePolicy = Literal["fallback", "hold"]
+LogLevel = Literal["debug", "info", "warning", "error"]  # lbserver.logs.LOG_LEVELS
+TlsClientAuth = Literal["registry", "all"]
+NameRule = Literal["exact", "host", "first_label"]
+EMPTY_SERVICE_POLICIES: tuple[str, ...] = get_args(EmptyServicePolicy)
+LOG_FORMATS: tuple[str, ...] = get_args(LogFormat)
+
+
+# --- addresses --------------------------------------------------------------
+
+
+def parse_host_port(option: str, value: str) -> tuple[str, int]:
+    """HOST:PORT or [IPV6]:PORT of an address to listen on (port 0: any free
+    port), the host as written (with brackets); ConfigError otherwise."""
+    try:
+        return _host_port(value)
+    except PydanticCustomError as exc:
+        raise ConfigError(f"{option}: {exc.message()}") from None
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d+)", value)
+    if not match:
+        raise problem(f"expected HOST:PORT, got {value!r}")
+    port = int(match.group(2))
+    if not 0 <= port <= 65535:
+        raise problem(f"port {port} is outside 0-65535")
+    return match.group(1), port
+
+
+def _address(value: str) -> str:
+    _host_port(value)
+    return value
+
+
+def _address_or_off(value: str) -> str:
+    return value if value in ("", "off") else _address(value)
+
+
+def _address_or_empty(value: str) -> str:
+    return value if value == "" else _address(value)
+
+
+Address = Annotated[Str, AfterValidator(_address)]
+AddressOrOff = Annotated[Str, AfterValidator(_address_or_off)]
+AddressOrEmpty = Annotated[Str, AfterValidator(_address_or_empty)]
+
+
+# --- lists and mappings -----------------------------------------------------
+
+
+def _names(value: Any) -> Any:
+    """`exact, host` (the environment) or a list → a tuple of stripped names."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise problem(f"expected a list, got {value!r}")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _pairs(value: Any) -> dict[str, Any]:
+    """`NAME=SERVICE[,NAME=SERVICE]` (the environment) or a mapping."""
+    if isinstance(value, str):
+        pairs: dict[str, Any] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            key, sep, mapped = item.partition("=")
+            if not sep or not key.strip() or not mapped.strip():
+                raise problem(f"expected NAME=SERVICE[,NAME=SERVICE], got {item!r}")
+            pairs[key.strip()] = mapped.strip()
+        return pairs
+    if not isinstance(value, Mapping):
+        raise problem(f"expected a mapping, got {value!r}")
+    return {str(key): item for key, item in value.items()}
+
+
+def _frozen(value: dict[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(value)
+
+
+NameRules = Annotated[tuple[NameRule, ...], NoDecode, BeforeValidator(_names)]
+Aliases = Annotated[Mapping[str, Str], NoDecode, BeforeValidator(_pairs), AfterValidator(_frozen)]
+SubsetSizes = Annotated[
+    Mapping[str, Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]],
+    NoDecode,
+    BeforeValidator(_pairs),
+    AfterValidator(_frozen),
+]
+
+
+# --- Kubernetes discovery ---------------------------------------------------
+
+WatchMode = Literal["kubernetes", "both"]
+_WATCH_KEYS = ("service", "namespace", "kubernetes_service", "port_name", "mode")
+WATCH_ENTRY_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "service": {
+            "type": "string",
+            "description": "the name clients ask the balancer for",
+            "minLength": 1,
+        },
+        "namespace": {
+            "type": "string",
+            "description": "namespace of the Service (default: default)",
+            "minLength": 1,
+        },
+        "kubernetes_service": {
+            "type": "string",
+            "description": "the Kubernetes Service (default: service)",
+            "minLength": 1,
+        },
+        "port_name": {"type": "string", "description": "the Service port, by name"},
+        "mode": {"enum": list(get_args(WatchMode))},
+    },
+    "required": ["service"],
+}
+assert tuple(WATCH_ENTRY_SCHEMA["properties"]) == _WATCH_KEYS
+
+
+def _watched_services(value: Any) -> tuple[WatchedService, ...]:
+    """A list of {service, namespace, kubernetes_service, port_name, mode};
+    in the environment, the same list as JSON."""
+    if isinstance(value, tuple) and all(isinstance(item, WatchedService) for item in value):
+        return value
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as exc:
+            raise problem(f"expected a JSON list of services: {exc}") from None
+    if not isinstance(value, list):
+        raise problem(f"expected a list of services, got {value!r}")
+    watched = [_watched_service(index, item) for index, item in enumerate(value)]
+    names = [w.service for w in watched]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise problem(f"services listed twice: {duplicates}")
+    return tuple(watched)
+
+
+def _watched_service(index: int, item: Any) -> WatchedService:
+    def fail(text: str) -> PydanticCustomError:
+        # "[index]: ..." follows the option's name without a colon (_errors.py).
+        return problem(f"[{index}]: {text}")
+
+    if not isinstance(item, dict):
+        raise fail(f"expected a mapping, got {item!r}")
+    unknown = sorted(set(item) - set(_WATCH_KEYS))
+    if unknown:
+        raise fail(f"unknown keys {unknown}; known: {', '.join(_WATCH_KEYS)}")
+    service = str(item.get("service", "")).strip()
+    if not service:
+        raise fail("'service' is required")
+    mode = str(item.get("mode", "both"))
+    if mode not in get_args(WatchMode):
+        raise fail(f"mode must be 'kubernetes' or 'both', not {mode!r}")
+    return WatchedService(
+        service=service,
+        namespace=str(item.get("namespace", "default")),
+        kubernetes_service=str(item.get("kubernetes_service", service)),
+        port_name=str(item.get("port_name", "")),
+        mode=mode,  # type: ignore[arg-type]
+    )
+
+
+WatchedServices = Annotated[
+    tuple[WatchedService, ...],
+    NoDecode,
+    BeforeValidator(_watched_services),
+    WithJsonSchema({"type": "array", "items": WATCH_ENTRY_SCHEMA}),
+]
