@@ -7,10 +7,16 @@ balancer, the registrar or grpcio.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 from lbserver.errors import InvalidValueError
 
-__all__ = ["DEFAULT_BALANCER_PORT", "join_host_port", "parse_host_port"]
+__all__ = [
+    "DEFAULT_BALANCER_PORT",
+    "join_host_port",
+    "parse_host_port",
+    "parse_listen_address",
+]
 
 # The balancer's gRPC port (BalanceLoad, Registry, Admin).
 DEFAULT_BALANCER_PORT = 11810
@@ -48,3 +54,19 @@ def parse_host_port(value: str, *, default_port: int | None = None) -> tuple[str
 
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+_LISTEN = re.compile(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d+)")
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """Splits an address to listen on, ``HOST:PORT`` or ``[IPV6]:PORT``: the
+    host as written (brackets kept, for the bind string; empty: every
+    interface) and the port (0: any free port). InvalidValueError otherwise."""
+    match = _LISTEN.fullmatch(value)
+    if not match:
+        raise InvalidValueError(f"expected HOST:PORT, got {value!r}")
+    port = int(match.group(2))
+    if not 0 <= port <= 65535:
+        raise InvalidValueError(f"port {port} is outside 0-65535")
+    return match.group(1), port

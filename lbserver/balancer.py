@@ -14,7 +14,6 @@ import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 import structlog
 
@@ -25,7 +24,15 @@ from lbserver.domain.clientstats import ClientStatsBook, gone_services
 from lbserver.domain.membership import Membership, TtlPolicy
 from lbserver.domain.model import Backend, Registration
 from lbserver.domain.naming import NameRules, resolve
-from lbserver.domain.publish import Draft, ListBuilder, ListSettings, ServicePlan, decide, due
+from lbserver.domain.publish import (
+    Draft,
+    EmptyServicePolicy,
+    ListBuilder,
+    ListSettings,
+    ServicePlan,
+    decide,
+    due,
+)
 from lbserver.domain.publish import same_member as _same_member
 from lbserver.domain.serverlist import ServerList, build_server_list, list_counts
 from lbserver.domain.subsetting import subset_positions
@@ -55,8 +62,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger("lbserver.balancer")
-
-EmptyServicePolicy = Literal["fallback", "hold"]
 
 # A gap between timer ticks longer than this means the process was paused.
 PAUSE_THRESHOLD = 2.0

@@ -26,9 +26,12 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import PydanticCustomError, core_schema
 from pydantic_settings import NoDecode
 
+from lbserver.addresses import parse_listen_address
 from lbserver.discovery import WatchedService
-from lbserver.errors import ConfigError
+from lbserver.domain.publish import EmptyServicePolicy as EmptyServicePolicy
+from lbserver.errors import ConfigError, InvalidValueError
 from lbserver.logs import LogFormat
+from lbserver.logs import LogLevel as LogLevel
 
 # Upper bounds the code can honour: gRPC channel arguments are C ints, and a
 # google.protobuf.Duration (heartbeat intervals, TTLs, the stats interval) holds
@@ -128,8 +131,7 @@ Int = Annotated[int, BeforeValidator(_whole_number)]
 Float = Annotated[float, BeforeValidator(_number)]
 Str = Annotated[str, BeforeValidator(_string)]
 
-EmptyServicePolicy = Literal["fallback", "hold"]
-LogLevel = Literal["debug", "info", "warning", "error"]  # lbserver.logs.LOG_LEVELS
+
 TlsClientAuth = Literal["registry", "all"]
 NameRule = Literal["exact", "host", "first_label"]
 EMPTY_SERVICE_POLICIES: tuple[str, ...] = get_args(EmptyServicePolicy)
@@ -143,19 +145,16 @@ def parse_host_port(option: str, value: str) -> tuple[str, int]:
     """HOST:PORT or [IPV6]:PORT of an address to listen on (port 0: any free
     port), the host as written (with brackets); ConfigError otherwise."""
     try:
-        return _host_port(value)
-    except PydanticCustomError as exc:
-        raise ConfigError(f"{option}: {exc.message()}") from None
+        return parse_listen_address(value)
+    except InvalidValueError as exc:
+        raise ConfigError(f"{option}: {exc}") from None
 
 
 def _host_port(value: str) -> tuple[str, int]:
-    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[^:\[\]]*):(\d+)", value)
-    if not match:
-        raise problem(f"expected HOST:PORT, got {value!r}")
-    port = int(match.group(2))
-    if not 0 <= port <= 65535:
-        raise problem(f"port {port} is outside 0-65535")
-    return match.group(1), port
+    try:
+        return parse_listen_address(value)
+    except InvalidValueError as exc:
+        raise problem(str(exc)) from None
 
 
 def _address(value: str) -> str:

@@ -30,6 +30,10 @@ from lbserver.domain.weights import SheddingSettings
 # elsewhere (tests use it to script exact lists with drop entries in place).
 ListBuilder = Callable[[str, list[Backend], float], ServerList]
 
+# What a client of a service with no list is told: `fallback` (use your
+# resolver's addresses) or `hold` (nothing: keep your last list).
+EmptyServicePolicy = Literal["fallback", "hold"]
+
 # publish: send the draft now. unpublish: the service has no list any more.
 # unchanged: the published list is the draft's. drifting: a small share
 # change, held back by the hysteresis. deferred: rate-limited, due later.
