@@ -87,19 +87,17 @@ def service_name(value: str) -> str:
     return text
 
 
+PROXY_HELP = "run a local gRPC proxy that balances every call through a grpclb balancer"
+PROXY_DESCRIPTION = (
+    "Listens for gRPC calls (any service, any method) and forwards each one to a "
+    "backend chosen from the balancer's server list, so agents that open one "
+    "long-lived connection are balanced per call. Runs until SIGTERM or SIGINT, "
+    "then stops taking calls and lets running ones finish."
+)
+
+
 def _add_proxy_parser(commands: Any) -> None:
-    parser = add_command(
-        commands,
-        "proxy",
-        run=run_proxy,
-        help="run a local gRPC proxy that balances every call through a grpclb balancer",
-        description=(
-            "Listens for gRPC calls (any service, any method) and forwards each one to a "
-            "backend chosen from the balancer's server list, so agents that open one "
-            "long-lived connection are balanced per call. Runs until SIGTERM or SIGINT, "
-            "then stops taking calls and lets running ones finish."
-        ),
-    )
+    parser = add_command(commands, "proxy", run_proxy, PROXY_HELP, PROXY_DESCRIPTION)
     parser.add_argument(
         "--listen",
         required=True,
@@ -200,19 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULT_CHECK_ADDRESS = "127.0.0.1:11800"
 
 
+CHECK_HELP = "exit 0 if the proxy accepts connections (an exec probe for the sidecar)"
+CHECK_DESCRIPTION = (
+    "Connects to the proxy's listening address and exits 0 if it accepts the "
+    "connection, 1 if not. Use it as the sidecar's startupProbe (exec): the "
+    "kubelet's tcpSocket probe dials the pod IP, and a proxy listening on "
+    "127.0.0.1 only is not reachable there."
+)
+
+
 def _add_check_parser(commands: Any) -> None:
-    parser = add_command(
-        commands,
-        "check",
-        run=run_check,
-        help="exit 0 if the proxy accepts connections (an exec probe for the sidecar)",
-        description=(
-            "Connects to the proxy's listening address and exits 0 if it accepts the "
-            "connection, 1 if not. Use it as the sidecar's startupProbe (exec): the "
-            "kubelet's tcpSocket probe dials the pod IP, and a proxy listening on "
-            "127.0.0.1 only is not reachable there."
-        ),
-    )
+    parser = add_command(commands, "check", run_check, CHECK_HELP, CHECK_DESCRIPTION)
     parser.add_argument(
         "--address",
         type=host_port,
@@ -229,21 +225,19 @@ def _add_check_parser(commands: Any) -> None:
     )
 
 
+DEMO_HELP = "run a self-contained demo: connection balancing vs lbserver"
+DEMO_DESCRIPTION = (
+    "Starts a balancer, two groups of three demo backends (one at half capacity) "
+    "and two groups of six clients with long-lived channels and skewed call rates: "
+    "one group balanced like a Kubernetes Service (one connection, one backend), "
+    "one through lbserver (agent_shim's balanced channel). Prints a live table of "
+    "each backend's share of calls and utilization, stops by itself and exits 0. "
+    "Everything binds 127.0.0.1."
+)
+
+
 def _add_demo_parser(commands: Any) -> None:
-    parser = add_command(
-        commands,
-        "demo",
-        run=run_demo,
-        help="run a self-contained demo: connection balancing vs lbserver",
-        description=(
-            "Starts a balancer, two groups of three demo backends (one at half capacity) "
-            "and two groups of six clients with long-lived channels and skewed call rates: "
-            "one group balanced like a Kubernetes Service (one connection, one backend), "
-            "one through lbserver (agent_shim's balanced channel). Prints a live table of "
-            "each backend's share of calls and utilization, stops by itself and exits 0. "
-            "Everything binds 127.0.0.1."
-        ),
-    )
+    parser = add_command(commands, "demo", run_demo, DEMO_HELP, DEMO_DESCRIPTION)
     parser.add_argument(
         "--duration",
         type=bounded_seconds(4, 3600),

@@ -165,10 +165,9 @@ def command_parser(
 def add_command(
     commands: Any,
     name: str,
-    *,
+    run: Callable[[argparse.Namespace], int],
     help: str,
     description: str,
-    run: Callable[[argparse.Namespace], int],
     **extra: Any,
 ) -> argparse.ArgumentParser:
     """A subcommand whose `run(args)` run_command calls; add its options to

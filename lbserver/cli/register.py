@@ -177,19 +177,17 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
     )
 
 
+REGISTER_HELP = "register a backend with the balancers and heartbeat until stopped"
+REGISTER_DESCRIPTION = (
+    "Registers one backend with every given balancer and heartbeats until "
+    "SIGTERM or SIGINT, then drains (--drain-seconds), deregisters it from every "
+    "balancer and exits 0. A balancer given by DNS name (a headless Service) is "
+    "re-resolved every interval and every address gets its own heartbeats."
+)
+
+
 def add_parser(subparsers: Any) -> None:
-    parser = add_command(
-        subparsers,
-        "register",
-        run=run,
-        help="register a backend with the balancers and heartbeat until stopped",
-        description=(
-            "Registers one backend with every given balancer and heartbeats until "
-            "SIGTERM or SIGINT, then drains (--drain-seconds), deregisters it from every "
-            "balancer and exits 0. A balancer given by DNS name (a headless Service) is "
-            "re-resolved every interval and every address gets its own heartbeats."
-        ),
-    )
+    parser = add_command(subparsers, "register", run, REGISTER_HELP, REGISTER_DESCRIPTION)
     parser.add_argument(
         "--balancer",
         action="append",

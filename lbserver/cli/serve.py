@@ -12,20 +12,17 @@ from lbserver.config import load_config
 from lbserver.errors import ConfigError
 from lbserver.logs import configure_logging
 
+SERVE_HELP = "run the balancer"
+SERVE_DESCRIPTION = (
+    "Run the balancer: grpclb, Registry, Admin, health and reflection on one gRPC "
+    "port, Prometheus metrics on another. Runs with no configuration at all. "
+    "Options come from embedded defaults, then --config, then LBSERVER_* "
+    "environment variables, then these flags."
+)
+
 
 def add_parser(commands: Any) -> None:
-    parser = add_command(
-        commands,
-        "serve",
-        run=run,
-        help="run the balancer",
-        description=(
-            "Run the balancer: grpclb, Registry, Admin, health and reflection on one gRPC "
-            "port, Prometheus metrics on another. Runs with no configuration at all. "
-            "Options come from embedded defaults, then --config, then LBSERVER_* "
-            "environment variables, then these flags."
-        ),
-    )
+    parser = add_command(commands, "serve", run, SERVE_HELP, SERVE_DESCRIPTION)
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
     parser.add_argument(
         "--listen", metavar="HOST:PORT", help="gRPC address (default 0.0.0.0:11810)"

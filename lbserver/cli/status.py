@@ -93,16 +93,18 @@ _STATE_NAMES = {
 }
 
 
+STATUS_HELP = "show a balancer's services, backends, weights, load and clients"
+STATUS_DESCRIPTION = "Shows what one balancer knows, read through its Admin API."
+STATUS_EPILOG = (
+    "Exit codes: 0 ok, 1 balancer unreachable or call failed, 2 bad options, "
+    "3 no such service (--service names a service the balancer does not know; the "
+    "known ones are listed on stderr)."
+)
+
+
 def add_parser(subparsers: Any) -> None:
     parser = add_command(
-        subparsers,
-        "status",
-        run=run,
-        help="show a balancer's services, backends, weights, load and clients",
-        description="Shows what one balancer knows, read through its Admin API.",
-        epilog="Exit codes: 0 ok, 1 balancer unreachable or call failed, 2 bad options, "
-        "3 no such service (--service names a service the balancer does not know; the "
-        "known ones are listed on stderr).",
+        subparsers, "status", run, STATUS_HELP, STATUS_DESCRIPTION, epilog=STATUS_EPILOG
     )
     parser.add_argument(
         "--balancer",
