@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, Protocol
 
 from agent_shim import _h2
 from agent_shim._grpc_wire import (
@@ -182,13 +182,10 @@ class Stream:
     def _credit_client(self, amount: int) -> None:
         client = self.client
         client.credit(amount)
-        if self.req_end or self.closed:
-            return
-        self._c_unacked += amount
-        if self._c_unacked >= _h2.STREAM_WINDOW // 4:
-            self.c_recv += self._c_unacked
-            client.send(_h2.window_update(self.csid, self._c_unacked))
-            self._c_unacked = 0
+        if not (self.req_end or self.closed):
+            self._c_unacked, self.c_recv = _acknowledge(
+                client, self.csid, self._c_unacked + amount, self.c_recv
+            )
 
     def no_replay(self) -> None:
         """From now on the stream cannot be replayed: what was sent is dropped."""
@@ -283,13 +280,10 @@ class Stream:
         if conn is None:
             return
         conn.credit(amount)
-        if self.resp_end or self.closed:
-            return
-        self._b_unacked += amount
-        if self._b_unacked >= _h2.STREAM_WINDOW // 4:
-            self.b_recv += self._b_unacked
-            conn.send(_h2.window_update(self.bsid, self._b_unacked))
-            self._b_unacked = 0
+        if not (self.resp_end or self.closed):
+            self._b_unacked, self.b_recv = _acknowledge(
+                conn, self.bsid, self._b_unacked + amount, self.b_recv
+            )
 
     def pump_response(self) -> None:
         client = self.client
@@ -505,3 +499,17 @@ class StreamConnection(_h2.Connection):
             self.blocked.clear()
             for stream in blocked:
                 self._pump(stream)
+
+
+class _Sender(Protocol):
+    def send(self, data: bytes) -> None: ...
+
+
+def _acknowledge(conn: _Sender, stream_id: int, unacked: int, window: int) -> tuple[int, int]:
+    """Bytes of one side's stream written to the other side are acknowledged
+    (WINDOW_UPDATE) once they reach a quarter of the stream window, not one
+    frame at a time; the (unacked, window) that follow."""
+    if unacked >= _h2.STREAM_WINDOW // 4:
+        conn.send(_h2.window_update(stream_id, unacked))
+        return 0, window + unacked
+    return unacked, window
