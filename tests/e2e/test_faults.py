@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+from google.protobuf import duration_pb2
 
+from lbserver.proto.v1 import lbserver_pb2, lbserver_pb2_grpc
 from tests.e2e.conftest import E2E_BALANCER_ENV
 from tests.support.backends import call_stub, grpclb_channel
 from tests.support.dns import DnsServer
@@ -29,6 +31,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
 INTERVAL = 0.5
 TTL = 3.0
+# Calls each remaining backend serves after a fault is dealt with: the
+# callers' progress, not seconds, is how long the checks that nothing more is
+# lost look (a slow machine is watched for as many calls as a fast one).
+ROUNDS = 100
+CANARY = "canary"
+CANARY_PORT = 9  # discard: nothing is ever sent there (the canary is draining)
 
 
 @dataclass
@@ -80,6 +88,34 @@ def listed(balancer: BalancerProcess, backend: BackendProcess) -> bool:
     )
 
 
+def registered(balancer: BalancerProcess, instance_id: str) -> bool:
+    service = balancer.service_state("faults")
+    return service is not None and any(b.instance_id == instance_id for b in service.backends)
+
+
+def canary_heartbeat(balancer: BalancerProcess) -> None:
+    """Registers CANARY, draining (never in a list), with the registrars' TTL."""
+    ttl = duration_pb2.Duration()
+    ttl.FromNanoseconds(int(TTL * 1e9))
+    with balancer.channel() as channel:
+        lbserver_pb2_grpc.RegistryStub(channel).Heartbeat(
+            lbserver_pb2.HeartbeatRequest(
+                service="faults",
+                instance_id=CANARY,
+                ip="127.0.0.1",
+                port=CANARY_PORT,
+                state=lbserver_pb2.BACKEND_STATE_DRAINING,
+                requested_ttl=ttl,
+            ),
+            timeout=5,
+        )
+    wait_until(lambda: registered(balancer, CANARY), timeout=5, message="the canary")
+
+
+def calls_after(traffic: Traffic, backends: list[BackendProcess], after: float, calls: int) -> bool:
+    return all(traffic.calls_to(b.backend_name, after=after) >= calls for b in backends)
+
+
 def test_backend_sigkill_loses_only_calls_in_flight(cluster: Cluster) -> None:
     victim = cluster.backends[0]
     with start_traffic(cluster) as traffic:
@@ -89,7 +125,13 @@ def test_backend_sigkill_loses_only_calls_in_flight(cluster: Cluster) -> None:
         # The registrar's probe finds it dead: out of every list well within the TTL.
         wait_until(lambda: not listed(cluster.balancer, victim), timeout=TTL, message="listed")
         out_at = time.monotonic()
-        time.sleep(1.0)
+        # Traffic past the drain, counted in calls rather than seconds: a
+        # call lost after the drain would be among these.
+        wait_until(
+            lambda: calls_after(traffic, cluster.backends[1:], out_at, ROUNDS),
+            timeout=10,
+            message="traffic after the drain",
+        )
     report("backend SIGKILL", traffic)
     lost = traffic.failures()
     assert len(lost) <= THREADS, lost
@@ -107,7 +149,13 @@ def test_hung_backend_is_drained_and_comes_back(cluster: Cluster) -> None:
         hung_at = time.monotonic()
         wait_until(lambda: not listed(cluster.balancer, victim), timeout=TTL, message="listed")
         drained_at = time.monotonic()
-        time.sleep(1.5)
+        # Hung on past the drain for as many calls (not seconds) on every
+        # machine: the losses checked below cover the calls started meanwhile.
+        wait_until(
+            lambda: calls_after(traffic, cluster.backends[1:], drained_at + 0.5, ROUNDS),
+            timeout=10,
+            message="traffic after the drain",
+        )
         victim.send_signal(signal.SIGCONT)
         resumed_at = time.monotonic()
         wait_until(lambda: listed(cluster.balancer, victim), timeout=10, message="not back")
@@ -129,10 +177,19 @@ def test_balancer_stall_loses_nothing_and_expires_nobody(cluster: Cluster) -> No
     with start_traffic(cluster) as traffic:
         warm(traffic, cluster)
         cluster.balancer.send_signal(signal.SIGSTOP)
+        # The fault itself: the balancer's clock runs on while it is stopped,
+        # and the stall must outlast every TTL on it (a real process: no fake
+        # clock), so this is a duration, not a wait for anything.
         time.sleep(TTL + 2.0)  # longer than every backend's TTL
         cluster.balancer.send_signal(signal.SIGCONT)
         resumed_at = time.monotonic()
-        time.sleep(1.0)
+        # Its first timer tick after the stall, which expires whoever is past
+        # their TTL, logs the pause: the backends are checked after it.
+        wait_until(
+            lambda: "balancer was paused" in cluster.balancer.logs(),
+            timeout=10,
+            message="the balancer's first tick after the stall",
+        )
         for backend in cluster.backends:
             assert listed(cluster.balancer, backend), f"{backend.backend_name} expired"
         wait_until(
@@ -153,6 +210,10 @@ def test_registrar_restart_loses_nothing(cluster: Cluster, processes: ProcessMan
     with start_traffic(cluster) as traffic:
         warm(traffic, cluster)
         victim.kill()
+        # The marker for "past the old registration's TTL": a canary heartbeat
+        # sent now, with the same TTL, expires after it would have (draining,
+        # so no call goes to the canary's made-up address).
+        canary_heartbeat(cluster.balancer)
         processes.start_registrar(
             balancers=[cluster.balancer.address],
             service="faults",
@@ -162,9 +223,15 @@ def test_registrar_restart_loses_nothing(cluster: Cluster, processes: ProcessMan
             args=["--instance-id", backend.backend_name],
         )
         restarted_at = time.monotonic()
-        for _ in range(int(TTL / 0.25) + 4):  # beyond the old registration's TTL
+
+        def past_the_old_ttl() -> bool:
+            # The canary is looked up first: an expiry it shows is one the
+            # check of the backend that follows already sees.
+            gone = not registered(cluster.balancer, CANARY)
             assert listed(cluster.balancer, backend)
-            time.sleep(0.25)
+            return gone
+
+        wait_until(past_the_old_ttl, timeout=TTL + 10, message="the canary's expiry")
         wait_until(
             lambda: traffic.calls_to(backend.backend_name, after=restarted_at + TTL) > 0,
             timeout=10,

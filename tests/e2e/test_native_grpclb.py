@@ -29,6 +29,7 @@ from tests.support.backends import (
     grpclb_channel,
 )
 from tests.support.dns import DnsServer
+from tests.support.eventually import eventually_blocking
 from tests.support.processes import BalancerProcess, ProcessManager, RegistrarProcess
 
 from .conftest import E2E_BALANCER_ENV, FleetFactory
@@ -38,6 +39,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 CALL_TIMEOUT = 5.0  # deadline of every test call
 BALANCE_CALLS = 400
 BALANCE_TOLERANCE = 0.05  # +- 5 percentage points
+# Calls each remaining backend gets after a removal's cutoff: how far past it
+# the check that the removed one gets none looks.
+ROUNDS = 20
 
 
 def _publish(dns: DnsServer, name: str, balancer: BalancerProcess) -> None:
@@ -201,7 +205,15 @@ def _remove_first_backend_under_load(
         call_until_served(stub, list(fleet))
         with CallLoop(stub) as loop:
             cutoff = end_registrar(registrars[0])
-            time.sleep(max(0.0, cutoff + 2.0 - time.monotonic()))
+            # Past the cutoff by calls, not seconds: the client goes round its
+            # list, so had the first backend still been in it, it would have
+            # had its share of these.
+            eventually_blocking(
+                lambda: all(b.calls_since(cutoff) >= ROUNDS for b in list(fleet)[1:]),
+                f"{ROUNDS} calls to each other backend after the cutoff",
+                within=max(0.0, cutoff - time.monotonic()) + 10,
+                detail=fleet.counts,
+            )
         _assert_no_failures(loop)
 
     late = fleet[0].calls_since(cutoff)
@@ -316,7 +328,11 @@ def test_balancer_restart_keeps_clients_working(
         with CallLoop(stub) as loop:
             balancer.kill()
             down_at = time.monotonic()
-            time.sleep(1.5)
+            eventually_blocking(
+                lambda: all(b.calls_since(down_at + 0.5) for b in first),
+                "calls while the balancer is down",
+                detail=fleet.counts,
+            )
             assert all(b.calls_since(down_at + 0.5) for b in first), (
                 f"calls stopped while the balancer was down: {fleet.counts()}"
             )

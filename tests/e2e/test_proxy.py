@@ -16,13 +16,16 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import grpc
 import pytest
 
+from agent_shim._selector import Selector
 from agent_shim.proxy import (
     MAX_ATTEMPTS,
+    BackendPool,
     forwardable,
 )
 from tests.support.backends import CountingBackend, call_stub
@@ -94,6 +97,14 @@ async def rig() -> AsyncIterator[Rig]:
 
 def _md(metadata: Any) -> dict[str, str | bytes]:
     return {key: value for key, value in metadata}
+
+
+def _picks(selector: Selector[BackendPool], token: str) -> bool:
+    """Whether the selector's next pick is the backend listed with `token`
+    (the pick is given back at once, as a call that reached its backend)."""
+    choice = selector.choose()
+    selector.finished(choice, reached_backend=True)
+    return choice.token == token
 
 
 # ---- metadata, messages and status ------------------------------------------------------
@@ -206,7 +217,11 @@ async def test_stop_lets_running_calls_finish_within_the_grace(rig: Rig) -> None
     assert await call.read() == b"before"
     assert rig.server is not None
     stopping = asyncio.create_task(rig.server.stop(grace=5))
-    await asyncio.sleep(0.2)
+    proxy = rig.proxy
+    assert proxy is not None
+    await eventually(
+        lambda: proxy.clients and all(c.goaway_sent for c in proxy.clients), "the GOAWAY"
+    )
     await call.write(b"during the grace")
     assert await call.read() == b"during the grace"
     await call.done_writing()
@@ -352,7 +367,9 @@ async def test_a_call_waits_for_a_backend_to_appear(rig: Rig) -> None:
     a = await rig.backend("a")
     channel = await rig.start([], no_backend_wait=5)
     call = channel.unary_unary(UNARY, None, None)(b"x", timeout=CALL_TIMEOUT)
-    await asyncio.sleep(0.3)
+    proxy = rig.proxy
+    assert proxy is not None
+    await eventually(lambda: proxy.active, "the call waiting at the proxy")
     rig.balancer.set_list([a.entry()])
     assert await call == b"a:x"
 
@@ -404,7 +421,9 @@ async def test_replay_waits_for_a_stream_still_being_written(rig: Rig) -> None:
     await call.write(b"m1")
     await refuser.wait_calls(1)
     rig.balancer.set_list([good.entry()])
-    await asyncio.sleep(0.2)  # the selector takes the new list
+    selector = rig.selector
+    assert selector is not None
+    await eventually(partial(_picks, selector, "good"), "the selector on the new list")
     await call.done_writing()  # the refuser answers UNAVAILABLE now: replay on good
     assert [m async for m in call] == [b"m0", b"m1"]
     assert good.messages() == [b"m0", b"m1"]
@@ -428,7 +447,7 @@ async def test_concurrent_streams_survive_a_backend_crash(rig: Rig) -> None:
         return reply
 
     calls = [asyncio.create_task(one_stream()) for _ in range(40)]
-    await asyncio.sleep(0.15)
+    await eventually(lambda: sum(len(b.calls) for b in backends) >= 40, "40 streams started")
     assert backends[0].calls, "the crash should hit streams in flight"
     await backends[0].stop(None)
     replies = await asyncio.gather(*calls)

@@ -19,8 +19,10 @@ from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from tests.service.conftest import TEST_CONFIG, Harness
+from tests.support.eventually import eventually
 
-QUIET = 0.3  # how long "nothing more arrives" is watched
+# How long read_nothing() looks: a glance, as the marker after it is the proof.
+QUIET = 0.05
 
 
 class Stream:
@@ -53,6 +55,10 @@ class Stream:
         return response
 
     async def read_nothing(self) -> None:
+        """Nothing is waiting to be read. Alone it proves little (a push may
+        be late), so each test follows it with a change whose push must be
+        the next message read: the balancer pushes in order, so a push the
+        test did not want would come first."""
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._read()), QUIET)
 
@@ -82,7 +88,9 @@ def addresses(response: lb.LoadBalanceResponse) -> list[str]:
     ]
 
 
-async def open_stream(harness: Harness, name: str, **changes: Any) -> tuple[Stream, object]:
+async def open_stream(
+    harness: Harness, name: str, **changes: Any
+) -> tuple[Stream, grpc.aio.Channel]:
     running = await harness.start(**changes)
     channel = harness.channel(running)
     stream = Stream(channel)
@@ -125,10 +133,14 @@ async def test_zero_stats_interval_disables_reports(harness: Harness) -> None:
 
 
 async def test_unknown_service_gets_fallback_once(harness: Harness) -> None:
-    stream, _ = await open_stream(harness, "nobody:11800")
+    stream, channel = await open_stream(harness, "nobody:11800")
     assert (await stream.read()).HasField("initial_response")
     assert (await stream.read()).HasField("fallback_response")
     await stream.read_nothing()
+    # The marker: once the service appears, its list is the next message, so
+    # no second fallback came before it.
+    await pb_grpc.RegistryStub(channel).Heartbeat(heartbeat("nobody", 3))
+    assert addresses(await stream.read()) == ["10.0.0.3:11800"]
 
 
 async def test_startup_grace_withholds_fallback(harness: Harness) -> None:
@@ -138,7 +150,8 @@ async def test_startup_grace_withholds_fallback(harness: Harness) -> None:
     await stream.send_initial("oap")
     assert (await stream.read()).HasField("initial_response")
     await stream.read_nothing()
-    # A registration arriving during the grace is sent at once.
+    # A registration arriving during the grace is sent at once (and, as the
+    # next message, shows no fallback was sent before it).
     await registry.Heartbeat(heartbeat("oap", 1))
     assert addresses(await stream.read()) == ["10.0.0.1:11800"]
 
@@ -160,7 +173,8 @@ async def test_vanilla_list_then_updates_and_no_identical_pushes(harness: Harnes
     await registry.Heartbeat(heartbeat("oap", 1))
     await stream.read_nothing()
 
-    # A weight change pushes a new list; tokens stay stable.
+    # A weight change pushes a new list; tokens stay stable. (Being the next
+    # message, it shows the refresh pushed nothing, even late.)
     await registry.Heartbeat(heartbeat("oap", 2, weight=3))
     second = await stream.read()
     assert addresses(second).count("10.0.0.2:11800") == 3
@@ -208,6 +222,10 @@ async def test_hold_policy_keeps_clients_on_their_last_list(harness: Harness) ->
     await stream.read()
     await registry.Deregister(pb.DeregisterRequest(service="oap", instance_id="pod-1"))
     await stream.read_nothing()
+    # The marker: the list of a backend registered after the deregistration
+    # comes next, so no fallback was pushed for the empty service, late or not.
+    await registry.Heartbeat(heartbeat("oap", 2))
+    assert addresses(await stream.read()) == ["10.0.0.2:11800"]
 
 
 async def test_initially_empty_then_backends_arrive(harness: Harness) -> None:
@@ -245,12 +263,13 @@ async def test_client_stats_are_summed_per_service(harness: Harness) -> None:
             )
         )
     admin = pb_grpc.AdminStub(channel)
-    for _ in range(50):
+
+    async def both_reports() -> pb.GetStateResponse | None:
         state = await admin.GetState(pb.GetStateRequest(service="oap"))
-        stats = state.services[0].client_stats
-        if stats.calls_started == 12:
-            break
-        await asyncio.sleep(0.05)
+        return state if state.services[0].client_stats.calls_started == 12 else None
+
+    state = await eventually(both_reports, "both reports summed")
+    stats = state.services[0].client_stats
     assert stats.calls_started == 12
     assert stats.calls_finished == 12
     assert stats.calls_finished_known_received == 10

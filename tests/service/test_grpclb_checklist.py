@@ -12,10 +12,13 @@ from lbserver.balancer import Balancer
 from lbserver.domain.model import Backend
 from lbserver.domain.serverlist import DROP_TOKEN, ServerList, build_server_list
 from lbserver.domain.weights import static_weights
+from lbserver.proto.v1 import lbserver_pb2 as pb
 from tests.service.conftest import Harness
 from tests.service.grpclb_client import Client, admin_state, balancer_for, register
 from tests.support.backends import BackendFleet, CountingBackend
 from tests.support.dns import DnsServer
+from tests.support.eventually import eventually
+from tests.support.log_capture import captured_logs, logged
 
 
 async def test_vanilla_every_backend_gets_calls_with_its_token(
@@ -66,7 +69,16 @@ async def test_initially_empty_then_backends_arrive(
     # A balancer that just started says nothing for unknown services, so the
     # client waits instead of falling back.
     running = await balancer_for(harness, dns, fallback_backend, startup_grace=30.0)
-    pending = asyncio.ensure_future(client.calls(1))
+    with captured_logs() as capture:
+        pending = asyncio.ensure_future(client.calls(1))
+        # The balancer logs the connection after taking the stream's answer
+        # and before writing it, on this test's loop: once the line shows,
+        # whatever it had to say (a fallback, were it wrong) is on its way.
+        await eventually(lambda: logged(capture, "client connected"), "the client's stream")
+    # What C-core's grpclb client does with an answer shows nowhere until it
+    # calls a backend: no marker can prove it received none, so it gets a
+    # second, counted from the answer, to make a fallback call that must not
+    # come (and the fallback backend's count below would show a late one).
     await asyncio.sleep(1.0)
     assert not pending.done()
     await register(running, harness, fleet[0])
@@ -98,11 +110,12 @@ async def test_drops_are_honoured_and_reported(
     codes = await client.calls(60)
     assert codes.count(grpc.StatusCode.UNAVAILABLE) == 20
     assert fleet.total() == 40
-    for _ in range(60):  # stats arrive every second
+
+    async def drops_reported() -> pb.ClientCallStats | None:  # stats arrive every second
         stats = (await admin_state(harness, running)).client_stats
-        if stats.calls_dropped_by_token.get(DROP_TOKEN, 0) >= 20:
-            break
-        await asyncio.sleep(0.1)
+        return stats if stats.calls_dropped_by_token.get(DROP_TOKEN, 0) >= 20 else None
+
+    stats = await eventually(drops_reported, "20 drops reported")
     assert stats.calls_dropped_by_token[DROP_TOKEN] >= 20
 
 
@@ -118,11 +131,12 @@ async def test_client_load_reporting(
     await client.until_served(fleet[0])
     assert await client.calls(25) == [grpc.StatusCode.OK] * 25
     expected = fleet[0].count
-    for _ in range(60):
+
+    async def calls_reported() -> pb.ClientCallStats | None:
         stats = (await admin_state(harness, running)).client_stats
-        if stats.calls_finished >= expected:
-            break
-        await asyncio.sleep(0.1)
+        return stats if stats.calls_finished >= expected else None
+
+    stats = await eventually(calls_reported, f"{expected} finished calls reported")
     assert stats.calls_started == expected
     assert stats.calls_finished == expected
     assert stats.calls_finished_known_received == expected

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import grpc
 import pytest
-import structlog
 from structlog.testing import LogCapture
 
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb
@@ -16,22 +14,18 @@ from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from tests.service.harness import Harness
+from tests.support.eventually import eventually
+from tests.support.log_capture import captured_logs, logged
 
 
 @pytest.fixture
 def events() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    previous = structlog.get_config()
-    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
-    try:
+    with captured_logs() as capture:
         yield capture
-    finally:
-        # Other tests capture info-level events: leave the configuration as found.
-        structlog.configure(**previous)
 
 
 def find(capture: LogCapture, event: str) -> MutableMapping[str, Any]:
-    matches = [entry for entry in capture.entries if entry["event"] == event]
+    matches = logged(capture, event)
     assert matches, f"no {event!r} in {[e['event'] for e in capture.entries]}"
     return matches[0]
 
@@ -58,7 +52,8 @@ async def test_events_name_service_and_peer(harness: Harness, events: LogCapture
     )
     async for _ in call:
         pass
-    await asyncio.sleep(0.1)
+    # The balancer logs the disconnection after the call has ended for us.
+    await eventually(lambda: logged(events, "client disconnected"), "the disconnection logged")
     for event in ("backend joined", "backend state changed", "backend left"):
         entry = find(events, event)
         assert entry["service"] == "oap", entry

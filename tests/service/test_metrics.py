@@ -15,6 +15,7 @@ from tests.service.grpclb_client import Client, balancer_for, register
 from tests.service.harness import Harness
 from tests.support.backends import BackendFleet, CountingBackend
 from tests.support.dns import DnsServer
+from tests.support.eventually import eventually
 
 
 def samples(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -50,14 +51,14 @@ async def test_metrics_reflect_registrations_and_client_reported_calls(
     await client.until_served(fleet[0], fleet[1])
     await client.calls(40)
     served = fleet[0].count + fleet[1].count
-    for _ in range(60):
-        values = samples(registry)
-        started = values.get(
-            ("lbserver_client_calls_total", (("outcome", "started"), ("service", "svc"))), 0
-        )
-        if started >= served:
-            break
-        await asyncio.sleep(0.1)
+    started_key = ("lbserver_client_calls_total", (("outcome", "started"), ("service", "svc")))
+
+    def reported() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        found = samples(registry)
+        return found if found.get(started_key, 0) >= served else None
+
+    values = await eventually(reported, "the served calls reported")
+    started = values[started_key]
     key = (("instance", fleet[0].name), ("service", "svc"))
     other = (("instance", fleet[1].name), ("service", "svc"))
     assert started == served

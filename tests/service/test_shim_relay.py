@@ -72,8 +72,24 @@ def _received_at_least(client: RawClient, stream_id: int, size: int) -> bool:
     return len(client.received(stream_id)) >= size
 
 
+def _resets_at_least(backend: RawBackend, count: int) -> bool:
+    return len(backend.peers[0].of(h2.events.StreamReset)) >= count
+
+
 async def _requested(backend: RawBackend) -> None:
     await eventually(backend.requests, f"a request at backend {backend.name}")
+
+
+async def _caught_up(client: RawClient) -> None:
+    """A PING round trip: the relay answers it after handling every frame the
+    client sent before it, so whatever those frames made it send (window
+    updates, resets) has arrived by then."""
+    payload = struct.pack(">Q", len(client.of(h2.events.PingAckReceived)))
+    client.conn.ping(payload)
+    client.flush()
+    await client.wait(
+        lambda: any(e.ping_data == payload for e in client.of(h2.events.PingAckReceived))
+    )
 
 
 def _response_status(client: RawClient, stream_id: int) -> bytes | None:
@@ -177,13 +193,16 @@ async def test_a_backend_that_does_not_read_throttles_the_client_within_bounds(
     port = await relay.start(a, max_buffer_bytes=256 * 1024)
     client = await relay.client(port)
     sid = client.request(path=b"/test.Echo/Upload")
+    # With the backend's stream open, the relay credits only as it handles
+    # the client's frames (the backend acknowledges nothing).
+    await _requested(a)
     sent = 0
     chunk = message(b"d" * 16_379)  # 16 KiB gRPC messages
     # Send while the windows let us; the relay credits what it passed on.
     for _ in range(2000):
         window = client.conn.local_flow_control_window(sid)
         if window < len(chunk):
-            await asyncio.sleep(0.05)
+            await _caught_up(client)  # every credit due for what was sent is in
             if client.conn.local_flow_control_window(sid) < len(chunk):
                 break
             continue
@@ -333,7 +352,9 @@ async def test_stop_sends_goaway_and_lets_running_streams_finish(relay: Relay) -
     await client.wait(lambda: client.of(h2.events.ConnectionTerminated))
     [goaway] = client.of(h2.events.ConnectionTerminated)
     assert goaway.error_code == h2.errors.ErrorCodes.NO_ERROR and goaway.last_stream_id == sid
-    await asyncio.sleep(0.2)
+    # The GOAWAY is the marker: the stop writes it and goes on, in the same
+    # step, to wait for the running streams (or, wrongly, to end them), so it
+    # was there before this test saw the frame.
     assert not stopping.done() and relay.proxy.active == 1  # the stream still runs
     RawBackend.echo_headers(a.peers[0], 1, [], True)
     a.peers[0].flush()
@@ -386,7 +407,7 @@ async def test_bytes_held_for_a_stream_that_ends_are_given_back_to_its_connectio
     a.on_request = big_answer
     client = await relay.client(await relay.start(a))
     await client.wait(lambda: client.of(h2.events.RemoteSettingsChanged))
-    for _ in range(40):  # 40 x ~135 KiB held: beyond the 4 MiB connection window
+    for n in range(40):  # 40 x ~135 KiB held: beyond the 4 MiB connection window
         sid = client.request(end_stream=True)
         await client.wait(partial(_received_at_least, client, sid, 65_535))
         client.conn.reset_stream(sid, h2.errors.ErrorCodes.CANCEL)
@@ -394,7 +415,8 @@ async def test_bytes_held_for_a_stream_that_ends_are_given_back_to_its_connectio
         # the relay to 64 KiB of the response).
         client.conn.increment_flow_control_window(len(client.received(sid)))
         client.flush()
-        await asyncio.sleep(0.01)
+        # The backend's stream is reset before the next one opens.
+        await a.peers[0].wait(partial(_resets_at_least, a, n + 1))
     a.on_request = RawBackend.echo_headers
     sid = client.request(end_stream=True)
     await client.wait(partial(client.of, h2.events.StreamEnded, sid), limit=5)

@@ -4,7 +4,6 @@ Admin.GetState working and small, and the stats go with their service."""
 
 from __future__ import annotations
 
-import asyncio
 import random
 import string
 
@@ -15,6 +14,7 @@ from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from tests.service.conftest import Harness
 from tests.service.test_balance_load import Stream, heartbeat
+from tests.support.eventually import eventually
 
 TOKENS = 200_000
 # ~0.85 MB a message, under the server's 1 MiB message limit; 8 messages,
@@ -68,11 +68,12 @@ async def test_hostile_reports_leave_get_state_working_and_bounded(harness: Harn
             dropped.update({token: INT64_MAX, DROP_TOKEN: INT64_MAX})
         await stream.requests.put(stats_message(INT64_MAX if n < 2 else 0, dropped))
     reports = TOKENS // PER_MESSAGE
-    for _ in range(200):
+
+    async def all_reports() -> pb.GetStateResponse | None:
         state = await state_once(admin)
-        if state.services[0].client_stats.reports == reports:
-            break
-        await asyncio.sleep(0.05)
+        return state if state.services[0].client_stats.reports == reports else None
+
+    state = await eventually(all_reports, f"{reports} reports counted")
     stats = state.services[0].client_stats
     assert stats.reports == reports
     assert stats.calls_started == 2 * MAX_CALLS_PER_REPORT
