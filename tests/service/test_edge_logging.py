@@ -10,7 +10,6 @@ from typing import Any
 
 import grpc
 import pytest
-import structlog
 from prometheus_client import REGISTRY
 from structlog.testing import LogCapture
 
@@ -19,6 +18,7 @@ from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from tests.service.harness import Harness
+from tests.support.log_capture import captured_logs
 
 HEARTBEAT = pb.HeartbeatRequest(service="oap", instance_id="a", ip="10.0.0.1", port=11800)
 MEBIBYTE = 1024 * 1024
@@ -27,13 +27,8 @@ SUPPRESSING = LogLimiter.SUPPRESSING
 
 @pytest.fixture
 def events() -> Iterator[LogCapture]:
-    capture = LogCapture()
-    previous = structlog.get_config()
-    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
-    try:
+    with captured_logs() as capture:
         yield capture
-    finally:
-        structlog.configure(**previous)
 
 
 def named(capture: LogCapture, event: str) -> list[dict[str, Any]]:
