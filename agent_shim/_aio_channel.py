@@ -39,7 +39,8 @@ from agent_shim._common import (
     remaining,
     with_token,
 )
-from agent_shim._selector import Choice, Selector, ShimError
+from agent_shim._errors import ShimError
+from agent_shim._selector import Choice, Selector
 
 # grpcio's classes are generic only in their type stubs.
 if TYPE_CHECKING:
