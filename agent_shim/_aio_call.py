@@ -40,18 +40,6 @@ log = get_logger("agent_shim.aio_channel")
 
 _WRITE_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
-# grpcio's classes are generic only in their type stubs.
-if TYPE_CHECKING:
-    _UnaryUnaryCallBase = grpc.aio.UnaryUnaryCall[Any, Any]
-    _UnaryStreamCallBase = grpc.aio.UnaryStreamCall[Any, Any]
-    _StreamUnaryCallBase = grpc.aio.StreamUnaryCall[Any, Any]
-    _StreamStreamCallBase = grpc.aio.StreamStreamCall[Any, Any]
-else:
-    _UnaryUnaryCallBase = grpc.aio.UnaryUnaryCall
-    _UnaryStreamCallBase = grpc.aio.UnaryStreamCall
-    _StreamUnaryCallBase = grpc.aio.StreamUnaryCall
-    _StreamStreamCallBase = grpc.aio.StreamStreamCall
-
 
 def local_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """The error of a call that ended before any backend was tried."""
@@ -400,21 +388,21 @@ class BalancedCall:
             self.cancel()
 
 
-class UnaryUnaryCall(BalancedCall, _UnaryUnaryCallBase):
+class UnaryUnaryCall(BalancedCall, grpc.aio.UnaryUnaryCall[Any, Any]):
     def __await__(self) -> Generator[Any, None, Any]:
         return self._response().__await__()
 
 
-class UnaryStreamCall(BalancedCall, _UnaryStreamCallBase):
+class UnaryStreamCall(BalancedCall, grpc.aio.UnaryStreamCall[Any, Any]):
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._responses()
 
 
-class StreamUnaryCall(BalancedCall, _StreamUnaryCallBase):
+class StreamUnaryCall(BalancedCall, grpc.aio.StreamUnaryCall[Any, Any]):
     def __await__(self) -> Generator[Any, None, Any]:
         return self._response().__await__()
 
 
-class StreamStreamCall(BalancedCall, _StreamStreamCallBase):
+class StreamStreamCall(BalancedCall, grpc.aio.StreamStreamCall[Any, Any]):
     def __aiter__(self) -> AsyncIterator[Any]:
         return self._responses()

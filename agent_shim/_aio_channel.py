@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import weakref
 from collections.abc import Callable, Collection, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Unpack
+from typing import Any, ClassVar, Unpack
 
 import grpc
 
@@ -41,18 +41,6 @@ from agent_shim._common import (
 )
 from agent_shim._errors import ShimError
 from agent_shim._selector import Choice, Selector
-
-# grpcio's classes are generic only in their type stubs.
-if TYPE_CHECKING:
-    _UnaryUnaryBase = grpc.aio.UnaryUnaryMultiCallable[Any, Any]
-    _UnaryStreamBase = grpc.aio.UnaryStreamMultiCallable[Any, Any]
-    _StreamUnaryBase = grpc.aio.StreamUnaryMultiCallable[Any, Any]
-    _StreamStreamBase = grpc.aio.StreamStreamMultiCallable[Any, Any]
-else:
-    _UnaryUnaryBase = grpc.aio.UnaryUnaryMultiCallable
-    _UnaryStreamBase = grpc.aio.UnaryStreamMultiCallable
-    _StreamUnaryBase = grpc.aio.StreamUnaryMultiCallable
-    _StreamStreamBase = grpc.aio.StreamStreamMultiCallable
 
 
 class _MultiCallable:
@@ -162,28 +150,20 @@ class _RequestStream(_MultiCallable):
         return self._call(stream, timeout, metadata, credentials, wait_for_ready, compression)
 
 
-class _UnaryUnary(_UnaryRequest, _UnaryUnaryBase):
+class _UnaryUnary(_UnaryRequest, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
     call_class = UnaryUnaryCall
 
 
-class _UnaryStream(_UnaryRequest, _UnaryStreamBase):
+class _UnaryStream(_UnaryRequest, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
     call_class = UnaryStreamCall
 
 
-class _StreamUnary(_RequestStream, _StreamUnaryBase):
+class _StreamUnary(_RequestStream, grpc.aio.StreamUnaryMultiCallable[Any, Any]):
     call_class = StreamUnaryCall
 
 
-class _StreamStream(_RequestStream, _StreamStreamBase):
+class _StreamStream(_RequestStream, grpc.aio.StreamStreamMultiCallable[Any, Any]):
     call_class = StreamStreamCall
-
-
-_MULTICALLABLES: dict[str, type[_MultiCallable]] = {
-    "unary_unary": _UnaryUnary,
-    "unary_stream": _UnaryStream,
-    "stream_unary": _StreamUnary,
-    "stream_stream": _StreamStream,
-}
 
 
 def _backend_channel_factory(
@@ -204,6 +184,8 @@ def _backend_channel_factory(
 
 class AioBalancedChannel(ChannelFactories, grpc.aio.Channel):
     """See `aio_balanced_channel`."""
+
+    multicallables = (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
 
     def __init__(
         self,
@@ -234,18 +216,6 @@ class AioBalancedChannel(ChannelFactories, grpc.aio.Channel):
         with contextlib.suppress(RuntimeError):  # no running loop: start on first use
             asyncio.get_running_loop()
             self.ensure_started()
-
-    def _multicallable(
-        self,
-        kind: str,
-        method: str,
-        request_serializer: Serializer,
-        response_deserializer: Deserializer,
-        registered: bool | None,
-    ) -> Any:
-        return _MULTICALLABLES[kind](
-            self, kind, method, request_serializer, response_deserializer, registered
-        )
 
     def ensure_started(self) -> None:
         if self._closed:

@@ -62,9 +62,19 @@ class _MultiCallable:
 
     request_stream: ClassVar[bool] = False
 
-    def __init__(self, owner: BalancedChannel, aio: Any) -> None:
+    def __init__(
+        self,
+        owner: BalancedChannel,
+        kind: str,
+        method: str,
+        request_serializer: Serializer,
+        response_deserializer: Deserializer,
+        registered: bool | None,
+    ) -> None:
         self._owner = owner
-        self._aio = aio
+        self._aio = getattr(owner.aio, kind)(
+            method, request_serializer, response_deserializer, registered
+        )
 
     def _start(
         self,
@@ -163,14 +173,6 @@ class _StreamStream(_StreamResponse, _StreamStreamBase):
     request_stream = True
 
 
-_MULTICALLABLES: dict[str, type[_MultiCallable]] = {
-    "unary_unary": _UnaryUnary,
-    "unary_stream": _UnaryStream,
-    "stream_unary": _StreamUnary,
-    "stream_stream": _StreamStream,
-}
-
-
 class RequestTape(Generic[T]):
     """Replays a request iterator: every attempt of a call reads its own view,
     which first yields what earlier views consumed (kept up to `limit`
@@ -238,6 +240,8 @@ def _safely(fn: Callable[[], object]) -> None:
 class BalancedChannel(ChannelFactories, grpc.Channel):
     """See `balanced_channel`."""
 
+    multicallables = (_UnaryUnary, _UnaryStream, _StreamUnary, _StreamStream)
+
     def __init__(
         self, balancer: str | Sequence[str], service: str, **arguments: Unpack[ChannelArguments]
     ) -> None:
@@ -251,11 +255,11 @@ class BalancedChannel(ChannelFactories, grpc.Channel):
         self._loop = LoopThread(f"agent-shim-{service}")
         try:
             # Made on its loop, where it starts at once.
-            self._aio = self._loop.call(lambda: AioBalancedChannel(balancer, service, **arguments))
+            self.aio = self._loop.call(lambda: AioBalancedChannel(balancer, service, **arguments))
         except BaseException:
             self._loop.shutdown()
             raise
-        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self._aio)
+        self._finalizer = weakref.finalize(self, _shutdown, self._loop, self.aio)
         # One lock orders connectivity deliveries and guards the executor.
         self._lock = threading.RLock()
         self._closed = False
@@ -269,24 +273,11 @@ class BalancedChannel(ChannelFactories, grpc.Channel):
             if channel is not None:
                 channel._deliver_connectivity()
 
-        self._aio.selector.add_listener(on_change)
+        self.aio.selector.add_listener(on_change)
 
     @property
     def selector(self) -> Selector[grpc.aio.Channel]:
-        return self._aio.selector
-
-    def _multicallable(
-        self,
-        kind: str,
-        method: str,
-        request_serializer: Serializer,
-        response_deserializer: Deserializer,
-        registered: bool | None,
-    ) -> Any:
-        aio = getattr(self._aio, kind)(
-            method, request_serializer, response_deserializer, registered
-        )
-        return _MULTICALLABLES[kind](self, aio)
+        return self.aio.selector
 
     def start(
         self, make: Callable[[], Any], deadline: float | None, *, unary_response: bool

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypedDict, TypeVar
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 import grpc
 
@@ -114,17 +114,11 @@ class ChannelArguments(TypedDict, total=False):
 
 class ChannelFactories:
     """grpc.Channel's and grpc.aio.Channel's four multicallable factories,
-    with grpc's fixed signatures; a channel makes them in `_multicallable`."""
+    with grpc's fixed signatures. A channel names the classes they make, in
+    this order; each is made as cls(channel, kind, method, request_serializer,
+    response_deserializer, registered)."""
 
-    def _multicallable(
-        self,
-        kind: str,
-        method: str,
-        request_serializer: Serializer,
-        response_deserializer: Deserializer,
-        registered: bool | None,
-    ) -> Any:
-        raise NotImplementedError
+    multicallables: ClassVar[tuple[type[Any], type[Any], type[Any], type[Any]]]
 
     def unary_unary(
         self,
@@ -134,7 +128,7 @@ class ChannelFactories:
         _registered_method: bool | None = False,
     ) -> Any:
         args = (method, request_serializer, response_deserializer, _registered_method)
-        return self._multicallable("unary_unary", *args)
+        return self.multicallables[0](self, "unary_unary", *args)
 
     def unary_stream(
         self,
@@ -144,7 +138,7 @@ class ChannelFactories:
         _registered_method: bool | None = False,
     ) -> Any:
         args = (method, request_serializer, response_deserializer, _registered_method)
-        return self._multicallable("unary_stream", *args)
+        return self.multicallables[1](self, "unary_stream", *args)
 
     def stream_unary(
         self,
@@ -154,7 +148,7 @@ class ChannelFactories:
         _registered_method: bool | None = False,
     ) -> Any:
         args = (method, request_serializer, response_deserializer, _registered_method)
-        return self._multicallable("stream_unary", *args)
+        return self.multicallables[2](self, "stream_unary", *args)
 
     def stream_stream(
         self,
@@ -164,4 +158,4 @@ class ChannelFactories:
         _registered_method: bool | None = False,
     ) -> Any:
         args = (method, request_serializer, response_deserializer, _registered_method)
-        return self._multicallable("stream_stream", *args)
+        return self.multicallables[3](self, "stream_stream", *args)
