@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from agent_shim._errors import DroppedCallError, NoBackendError, ShimError
+from agent_shim._errors import AlreadyStartedError, DroppedCallError, NoBackendError, ShimError
 from agent_shim._selector import LB_TOKEN_METADATA_KEY, Choice, Selector
 
 if TYPE_CHECKING:
@@ -44,6 +44,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "LB_TOKEN_METADATA_KEY",
+    "AlreadyStartedError",
     "Choice",
     "DroppedCallError",
     "NoBackendError",

@@ -4,13 +4,13 @@ metadata, deadlines and the rule for retrying a call on another backend."""
 from __future__ import annotations
 
 import time
-import weakref
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar, TypedDict, TypeVar
 
 import grpc
 
 from agent_shim._selector import LB_TOKEN_METADATA_KEY, Choice, Selector
+from lbserver.errors import InvalidArgumentError
 
 # Requests of a client-streaming call kept to replay it on another backend
 # when its first backend could not be reached; beyond this it is not retried.
@@ -22,7 +22,6 @@ Serializer = Callable[[Any], bytes] | None
 Deserializer = Callable[[bytes], Any] | None
 
 ChannelT = TypeVar("ChannelT")
-OwnerT = TypeVar("OwnerT")
 # Starts one attempt of a call on the chosen backend, with the time left.
 StartCall = Callable[[Choice[ChannelT], float | None], Any]
 
@@ -34,7 +33,7 @@ def balancer_addresses(balancer: str | Sequence[str]) -> tuple[str, ...]:
     parts = [balancer] if isinstance(balancer, str) else list(balancer)
     addresses = tuple(a.strip() for part in parts for a in part.split(",") if a.strip())
     if not addresses:
-        raise ValueError("at least one balancer address is needed")
+        raise InvalidArgumentError("balancer", "at least one balancer address is needed")
     return addresses
 
 
@@ -70,28 +69,8 @@ def expired(deadline: float | None) -> bool:
 
 def check_retry_buffer(retry_buffer_messages: int) -> int:
     if retry_buffer_messages < 0:
-        raise ValueError("retry_buffer_messages must not be negative")
+        raise InvalidArgumentError("retry_buffer_messages", "must not be negative")
     return retry_buffer_messages
-
-
-def backend_channel_factory(
-    insecure_channel: Callable[..., ChannelT],
-    secure_channel: Callable[..., ChannelT],
-    credentials: grpc.ChannelCredentials | None,
-    options: ChannelOptions,
-) -> Callable[[str], ChannelT]:
-    """How the Selector opens a channel to a backend address."""
-    backend_options = tuple(options)
-
-    # A plain closure, not a bound method: the Selector (on the sync channel,
-    # its loop thread) must not keep the balanced channel alive, so that an
-    # unclosed channel can still be collected.
-    def backend_channel(address: str) -> ChannelT:
-        if credentials is None:
-            return insecure_channel(address, options=backend_options)
-        return secure_channel(address, credentials, options=backend_options)
-
-    return backend_channel
 
 
 def start_attempt(
@@ -122,79 +101,24 @@ def attempt_ended(
     return early
 
 
-class MultiCallableBase(Generic[OwnerT, ChannelT]):
-    """What the multicallables of both balanced channels share: grpcio's
-    multicallable of the same method on each backend channel, and starting an
-    attempt there. `kind` is the grpc.Channel factory of the call type."""
+class ChannelArguments(TypedDict, total=False):
+    """The keyword arguments of both balanced channels (see `balanced_channel`)."""
 
-    kind: ClassVar[str]
-
-    def __init__(
-        self,
-        owner: OwnerT,
-        method: str,
-        request_serializer: Serializer,
-        response_deserializer: Deserializer,
-        registered: bool | None,
-    ) -> None:
-        self._owner = owner
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = registered
-        # One multicallable per backend channel, made on first use: creating
-        # one costs about as much as a small call.
-        self._per_channel: weakref.WeakKeyDictionary[ChannelT, Any] = weakref.WeakKeyDictionary()
-
-    def _on(self, channel: ChannelT) -> Any:
-        multicallable = self._per_channel.get(channel)
-        if multicallable is None:
-            multicallable = getattr(channel, self.kind)(
-                self._method,
-                request_serializer=self._serializer,
-                response_deserializer=self._deserializer,
-                _registered_method=self._registered,
-            )
-            self._per_channel[channel] = multicallable
-        return multicallable
-
-    def _starter(
-        self,
-        requests: Callable[[], Any],
-        metadata: Any,
-        credentials: grpc.CallCredentials | None,
-        wait_for_ready: bool | None,
-        compression: grpc.Compression | None,
-        *,
-        via: str | None = None,
-    ) -> StartCall[ChannelT]:
-        """Starts an attempt with `requests()` (read anew for each attempt),
-        by calling the backend's multicallable or its method `via`."""
-
-        def start(choice: Choice[ChannelT], left: float | None) -> Any:
-            multicallable = self._on(choice.channel)
-            if via is not None:
-                multicallable = getattr(multicallable, via)
-            return multicallable(
-                requests(),
-                timeout=left,
-                metadata=with_token(metadata, choice),
-                credentials=credentials,
-                wait_for_ready=wait_for_ready,
-                compression=compression,
-            )
-
-        return start
+    fallback: Sequence[str]
+    fallback_timeout: float
+    options: ChannelOptions
+    credentials: grpc.ChannelCredentials | None
+    retry_buffer_messages: int
+    selector_options: Mapping[str, Any] | None
 
 
 class ChannelFactories:
-    """grpc.Channel's and grpc.aio.Channel's four multicallable factories;
-    a channel names the class each one makes."""
+    """grpc.Channel's and grpc.aio.Channel's four multicallable factories,
+    with grpc's fixed signatures. A channel names the classes they make, in
+    this order; each is made as cls(channel, kind, method, request_serializer,
+    response_deserializer, registered)."""
 
-    unary_unary_class: ClassVar[type[Any]]
-    unary_stream_class: ClassVar[type[Any]]
-    stream_unary_class: ClassVar[type[Any]]
-    stream_stream_class: ClassVar[type[Any]]
+    multicallables: ClassVar[tuple[type[Any], type[Any], type[Any], type[Any]]]
 
     def unary_unary(
         self,
@@ -203,9 +127,8 @@ class ChannelFactories:
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
     ) -> Any:
-        return self.unary_unary_class(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
+        args = (method, request_serializer, response_deserializer, _registered_method)
+        return self.multicallables[0](self, "unary_unary", *args)
 
     def unary_stream(
         self,
@@ -214,9 +137,8 @@ class ChannelFactories:
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
     ) -> Any:
-        return self.unary_stream_class(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
+        args = (method, request_serializer, response_deserializer, _registered_method)
+        return self.multicallables[1](self, "unary_stream", *args)
 
     def stream_unary(
         self,
@@ -225,9 +147,8 @@ class ChannelFactories:
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
     ) -> Any:
-        return self.stream_unary_class(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
+        args = (method, request_serializer, response_deserializer, _registered_method)
+        return self.multicallables[2](self, "stream_unary", *args)
 
     def stream_stream(
         self,
@@ -236,6 +157,5 @@ class ChannelFactories:
         response_deserializer: Deserializer = None,
         _registered_method: bool | None = False,
     ) -> Any:
-        return self.stream_stream_class(
-            self, method, request_serializer, response_deserializer, _registered_method
-        )
+        args = (method, request_serializer, response_deserializer, _registered_method)
+        return self.multicallables[3](self, "stream_stream", *args)

@@ -1,4 +1,11 @@
-"""The errors agent_shim raises; all of them mean UNAVAILABLE to a caller."""
+"""The errors agent_shim raises (argument errors are lbserver.errors'
+InvalidArgumentError, a ValueError):
+
+    ShimError
+    ├── NoBackendError       no backend can take a call (UNAVAILABLE)
+    ├── DroppedCallError     the balancer's list dropped the call (UNAVAILABLE)
+    └── AlreadyStartedError  Selector.start() called twice (also a RuntimeError)
+"""
 
 from __future__ import annotations
 
@@ -19,3 +26,7 @@ class DroppedCallError(ShimError):
     def __init__(self, token: str) -> None:
         super().__init__(f"call dropped by the load balancer (token {token!r})")
         self.token = token
+
+
+class AlreadyStartedError(ShimError, RuntimeError):
+    """Selector.start() was called on a started selector."""

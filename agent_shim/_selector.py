@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import ipaddress
 import random
 import sys
 import threading
@@ -40,17 +39,12 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from agent_shim._balancer_call import (
-    BalancerCall,
-    BalancerCallError,
-    BalancerConnector,
-    GrpcBalancerConnector,
-)
-from agent_shim._errors import DroppedCallError, NoBackendError, ShimError
+from agent_shim._balancer_call import BalancerConnector
+from agent_shim._balancer_stream import BalancerStream
+from agent_shim._errors import AlreadyStartedError, NoBackendError
 from agent_shim._picker import Picker, ServerEntry, StatsDelta
-from lbserver.backoff import Backoff
-from lbserver.logs import Logger, get_logger
-from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
+from lbserver.errors import InvalidArgumentError
+from lbserver.logs import get_logger
 
 # grpc is imported where a grpc.aio channel is made or looked at, not here:
 # the proxy runs the Selector without grpcio loaded at all.
@@ -58,15 +52,6 @@ if TYPE_CHECKING:
     import grpc
     import grpc.aio
 
-__all__ = [
-    "LB_TOKEN_METADATA_KEY",
-    "Choice",
-    "DroppedCallError",
-    "NoBackendError",
-    "Selector",
-    "ShimError",
-    "aio_insecure_channel",
-]
 
 log = get_logger("agent_shim.selector")
 
@@ -74,11 +59,6 @@ ChannelT = TypeVar("ChannelT")
 
 LB_TOKEN_METADATA_KEY = "lb-token"
 
-# gRPC C-core's reconnect backoff for the balancer call.
-BALANCER_BACKOFF = Backoff(initial=1.0, multiplier=1.6, maximum=120.0, jitter=0.2)
-MIN_RECONNECT_INTERVAL = 1.0
-# C-core raises shorter report intervals to 1 s.
-MIN_STATS_INTERVAL = 1.0
 DEFAULT_RETIRE_GRACE = 30.0
 
 
@@ -95,12 +75,6 @@ class Choice(Generic[ChannelT]):
     @property
     def metadata(self) -> tuple[tuple[str, str], ...]:
         return ((LB_TOKEN_METADATA_KEY, self.token),) if self.token else ()
-
-
-def aio_insecure_channel(address: str) -> grpc.aio.Channel:
-    import grpc.aio
-
-    return grpc.aio.insecure_channel(address)
 
 
 def _is_aio_channel(channel: object) -> bool:
@@ -122,35 +96,6 @@ class _Slot(Generic[ChannelT]):
     channel: ChannelT
     in_flight: int = 0
     retire_timer: asyncio.TimerHandle | None = field(default=None, repr=False)
-
-
-def server_address(server: lb_pb2.Server) -> str | None:
-    """`ip:port` / `[v6]:port` of a list entry, None when it is malformed."""
-    if not 0 < server.port < 65536:
-        return None
-    try:
-        ip = ipaddress.ip_address(server.ip_address)
-    except ValueError:
-        return None
-    host = f"[{ip}]" if ip.version == 6 else str(ip)
-    return f"{host}:{server.port}"
-
-
-def client_stats_message(delta: StatsDelta, now: float) -> lb_pb2.LoadBalanceRequest:
-    stats = lb_pb2.ClientStats(
-        num_calls_started=delta.calls_started,
-        num_calls_finished=delta.calls_finished,
-        num_calls_finished_with_client_failed_to_send=(
-            delta.calls_finished_with_client_failed_to_send
-        ),
-        num_calls_finished_known_received=delta.calls_finished_known_received,
-        calls_finished_with_drop=[
-            lb_pb2.ClientStatsPerToken(load_balance_token=token, num_calls=n)
-            for token, n in sorted(delta.calls_dropped_by_token.items())
-        ],
-    )
-    stats.timestamp.FromNanoseconds(int(now * 1e9))
-    return lb_pb2.LoadBalanceRequest(client_stats=stats)
 
 
 class Selector(Generic[ChannelT]):
@@ -178,13 +123,13 @@ class Selector(Generic[ChannelT]):
         it is skipped; by default grpc.aio channels in TRANSIENT_FAILURE are.
         `balancer_connector` opens the BalanceLoad calls (by default over
         grpc.aio channels made by `balancer_channel_factory`)."""
-        self._balancers = (balancers,) if isinstance(balancers, str) else tuple(balancers)
-        if not self._balancers:
-            raise ValueError("at least one balancer address is needed")
+        balancers = (balancers,) if isinstance(balancers, str) else tuple(balancers)
+        if not balancers:
+            raise InvalidArgumentError("balancers", "at least one balancer address is needed")
         if not service:
-            raise ValueError("the service name must not be empty")
+            raise InvalidArgumentError("service", "the service name must not be empty")
         if fallback_timeout < 0 or retire_grace < 0:
-            raise ValueError("timeouts must not be negative")
+            raise InvalidArgumentError("fallback_timeout, retire_grace", "must not be negative")
         self._service = service
         self._fallback = (fallback,) if isinstance(fallback, str) else tuple(fallback)
         self._channel_factory = channel_factory
@@ -192,8 +137,6 @@ class Selector(Generic[ChannelT]):
         self._fallback_timeout = fallback_timeout
         self._connection_failing = connection_failing
         self._default_connection_check = connection_failing is None
-        self._balancer_connector_arg = balancer_connector
-        self._balancer_channel_factory = balancer_channel_factory
         self._retire_grace = retire_grace
         self._rng = rng or random.Random()
         self._clock = time.monotonic
@@ -216,10 +159,17 @@ class Selector(Generic[ChannelT]):
         self._runner: asyncio.Task[None] | None = None
         self._fallback_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._balancer_connector: BalancerConnector | None = None
-        self._balancer_down_logged = False
         self._listeners: list[Callable[[], None]] = []
         self._log = log.bind(service=service)
+        self._stream = BalancerStream(
+            balancers,
+            service,
+            self,
+            self._log,
+            rng=self._rng,
+            connector=balancer_connector,
+            channel_factory=balancer_channel_factory,
+        )
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -229,7 +179,7 @@ class Selector(Generic[ChannelT]):
     def start_nowait(self) -> None:
         """start() for synchronous code running on the loop."""
         if self._loop is not None:
-            raise RuntimeError("the selector was already started")
+            raise AlreadyStartedError("the selector was already started")
         if self._closed:
             return
         self._loop = asyncio.get_running_loop()
@@ -239,7 +189,7 @@ class Selector(Generic[ChannelT]):
         self._fallback_timer = self._loop.call_later(
             self._fallback_timeout, self._on_fallback_timeout
         )
-        self._runner = self._loop.create_task(self._run(), name=f"grpclb-{self._service}")
+        self._runner = self._loop.create_task(self._stream.run(), name=f"grpclb-{self._service}")
 
     async def close(self) -> None:
         with self._lock:
@@ -262,8 +212,7 @@ class Selector(Generic[ChannelT]):
         # Pending closes of retired channels finish first; then the rest.
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._balancer_connector is not None:
-            await self._balancer_connector.close()
+        await self._stream.close()
         for slot in slots:
             await self._close_one(slot.channel)
         # Wake anyone still waiting for a list: there will be none, and
@@ -305,13 +254,6 @@ class Selector(Generic[ChannelT]):
 
     async def wait_settled(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         return await self._wait(self._settled, self._settled_async, timeout)
-
-    def wait_ready_blocking(self, timeout: float | None = None) -> bool:
-        """For threads other than the selector's loop."""
-        return self._ready.wait(timeout)
-
-    def wait_settled_blocking(self, timeout: float | None = None) -> bool:
-        return self._settled.wait(timeout)
 
     async def _wait(
         self, flag: threading.Event, event: asyncio.Event | None, limit: float | None
@@ -543,21 +485,9 @@ class Selector(Generic[ChannelT]):
         except Exception:
             self._log.exception("closing a backend channel failed")
 
-    def _on_server_list(self, message: lb_pb2.ServerList) -> None:
-        entries: list[ServerEntry] = []
-        invalid = 0
-        for server in message.servers:
-            if server.drop:
-                entries.append(ServerEntry("", server.load_balance_token, drop=True))
-                continue
-            address = server_address(server)
-            if address is None:
-                invalid += 1
-                continue
-            entries.append(ServerEntry(address, server.load_balance_token))
-        if invalid:
-            self._log.warning("ignoring malformed server list entries", count=invalid)
-        new = tuple(entries)
+    # ---- what the balancer stream tells (its ListSink) ----------------------------
+
+    def on_server_list(self, new: tuple[ServerEntry, ...]) -> None:
         # gRPC ignores a list identical to the last one (keeping its position).
         if new == self._server_list and not self._in_fallback:
             return
@@ -575,7 +505,7 @@ class Selector(Generic[ChannelT]):
             left_fallback=left_fallback,
         )
 
-    def _on_fallback_response(self) -> None:
+    def on_fallback_response(self) -> None:
         self._cancel_fallback_timer()
         if self._in_fallback:
             return
@@ -618,128 +548,10 @@ class Selector(Generic[ChannelT]):
             self._fallback_timer.cancel()
             self._fallback_timer = None
 
-    # ---- the balancer stream ----------------------------------------------------------
+    def take_stats(self) -> StatsDelta:
+        with self._lock:
+            return self._picker.take_stats()
 
-    async def _run(self) -> None:
-        attempt = 0  # failed rounds through all balancers since the last good stream
-        failures_in_round = 0
-        index = 0
-        last_reconnect = -MIN_RECONNECT_INTERVAL
-        while True:
-            address = self._balancers[index]
-            try:
-                started = await self._stream(address)
-            except Exception:
-                # A bug or an unexpected grpc error must not end balancing for
-                # good: log it and carry on as if the balancer had failed.
-                self._log.exception("the balancer stream failed unexpectedly", balancer=address)
-                started = False
-            if started:
-                # The stream had started: reconnect at once, to the same
-                # balancer; but not in a tight loop to one that keeps
-                # hanging up right after answering.
-                attempt = failures_in_round = 0
-                since = time.monotonic() - last_reconnect
-                if since < MIN_RECONNECT_INTERVAL:
-                    await asyncio.sleep(MIN_RECONNECT_INTERVAL - since)
-                last_reconnect = time.monotonic()
-                continue
-            index = (index + 1) % len(self._balancers)
-            failures_in_round += 1
-            if failures_in_round >= len(self._balancers):
-                failures_in_round = 0
-                attempt += 1
-                delay = BALANCER_BACKOFF.delay(attempt, self._rng)
-                self._log.debug("retrying the balancers later", delay=round(delay, 2))
-                await asyncio.sleep(delay)
-
-    def _balancer_call(self, address: str) -> BalancerCall:
-        if self._balancer_connector is None:
-            self._balancer_connector = self._balancer_connector_arg or GrpcBalancerConnector(
-                self._balancer_channel_factory
-            )
-        return self._balancer_connector.call(address)
-
-    async def _stream(self, address: str) -> bool:
-        """One BalanceLoad stream; True if it had started (got initial_response)."""
-        call = self._balancer_call(address)
-        started = False
-        reporter: asyncio.Task[None] | None = None
-        logger = self._log.bind(balancer=address)
-        try:
-            await call.write(
-                lb_pb2.LoadBalanceRequest(
-                    initial_request=lb_pb2.InitialLoadBalanceRequest(name=self._service)
-                )
-            )
-            first = await call.read()
-            if first is None:
-                self._balancer_failed(logger, "the balancer closed the stream before answering")
-                return False
-            if first.WhichOneof("load_balance_response_type") != "initial_response":
-                # grpc-go drops such a stream too.
-                self._balancer_failed(logger, "the first response was not initial_response")
-                return False
-            started = True
-            interval = first.initial_response.client_stats_report_interval.ToTimedelta()
-            seconds = interval.total_seconds()
-            with self._lock:
-                self._picker.reset_stats()
-            if seconds > 0:
-                reporter = asyncio.create_task(
-                    self._report_stats(call, max(MIN_STATS_INTERVAL, seconds), logger)
-                )
-            if self._balancer_down_logged:
-                logger.info("balancer reachable again", stats_interval=seconds)
-            else:
-                logger.debug("balancer stream started", stats_interval=seconds)
-            self._balancer_down_logged = False
-            while True:
-                message = await call.read()
-                if message is None:
-                    logger.info("the balancer ended the stream")
-                    return True
-                kind = message.WhichOneof("load_balance_response_type")
-                if kind == "server_list":
-                    self._on_server_list(message.server_list)
-                elif kind == "fallback_response":
-                    self._on_fallback_response()
-                else:
-                    logger.debug("ignoring an unexpected response", kind=kind)
-        except BalancerCallError as exc:
-            if started:
-                logger.warning("the balancer stream broke", code=exc.code, details=exc.details)
-            else:
-                self._balancer_failed(logger, str(exc))
-            return started
-        finally:
-            if reporter is not None:
-                reporter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await reporter
-            call.cancel()
-
-    def _balancer_failed(self, logger: Logger, reason: str) -> None:
-        # One warning per outage; the retries in between are debug noise.
-        if self._balancer_down_logged:
-            logger.debug("balancer unreachable", reason=reason)
-        else:
-            self._balancer_down_logged = True
-            logger.warning("balancer unreachable; retrying with backoff", reason=reason)
-
-    async def _report_stats(self, call: BalancerCall, interval: float, logger: Logger) -> None:
-        last_empty = False
-        while True:
-            await asyncio.sleep(interval)
-            with self._lock:
-                delta = self._picker.take_stats()
-            empty = delta.is_empty()
-            # C-core skips a report when this one and the last were both empty.
-            if empty and last_empty:
-                continue
-            last_empty = empty
-            try:
-                await call.write(client_stats_message(delta, time.time()))
-            except BalancerCallError as exc:
-                logger.debug("could not send client stats", error=str(exc))
-                return
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._picker.reset_stats()

@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 import pytest
 
-from agent_shim._selector import Choice, DroppedCallError, NoBackendError, Selector
+from agent_shim._errors import DroppedCallError, NoBackendError
+from agent_shim._selector import Choice, Selector
 from lbserver.balancer import Balancer
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc

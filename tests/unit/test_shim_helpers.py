@@ -6,10 +6,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from agent_shim._channel import LocalRpcError, RequestTape
+from agent_shim._balancer_stream import client_stats_message, server_address
+from agent_shim._channel import RequestTape
 from agent_shim._common import balancer_addresses, failed_before_backend, with_token
 from agent_shim._picker import StatsDelta
-from agent_shim._selector import Choice, client_stats_message, server_address
+from agent_shim._selector import Choice
+from agent_shim._sync_call import EndedCall as LocalRpcError
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 
 
