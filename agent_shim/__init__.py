@@ -21,11 +21,12 @@ from typing import TYPE_CHECKING, Any
 from agent_shim._errors import AlreadyStartedError, DroppedCallError, NoBackendError, ShimError
 from agent_shim._selector import LB_TOKEN_METADATA_KEY, Choice, Selector
 
+# One version for the project, lbserver's (pyproject reads it from there).
+from lbserver import __version__ as __version__
+
 if TYPE_CHECKING:
     from agent_shim._aio_channel import aio_balanced_channel
     from agent_shim._channel import balanced_channel
-
-__version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:

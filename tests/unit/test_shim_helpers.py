@@ -7,12 +7,12 @@ import grpc
 import pytest
 
 from agent_shim._balancer_stream import client_stats_message, server_address
-from agent_shim._channel import RequestTape
 from agent_shim._common import balancer_addresses, failed_before_backend, with_token
 from agent_shim._picker import StatsDelta
 from agent_shim._selector import Choice
 from agent_shim._sync_call import EndedCall as LocalRpcError
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
+from tests.support.request_tape import RequestTape
 
 
 def test_a_new_view_replays_what_earlier_views_consumed_then_continues() -> None:
