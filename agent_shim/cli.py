@@ -41,10 +41,10 @@ from agent_shim.proxy import (
 )
 from lbserver.addresses import join_host_port
 from lbserver.cli.options import (
+    add_balancers_option,
     add_command,
     add_logging_options,
     address_list,
-    balancer_list,
     bounded_seconds,
     command_parser,
     host_port,
@@ -106,13 +106,9 @@ def _add_proxy_parser(commands: Any) -> None:
         help="address to serve on, e.g. 127.0.0.1:11800 (point the agent's collector "
         "backend service here); IPv6 as [::1]:11800",
     )
-    parser.add_argument(
-        "--balancer",
-        action="append",
-        type=balancer_list,
-        required=True,
-        metavar="HOST[:PORT][,HOST[:PORT]...]",
-        help="grpclb balancer address(es) (lbserver serve), port 11810 if omitted; repeat "
+    add_balancers_option(
+        parser,
+        "grpclb balancer address(es) (lbserver serve), port 11810 if omitted; repeat "
         "the option or separate with commas; the next one is tried when one is unreachable",
     )
     parser.add_argument(

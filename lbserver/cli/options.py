@@ -13,6 +13,7 @@ from lbserver.addresses import DEFAULT_BALANCER_PORT, join_host_port, parse_host
 from lbserver.logs import LOG_FORMATS, LOG_LEVELS
 
 __all__ = [
+    "add_balancers_option",
     "add_command",
     "add_logging_options",
     "address",
@@ -125,6 +126,19 @@ def balancer_list(value: str) -> list[str]:
     if not parts:
         raise argparse.ArgumentTypeError(f"{value!r} names no balancer")
     return [balancer_address(part) for part in parts]
+
+
+def add_balancers_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """--balancer HOST[:PORT][,HOST[:PORT]...], repeatable and required: the
+    balancers as one list of lists (flatten with `balancers(args)`)."""
+    parser.add_argument(
+        "--balancer",
+        action="append",
+        type=balancer_list,
+        required=True,
+        metavar="HOST[:PORT][,HOST[:PORT]...]",
+        help=help,
+    )
 
 
 def add_logging_options(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:

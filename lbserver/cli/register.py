@@ -20,9 +20,9 @@ import structlog
 from lbserver.addresses import join_host_port
 from lbserver.cli._credentials import add_credential_options, channel_credentials, token_source
 from lbserver.cli.options import (
+    add_balancers_option,
     add_command,
     add_logging_options,
-    balancer_list,
     host_port,
     non_negative_seconds,
     positive_int,
@@ -188,13 +188,9 @@ REGISTER_DESCRIPTION = (
 
 def add_parser(subparsers: Any) -> None:
     parser = add_command(subparsers, "register", run, REGISTER_HELP, REGISTER_DESCRIPTION)
-    parser.add_argument(
-        "--balancer",
-        action="append",
-        type=balancer_list,
-        required=True,
-        metavar="HOST[:PORT][,HOST[:PORT]...]",
-        help="balancer address(es), port 11810 if omitted; repeat the option or separate "
+    add_balancers_option(
+        parser,
+        "balancer address(es), port 11810 if omitted; repeat the option or separate "
         "with commas. Every replica must get heartbeats (replicas share no state), and a "
         "DNS name such as the balancer's headless Service resolves to every replica: it "
         "is re-resolved every interval and every address gets its own heartbeats. List "
