@@ -105,18 +105,12 @@ class Watch:
     def current(self) -> tuple[int, Answer]:
         return self._slot.version, self._slot.answer
 
-    async def next(self, seen_version: int) -> tuple[int, Answer]:
-        """The newest answer once its version differs from `seen_version`."""
-        while self._slot.version == seen_version and not self._watches.closed:
-            await self._slot.changed.wait()
-        return self._slot.version, self._slot.answer
-
     def changed(self, seen_version: int) -> asyncio.Future[None] | None:
         """A future that completes when the answer next changes (or the
         balancer closes, or interrupt() is called); None when the answer's
         version already differs from `seen_version` or the balancer is closed.
-        The non-blocking form of next() for a stream that also waits for
-        something else."""
+        A stream awaits it beside its other inputs (client stats, the end of
+        the call)."""
         if self._slot.version != seen_version or self._watches.closed:
             return None
         waiter = self._waiter

@@ -159,11 +159,3 @@ def drop_share(backends: Sequence[Backend], settings: SheddingSettings) -> float
         return 0.0
     mean = math.fsum(u for u in utilizations if u is not None) / len(utilizations)
     return min(settings.max_drop_share, 1.0 - settings.utilization / mean)
-
-
-def drop_entries_for(share: float, backend_entries: int) -> int:
-    """Drop entries that make up `share` of a list with `backend_entries`
-    other entries."""
-    if share <= 0 or backend_entries <= 0:
-        return 0
-    return max(1, round(share / (1 - share) * backend_entries))

@@ -9,6 +9,15 @@ import pytest
 from lbserver.balancer import Answer, Balancer
 from lbserver.domain.membership import TtlPolicy, backend_token
 from lbserver.domain.model import BackendState, Registration
+from lbserver.watch import Watch
+
+
+async def next_answer(watch: Watch, seen_version: int) -> tuple[int, Answer]:
+    """The newest answer once its version differs from `seen_version`, waited
+    for as a BalanceLoad stream waits (Watch.changed)."""
+    while (waiter := watch.changed(seen_version)) is not None:
+        await waiter
+    return watch.current()
 
 
 class Clock:
@@ -76,7 +85,7 @@ async def test_watch_sees_changes_and_coalesces(clock: Clock) -> None:
     assert answer == Answer("fallback", service=None)
     balancer.heartbeat(registration(1))
     balancer.heartbeat(registration(2))
-    version, answer = await watch.next(version)
+    version, answer = await next_answer(watch, version)
     # Two changes, one wake-up, newest state.
     assert answer.kind == "list" and answer.servers is not None and len(answer.servers) == 2
     assert watch.service == "oap"

@@ -5,15 +5,24 @@ import ipaddress
 import pytest
 
 from lbserver.domain.model import Backend, BackendState, Capacity, LoadReport, Registration
+from lbserver.domain.serverlist import DROP_TOKEN, list_counts
 from lbserver.domain.weights import (
     LoadWeightSettings,
     SheddingSettings,
-    drop_entries_for,
     drop_share,
     estimate_capacity,
     load_aware_weights,
     update_capacity,
 )
+
+
+def drop_entries_for(share: float, backend_entries: int) -> int:
+    """Drop entries lbserver's list builder puts into the list of
+    `backend_entries` equal backends when `share` of the calls is shed."""
+    backends = [backend(n) for n in range(1, backend_entries + 1)]
+    counts = list_counts(backends, {b.token: 1.0 for b in backends}, drop_share=share)
+    return counts.get(DROP_TOKEN, 0)
+
 
 NO_BLACKOUT = LoadWeightSettings(blackout=0.0, smoothing=1.0)
 
