@@ -1,7 +1,10 @@
-"""`lbserver register`: the backend-side sidecar. Heartbeats one backend to
-every address of every balancer until SIGTERM or SIGINT, then drains,
-deregisters it and exits 0. With --load-url or --load-static each heartbeat
-carries the backend's load."""
+"""Registers one backend with every given balancer and heartbeats until SIGTERM
+or SIGINT, then drains (--drain-seconds), deregisters it from every balancer
+and exits 0. A balancer given by DNS name (a headless Service) is re-
+resolved every interval and every address gets its own heartbeats.
+"""
+
+# The docstring above is `lbserver register --help`'s description.
 
 from __future__ import annotations
 
@@ -177,17 +180,11 @@ def build_registrar(args: argparse.Namespace) -> Registrar:
     )
 
 
-REGISTER_HELP = "register a backend with the balancers and heartbeat until stopped"
-REGISTER_DESCRIPTION = (
-    "Registers one backend with every given balancer and heartbeats until "
-    "SIGTERM or SIGINT, then drains (--drain-seconds), deregisters it from every "
-    "balancer and exits 0. A balancer given by DNS name (a headless Service) is "
-    "re-resolved every interval and every address gets its own heartbeats."
-)
+HELP = "register a backend with the balancers and heartbeat until stopped"
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = add_command(subparsers, "register", run, REGISTER_HELP, REGISTER_DESCRIPTION)
+    parser = add_command(subparsers, "register", run, HELP, __doc__)
     add_balancers_option(
         parser,
         "balancer address(es), port 11810 if omitted; repeat the option or separate "

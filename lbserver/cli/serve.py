@@ -1,4 +1,10 @@
-"""`lbserver serve`: run the balancer."""
+"""Run the balancer: grpclb, Registry, Admin, health and reflection on one gRPC
+port, Prometheus metrics on another. Runs with no configuration at all.
+Options come from embedded defaults, then --config, then LBSERVER_*
+environment variables, then these flags.
+"""
+
+# The docstring above is `lbserver serve --help`'s description.
 
 from __future__ import annotations
 
@@ -12,17 +18,11 @@ from lbserver.config import load_config
 from lbserver.errors import ConfigError
 from lbserver.logs import configure_logging
 
-SERVE_HELP = "run the balancer"
-SERVE_DESCRIPTION = (
-    "Run the balancer: grpclb, Registry, Admin, health and reflection on one gRPC "
-    "port, Prometheus metrics on another. Runs with no configuration at all. "
-    "Options come from embedded defaults, then --config, then LBSERVER_* "
-    "environment variables, then these flags."
-)
+HELP = "run the balancer"
 
 
 def add_parser(commands: Any) -> None:
-    parser = add_command(commands, "serve", run, SERVE_HELP, SERVE_DESCRIPTION)
+    parser = add_command(commands, "serve", run, HELP, __doc__)
     parser.add_argument("--config", metavar="FILE", help="YAML configuration file")
     parser.add_argument(
         "--listen", metavar="HOST:PORT", help="gRPC address (default 0.0.0.0:11810)"

@@ -93,8 +93,8 @@ _STATE_NAMES = {
 }
 
 
-STATUS_HELP = "show a balancer's services, backends, weights, load and clients"
-STATUS_DESCRIPTION = "Shows what one balancer knows, read through its Admin API."
+HELP = "show a balancer's services, backends, weights, load and clients"
+DESCRIPTION = "Shows what one balancer knows, read through its Admin API."
 STATUS_EPILOG = (
     "Exit codes: 0 ok, 1 balancer unreachable or call failed, 2 bad options, "
     "3 no such service (--service names a service the balancer does not know; the "
@@ -103,9 +103,7 @@ STATUS_EPILOG = (
 
 
 def add_parser(subparsers: Any) -> None:
-    parser = add_command(
-        subparsers, "status", run, STATUS_HELP, STATUS_DESCRIPTION, epilog=STATUS_EPILOG
-    )
+    parser = add_command(subparsers, "status", run, HELP, DESCRIPTION, epilog=STATUS_EPILOG)
     parser.add_argument(
         "--balancer",
         type=balancer_address,

@@ -1,34 +1,21 @@
-"""The `agent-shim` command.
-
-    agent-shim proxy --listen HOST:PORT --balancer HOST[:PORT][,HOST[:PORT]...] --service NAME
-                     [--fallback HOST:PORT ...] [--max-buffer-bytes N] [--max-buffer-total N]
-                     [--max-message-bytes N] [--fallback-timeout S]
-                     [--no-backend-wait S] [--shutdown-grace S]
-                     [--log-level L] [--log-format F]
-    agent-shim check [--address HOST:PORT] [--timeout S]
-    agent-shim demo [--duration S] [--seed N] [--json]
-
-`proxy` exit codes: 0 after a clean stop (SIGTERM/SIGINT), 1 if it cannot
-listen, 2 for bad options. `check` (a startup or readiness probe for the
-sidecar: kubelet's tcpSocket probe dials the pod IP, which a proxy listening
-on 127.0.0.1 does not answer) exits 0 when the address accepts a connection,
-1 when it does not.
+"""Listens for gRPC calls (any service, any method) and forwards each one to a
+backend chosen from the balancer's server list, so agents that open one
+long-lived connection are balanced per call. Runs until SIGTERM or SIGINT,
+then stops taking calls and lets running ones finish.
 """
+
+# The docstring above is `agent-shim proxy --help`'s description.
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import signal
-import socket
-import sys
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
 import uvloop
 
-from agent_shim import __version__
 from agent_shim.proxy import (
     DEFAULT_MAX_BUFFER_BYTES,
     DEFAULT_MAX_BUFFER_TOTAL,
@@ -39,25 +26,19 @@ from agent_shim.proxy import (
     ProxyServer,
     attach_selector,
 )
-from lbserver.addresses import join_host_port
 from lbserver.cli.options import (
     add_balancers_option,
     add_command,
     add_logging_options,
     address_list,
-    bounded_seconds,
-    command_parser,
-    host_port,
     listen_address,
     non_negative_seconds,
-    positive_seconds,
-    run_command,
 )
-from lbserver.logs import configure_logging
+from lbserver.logs import configure_logging, get_logger
 
-__all__ = ["address_list", "build_parser", "byte_count", "listen_address", "main", "serve_proxy"]
+_log = get_logger("agent_shim.cli")
 
-_log: structlog.typing.FilteringBoundLogger = structlog.get_logger("agent_shim.cli")
+HELP = "run a local gRPC proxy that balances every call through a grpclb balancer"
 
 
 def byte_count(value: str) -> int:
@@ -87,17 +68,8 @@ def service_name(value: str) -> str:
     return text
 
 
-PROXY_HELP = "run a local gRPC proxy that balances every call through a grpclb balancer"
-PROXY_DESCRIPTION = (
-    "Listens for gRPC calls (any service, any method) and forwards each one to a "
-    "backend chosen from the balancer's server list, so agents that open one "
-    "long-lived connection are balanced per call. Runs until SIGTERM or SIGINT, "
-    "then stops taking calls and lets running ones finish."
-)
-
-
-def _add_proxy_parser(commands: Any) -> None:
-    parser = add_command(commands, "proxy", run_proxy, PROXY_HELP, PROXY_DESCRIPTION)
+def add_parser(commands: Any) -> None:
+    parser = add_command(commands, "proxy", run, HELP, __doc__)
     parser.add_argument(
         "--listen",
         required=True,
@@ -181,93 +153,7 @@ def _add_proxy_parser(commands: Any) -> None:
     add_logging_options(parser)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser, commands = command_parser(
-        "agent-shim", "Per-call gRPC balancing for clients without the grpclb policy.", __version__
-    )
-    _add_proxy_parser(commands)
-    _add_check_parser(commands)
-    _add_demo_parser(commands)
-    return parser
-
-
-DEFAULT_CHECK_ADDRESS = "127.0.0.1:11800"
-
-
-CHECK_HELP = "exit 0 if the proxy accepts connections (an exec probe for the sidecar)"
-CHECK_DESCRIPTION = (
-    "Connects to the proxy's listening address and exits 0 if it accepts the "
-    "connection, 1 if not. Use it as the sidecar's startupProbe (exec): the "
-    "kubelet's tcpSocket probe dials the pod IP, and a proxy listening on "
-    "127.0.0.1 only is not reachable there."
-)
-
-
-def _add_check_parser(commands: Any) -> None:
-    parser = add_command(commands, "check", run_check, CHECK_HELP, CHECK_DESCRIPTION)
-    parser.add_argument(
-        "--address",
-        type=host_port,
-        default=DEFAULT_CHECK_ADDRESS,
-        metavar="HOST:PORT",
-        help="the proxy's --listen address (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--timeout",
-        type=positive_seconds,
-        default=1.0,
-        metavar="S",
-        help="seconds to wait for the connection (default: %(default)s)",
-    )
-
-
-DEMO_HELP = "run a self-contained demo: connection balancing vs lbserver"
-DEMO_DESCRIPTION = (
-    "Starts a balancer, two groups of three demo backends (one at half capacity) "
-    "and two groups of six clients with long-lived channels and skewed call rates: "
-    "one group balanced like a Kubernetes Service (one connection, one backend), "
-    "one through lbserver (agent_shim's balanced channel). Prints a live table of "
-    "each backend's share of calls and utilization, stops by itself and exits 0. "
-    "Everything binds 127.0.0.1."
-)
-
-
-def _add_demo_parser(commands: Any) -> None:
-    parser = add_command(commands, "demo", run_demo, DEMO_HELP, DEMO_DESCRIPTION)
-    parser.add_argument(
-        "--duration",
-        type=bounded_seconds(4, 3600),
-        default=20.0,
-        metavar="S",
-        help="seconds to run, 4 to 3600 (default 20)",
-    )
-    parser.add_argument("--seed", type=int, default=7, help="seed for the client placement")
-    parser.add_argument("--json", action="store_true", help="print the final figures as JSON")
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    configure_logging("warning")
-    # Imported here: the demo loads grpcio and the balancer, the proxy neither.
-    from agent_shim.demo import main
-
-    return main(args.duration, args.seed, args.json)
-
-
-def run_check(args: argparse.Namespace) -> int:
-    host, port = args.address
-    try:
-        with socket.create_connection((host, port), timeout=args.timeout):
-            return 0
-    except OSError as err:
-        print(
-            f"agent-shim check: {join_host_port(host, port)} does not accept connections: "
-            f"{err.strerror or err}",
-            file=sys.stderr,
-        )
-        return 1
-
-
-def run_proxy(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_level, args.log_format)
     balancers = list(dict.fromkeys(a for group in args.balancer for a in group))
     fallback = list(dict.fromkeys(a for group in args.fallback for a in group))
@@ -346,11 +232,3 @@ async def serve_proxy(
         await selector.close()
         for sig in signals:
             loop.remove_signal_handler(sig)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(build_parser(), argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
