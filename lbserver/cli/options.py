@@ -181,11 +181,13 @@ def add_command(
     name: str,
     run: Callable[[argparse.Namespace], int],
     help: str,
-    description: str,
+    description: str | None,
     **extra: Any,
 ) -> argparse.ArgumentParser:
     """A subcommand whose `run(args)` run_command calls; add its options to
-    the parser returned. `extra` goes to ArgumentParser (epilog, ...)."""
+    the parser returned. `extra` goes to ArgumentParser (epilog, ...).
+    Commands pass their module's docstring as the description: None under
+    `python -OO`, which then only drops the paragraph from --help."""
     parser: argparse.ArgumentParser = commands.add_parser(
         name, help=help, description=description, **extra
     )
