@@ -15,7 +15,6 @@ import contextlib
 import ipaddress
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from types import TracebackType
 from typing import Protocol, Self
 
 import grpc
@@ -79,12 +78,7 @@ class ScriptedBalancer(lb_grpc.LoadBalancerServicer):
     async def __aenter__(self) -> Self:
         return await self.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.stop(grace=0)
 
     def serve(
