@@ -27,7 +27,6 @@ from lbserver.domain.naming import NameRules, resolve
 from lbserver.domain.publish import (
     Draft,
     EmptyServicePolicy,
-    ListBuilder,
     ListSettings,
     ServicePlan,
     decide,
@@ -54,7 +53,6 @@ __all__ = [
     "Balancer",
     "ClientCallStats",
     "EmptyServicePolicy",
-    "ListBuilder",
     "ListSettings",
     "ServicePlan",
     "ServiceView",
@@ -92,7 +90,6 @@ class Balancer:
         load_settings: LoadWeightSettings | None = None,
         weight_policy: WeightPolicy | None = None,
         list_settings: ListSettings | None = None,
-        list_builder: ListBuilder | None = None,
         empty_service: EmptyServicePolicy = "fallback",
         startup_grace: float = 0.0,
         max_services: int = 1000,
@@ -109,7 +106,6 @@ class Balancer:
             lambda backends, now: load_aware_weights(backends, now, load_settings)
         )
         self.list_settings = list_settings or ListSettings()
-        self._list_builder = list_builder
         self._empty_service = empty_service
         self._clock = clock
         self._wall_clock = wall_clock
@@ -252,9 +248,6 @@ class Balancer:
     # --- lists ----------------------------------------------------------
 
     def _draft(self, service: str, backends: list[Backend], now: float) -> Draft:
-        if self._list_builder is not None:
-            servers = self._list_builder(service, backends, now)
-            return Draft(tuple(backends), {}, None, servers)
         weights = self._weight_policy(backends, now)
         settings = self.list_settings
         counts = list_counts(

@@ -10,7 +10,7 @@ Pure: the caller passes the time and the service's publish history in.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,15 +20,10 @@ from lbserver.domain.serverlist import (
     DROP_TOKEN,
     ServerList,
     list_from_counts,
-    max_share_change,
     max_share_change_of,
     shares_of,
 )
 from lbserver.domain.weights import SheddingSettings
-
-# Replaces the whole weights → list pipeline for one service: a list made
-# elsewhere (tests use it to script exact lists with drop entries in place).
-ListBuilder = Callable[[str, list[Backend], float], ServerList]
 
 # What a client of a service with no list is told: `fallback` (use your
 # resolver's addresses) or `hold` (nothing: keep your last list).
@@ -63,67 +58,55 @@ class ServicePlan:
 
     backends: tuple[Backend, ...]
     weights: Mapping[str, float]
-    drop_entries: int
+    # Entries per token, drops under DROP_TOKEN: the list is made of these.
+    counts: Mapping[str, int]
     servers: ServerList
-    # Entries per token (list_counts) when the default list builder made the
-    # list; None with a custom ListBuilder.
-    counts: Mapping[str, int] | None = field(default=None, compare=False)
+
+    @property
+    def drop_entries(self) -> int:
+        return self.counts.get(DROP_TOKEN, 0)
 
 
 class Draft:
     """A list a service could publish, built only as far as deciding needs.
 
-    With the default builder the list is a function of its counts (entries
-    per token) and the backends' addresses, and a token names one address:
-    two lists are equal exactly when their counts are, and their tokens and
-    shares follow from the counts. So a rebuild that ends up not published
-    (most heartbeats: equal list, or a share change under the hysteresis, or
-    rate-limited) never interleaves. A custom ListBuilder's list is compared
-    as it is."""
+    The list is a function of its counts (entries per token) and the
+    backends' addresses, and a token names one address: two lists are equal
+    exactly when their counts are, and their tokens and shares follow from
+    the counts. So a rebuild that ends up not published (most heartbeats:
+    equal list, or a share change under the hysteresis, or rate-limited)
+    never interleaves."""
 
     __slots__ = ("_servers", "backends", "counts", "weights")
 
     def __init__(
-        self,
-        backends: tuple[Backend, ...],
-        weights: Mapping[str, float],
-        counts: dict[str, int] | None,
-        servers: ServerList | None = None,
+        self, backends: tuple[Backend, ...], weights: Mapping[str, float], counts: dict[str, int]
     ) -> None:
         self.backends = backends
         self.weights = weights
         self.counts = counts
-        self._servers = servers
+        self._servers: ServerList | None = None
 
     @property
     def servers(self) -> ServerList:
         if self._servers is None:
-            assert self.counts is not None
             self._servers = list_from_counts(self.backends, self.counts)
         return self._servers
 
     def empty(self) -> bool:
-        return not self.counts if self.counts is not None else not self.servers.entries
+        return not self.counts
 
     def same_list(self, plan: ServicePlan) -> bool:
-        if self.counts is not None and plan.counts is not None:
-            return self.counts == plan.counts
-        return self.servers == plan.servers
+        return self.counts == plan.counts
 
     def membership_changed(self, plan: ServicePlan) -> bool:
-        if self.counts is not None and plan.counts is not None:
-            return self.counts.keys() != plan.counts.keys()
-        return _tokens(plan.servers) != _tokens(self.servers)
+        return self.counts.keys() != plan.counts.keys()
 
     def share_change(self, plan: ServicePlan) -> float:
-        if self.counts is not None and plan.counts is not None:
-            return max_share_change_of(shares_of(plan.counts), shares_of(self.counts))
-        return max_share_change(plan.servers, self.servers)
+        return max_share_change_of(shares_of(plan.counts), shares_of(self.counts))
 
     def plan(self) -> ServicePlan:
-        # A custom ListBuilder's plan counts no drop entries (subsets get none).
-        drops = self.counts.get(DROP_TOKEN, 0) if self.counts is not None else 0
-        return ServicePlan(self.backends, self.weights, drops, self.servers, self.counts)
+        return ServicePlan(self.backends, self.weights, self.counts, self.servers)
 
 
 def decide(
@@ -190,7 +173,3 @@ def same_member(old: Registration, new: Registration) -> bool:
         and old.zone == new.zone
         and old.labels == new.labels
     )
-
-
-def _tokens(servers: ServerList) -> set[str]:
-    return {entry.token for entry in servers.entries}

@@ -22,7 +22,7 @@ from tests.service.test_admin_status_fleet import (
     LABELS,
     expected_ids,
     fleet_balancer,
-    plain_list,
+    plain_balancer,
     register,
     registration,
 )
@@ -98,7 +98,7 @@ async def test_a_malformed_page_token_is_an_invalid_argument(harness: Harness) -
 
 
 def test_backends_that_come_and_go_between_pages_move_no_others() -> None:
-    balancer = Balancer(list_builder=plain_list)
+    balancer = plain_balancer()
     register(balancer, [registration("s", n) for n in range(1, 11)])
     services, cursor = build_page(balancer, "", 4, None)
     seen = [b.instance_id for s in services for b in s.backends]
@@ -117,7 +117,7 @@ def test_backends_that_come_and_go_between_pages_move_no_others() -> None:
 
 
 def test_a_page_always_holds_something_however_large() -> None:
-    balancer = Balancer(list_builder=plain_list)
+    balancer = plain_balancer()
     register(balancer, [registration("s", n, LABELS) for n in range(5)])
     cursor = None
     pages = []

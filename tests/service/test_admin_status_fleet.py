@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import pytest
 
-from lbserver.balancer import Balancer
+from lbserver.balancer import Balancer, ListSettings
 from lbserver.cli import main
-from lbserver.domain.model import Backend, Registration
-from lbserver.domain.serverlist import Entry, ServerList
+from lbserver.domain.model import Registration
+from lbserver.domain.weights import LoadWeightSettings, SheddingSettings
 from tests.service.conftest import Harness
 
 BIG = 10_000
@@ -24,11 +24,14 @@ BIG = 10_000
 LABELS = {"pod": "p" * 150, "team": "t" * 150, "rack": "r" * 150}
 
 
-def plain_list(service: str, backends: list[Backend], now: float) -> ServerList:
-    """One entry per backend. The default builder's interleaving of 10,000
-    backends takes seconds, and is not what these tests are about."""
-    return ServerList(
-        tuple(Entry(b.registration.ip.packed, b.registration.port, b.token) for b in backends)
+def plain_balancer(max_backends_per_service: int = 1000) -> Balancer:
+    """A balancer whose lists hold one entry per backend: the registrations
+    below have equal weights and report no load, and neither slow start nor
+    shedding is on."""
+    return Balancer(
+        load_settings=LoadWeightSettings(slow_start=0.0),
+        list_settings=ListSettings(shedding=SheddingSettings(utilization=0.0)),
+        max_backends_per_service=max_backends_per_service,
     )
 
 
@@ -52,7 +55,7 @@ def register(balancer: Balancer, registrations: Sequence[Registration]) -> None:
 
 
 def fleet_balancer() -> Balancer:
-    balancer = Balancer(list_builder=plain_list, max_backends_per_service=BIG)
+    balancer = plain_balancer(max_backends_per_service=BIG)
     register(balancer, [registration("big", n, LABELS) for n in range(BIG)])
     register(balancer, [registration("small", n) for n in range(3)])
     return balancer

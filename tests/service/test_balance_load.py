@@ -11,9 +11,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from lbserver.balancer import Balancer
-from lbserver.domain.serverlist import ServerList, build_server_list
-from lbserver.domain.weights import static_weights
+from lbserver.balancer import Balancer, ListSettings
+from lbserver.domain.weights import SheddingSettings
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
 from lbserver.proto.v1 import lbserver_pb2 as pb
@@ -296,14 +295,16 @@ async def test_shutdown_ends_streams_and_reports_not_serving(harness: Harness) -
     assert await asyncio.wait_for(stream.call.code(), 3) == grpc.StatusCode.OK
 
 
-async def test_custom_list_builder_sends_drop_entries(harness: Harness) -> None:
-    def with_drops(service: str, backends: list, now: float) -> ServerList:  # type: ignore[type-arg]
-        return build_server_list(backends, static_weights(backends, now), drop_entries=1)
-
-    balancer = Balancer(list_builder=with_drops)
+async def test_shedding_sends_drop_entries(harness: Harness) -> None:
+    # The backend over the shedding threshold (0.75 for 0.5: a third of the
+    # calls dropped), in a list of 3 entries: two for it and one drop.
+    shedding = ListSettings(max_length=3, shedding=SheddingSettings(utilization=0.5))
+    balancer = Balancer(list_settings=shedding)
     running = await harness.start(balancer=balancer)
     registry = pb_grpc.RegistryStub(harness.channel(running))
-    await registry.Heartbeat(heartbeat("oap", 1))
+    overloaded = heartbeat("oap", 1)
+    overloaded.load.cpu_utilization = 0.75
+    await registry.Heartbeat(overloaded)
     stream = Stream(harness.channel(running))
     await stream.send_initial("oap")
     await stream.read()

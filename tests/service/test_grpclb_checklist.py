@@ -8,10 +8,9 @@ import asyncio
 
 import grpc
 
-from lbserver.balancer import Balancer
-from lbserver.domain.model import Backend
-from lbserver.domain.serverlist import DROP_TOKEN, ServerList, build_server_list
-from lbserver.domain.weights import static_weights
+from lbserver.balancer import Balancer, ListSettings
+from lbserver.domain.serverlist import DROP_TOKEN
+from lbserver.domain.weights import SheddingSettings
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from tests.service.conftest import Harness
 from tests.service.grpclb_client import Client, admin_state, balancer_for, register
@@ -93,18 +92,19 @@ async def test_drops_are_honoured_and_reported(
     fallback_backend: CountingBackend,
     client: Client,
 ) -> None:
-    def one_drop_per_list(service: str, backends: list[Backend], now: float) -> ServerList:
-        return build_server_list(backends, static_weights(backends, now), drop_entries=1)
-
+    # Both backends over the shedding threshold (mean 0.75 for 0.5: a third
+    # of the calls dropped) in a list of 3 entries: one each and one drop.
+    shedding = ListSettings(max_length=3, shedding=SheddingSettings(utilization=0.5))
     running = await balancer_for(
         harness,
         dns,
         fallback_backend,
-        balancer=Balancer(list_builder=one_drop_per_list, startup_grace=0),
+        balancer=Balancer(list_settings=shedding, startup_grace=0),
         client_stats_interval=1.0,
     )
-    await register(running, harness, fleet[0])
-    await register(running, harness, fleet[1])
+    overloaded = pb.LoadReport(cpu_utilization=0.75)
+    await register(running, harness, fleet[0], load=overloaded)
+    await register(running, harness, fleet[1], load=overloaded)
     await client.until_served(fleet[0], fleet[1])
     fleet.reset()
     codes = await client.calls(60)

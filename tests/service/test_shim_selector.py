@@ -1,6 +1,7 @@
-"""agent_shim's grpclb client (Selector) against the real lbserver balancer:
-list order and weights, drops, client stats, losing and regaining the
-balancer, fallback, and the per-address channel cache."""
+"""agent_shim's grpclb client (Selector) against the real lbserver balancer
+(or a scripted one, for lists in an exact order): list order and weights,
+drops, client stats, losing and regaining the balancer, fallback, and the
+per-address channel cache."""
 
 from __future__ import annotations
 
@@ -14,18 +15,16 @@ import pytest
 
 from agent_shim._errors import DroppedCallError, NoBackendError
 from agent_shim._selector import Choice, Selector
-from lbserver.balancer import Balancer
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
-from lbserver.server import RunningServer
 from tests.service.conftest import Harness
 from tests.support.backends import BackendFleet, CountingBackend
 from tests.support.processes import free_port
+from tests.support.scripted_lb import ScriptedBalancer
 from tests.support.shim_lb import (
     SERVICE,
     balancer_address,
     deregister,
-    ordered_list,
     register,
     service_state,
     settled,
@@ -106,12 +105,6 @@ def fallback_backend() -> Iterator[CountingBackend]:
         yield backend
 
 
-async def ordered_balancer(harness: Harness, order: Sequence[str], **kw: Any) -> RunningServer:
-    return await harness.start(
-        balancer=Balancer(list_builder=ordered_list(order, **kw), startup_grace=0)
-    )
-
-
 def is_rotation(seen: Sequence[str], cycle: Sequence[str]) -> bool:
     return any(
         all(seen[i] == cycle[(i + offset) % len(cycle)] for i in range(len(seen)))
@@ -119,21 +112,16 @@ def is_rotation(seen: Sequence[str], cycle: Sequence[str]) -> bool:
     )
 
 
-async def test_choices_follow_the_list_in_order_with_duplicates(
-    harness: Harness, fleet: BackendFleet
-) -> None:
+async def test_choices_follow_the_list_in_order_with_duplicates(fleet: BackendFleet) -> None:
     order = ["backend-0", "backend-1", "backend-0", "backend-2"]
-    running = await ordered_balancer(harness, order)
-    admin = harness.channel(running)
-    for backend in fleet:
-        await register(admin, backend)
-    async with Client([balancer_address(running)]) as client:
+    scripted = ScriptedBalancer().serve(order, list(fleet))
+    async with scripted as running, Client([balancer_address(running)]) as client:
         await client.until_chosen(fleet[2].address)
         seen = client.picks(40)
         by_name = {b.name: b.address for b in fleet}
         assert is_rotation(seen, [by_name[name] for name in order])
         assert Counter(seen) == {fleet[0].address: 20, fleet[1].address: 10, fleet[2].address: 10}
-        tokens = await tokens_by_name(admin)
+        tokens = await tokens_by_name(running)
         choice = client.selector.choose()
         client.selector.finished(choice, reached_backend=True)
         name = next(b.name for b in fleet if b.address == choice.address)
@@ -155,14 +143,9 @@ async def test_weights_from_lbserver_become_shares(harness: Harness, fleet: Back
         assert seen[fleet[1].address] == 3 * seen[fleet[0].address]
 
 
-async def test_a_backend_whose_call_did_not_reach_it_is_skipped(
-    harness: Harness, fleet: BackendFleet
-) -> None:
-    running = await ordered_balancer(harness, ["backend-0", "backend-1"])
-    admin = harness.channel(running)
-    for backend in (fleet[0], fleet[1]):
-        await register(admin, backend)
-    async with Client([balancer_address(running)]) as client:
+async def test_a_backend_whose_call_did_not_reach_it_is_skipped(fleet: BackendFleet) -> None:
+    scripted = ScriptedBalancer().serve(["backend-0", "backend-1"], [fleet[0], fleet[1]])
+    async with scripted as running, Client([balancer_address(running)]) as client:
         await client.until_chosen(fleet[1].address)
         choice = client.selector.choose()
         client.selector.finished(choice, reached_backend=False, failed=True)
@@ -172,20 +155,11 @@ async def test_a_backend_whose_call_did_not_reach_it_is_skipped(
         assert choice.address not in client.picks(6)
 
 
-async def test_drops_raise_and_are_reported_per_token(
-    harness: Harness, fleet: BackendFleet
-) -> None:
-    running = await harness.start(
-        balancer=Balancer(
-            list_builder=ordered_list(["backend-0", "drop", "backend-1"], drops=["shed"] * 10),
-            startup_grace=0,
-        ),
-        client_stats_interval=1.0,
+async def test_drops_raise_and_are_reported_per_token(fleet: BackendFleet) -> None:
+    scripted = ScriptedBalancer(client_stats_interval=1.0).serve(
+        ["backend-0", "drop", "backend-1"], [fleet[0], fleet[1]], drops=["shed"]
     )
-    admin = harness.channel(running)
-    for backend in (fleet[0], fleet[1]):
-        await register(admin, backend)
-    async with Client([balancer_address(running)]) as client:
+    async with scripted as running, Client([balancer_address(running)]) as client:
         assert await client.selector.wait_ready(10)
         outcomes: Counter[str] = Counter()
         for _ in range(30):
@@ -198,7 +172,7 @@ async def test_drops_raise_and_are_reported_per_token(
                 outcomes[choice.address] += 1
         assert outcomes == {"drop:shed": 10, fleet[0].address: 10, fleet[1].address: 10}
         state = await settled(
-            lambda: service_state(admin),
+            lambda: service_state(running),
             lambda s: s.client_stats.calls_dropped_by_token.get("shed", 0) >= 10,
         )
         assert state.client_stats.calls_dropped_by_token["shed"] == 10

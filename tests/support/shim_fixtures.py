@@ -1,18 +1,18 @@
 """What the service tests of the sync and the asyncio balanced channel share:
-an lbserver listing two echo backends by weight, or a fixed list (to put an
-unreachable backend first), and channel arguments that make a fresh channel
-start at that list's first entry."""
+an lbserver listing two echo backends by weight, or a scripted balancer with
+a fixed list (to put an unreachable backend first), and channel arguments
+that make a fresh channel start at that list's first entry."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from lbserver.balancer import Balancer
 from lbserver.server import RunningServer
+from tests.support.scripted_lb import Named, ScriptedBalancer
 from tests.support.shim_echo import EchoBackend
-from tests.support.shim_lb import Named, ordered_list, register
+from tests.support.shim_lb import register
 
 if TYPE_CHECKING:
     from tests.service.harness import Harness
@@ -37,15 +37,14 @@ async def weighted(harness: Harness, echoes: list[EchoBackend]) -> RunningServer
 
 async def ordered(
     harness: Harness, order: Sequence[str], *backends: Named, drops: Sequence[str] = ()
-) -> RunningServer:
-    """A balancer listing `backends` (registered here) in exactly `order`."""
-    running = await harness.start(
-        balancer=Balancer(list_builder=ordered_list(order, drops=drops), startup_grace=0)
-    )
-    admin = harness.channel(running)
-    for backend in backends:
-        await register(admin, backend)
-    return running
+) -> ScriptedBalancer:
+    """A scripted balancer listing `backends` in exactly `order` ("drop"
+    places a drop entry with the next token of `drops`)."""
+    balancer = await ScriptedBalancer().serve(order, backends, drops=drops).start()
+    # The harness stops what it holds when the test ends, calling only
+    # stop(grace=0), which the scripted balancer has too.
+    harness.servers.append(cast(RunningServer, balancer))
+    return balancer
 
 
 def share(echoes: list[EchoBackend], method: str) -> list[int]:

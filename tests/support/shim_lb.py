@@ -1,38 +1,33 @@
 """Helpers for the agent_shim service tests: registering counting backends with
-an in-process lbserver, reading its Admin state, balancer list builders with a
-fixed order, and bounded polling."""
+an in-process lbserver, reading its Admin state (or a scripted balancer's,
+for lists in a fixed order), and bounded polling."""
 
 from __future__ import annotations
 
-import ipaddress
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 import grpc
 
-from lbserver.domain.model import Backend
-from lbserver.domain.serverlist import Entry, ServerList
 from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
-from lbserver.server import RunningServer
 from tests.support.eventually import eventually
 from tests.support.processes import free_port
+from tests.support.scripted_lb import Named as Named
+from tests.support.scripted_lb import ScriptedBalancer
 
 SERVICE = "svc"
 T = TypeVar("T")
 
 
-class Named(Protocol):
-    """A test backend: CountingBackend, EchoBackend, or just a name and an address."""
+class Listening(Protocol):
+    """A balancer on 127.0.0.1: lbserver's RunningServer or a ScriptedBalancer."""
 
     @property
-    def name(self) -> str: ...
-
-    @property
-    def address(self) -> str: ...
+    def port(self) -> int: ...
 
 
-def balancer_address(running: RunningServer) -> str:
+def balancer_address(running: Listening) -> str:
     return f"127.0.0.1:{running.port}"
 
 
@@ -62,44 +57,23 @@ async def deregister(channel: grpc.aio.Channel, backend: Named, *, service: str 
     )
 
 
-async def service_state(channel: grpc.aio.Channel, service: str = SERVICE) -> pb.ServiceStatus:
-    state = await pb_grpc.AdminStub(channel).GetState(pb.GetStateRequest(service=service))
+async def service_state(
+    source: grpc.aio.Channel | ScriptedBalancer, service: str = SERVICE
+) -> pb.ServiceStatus:
+    """The service as Admin.GetState shows it, through a channel to lbserver,
+    or as a scripted balancer shows it."""
+    if isinstance(source, ScriptedBalancer):
+        return source.service_state()
+    state = await pb_grpc.AdminStub(source).GetState(pb.GetStateRequest(service=service))
     return state.services[0]
 
 
-async def tokens_by_name(channel: grpc.aio.Channel, service: str = SERVICE) -> dict[str, str]:
+async def tokens_by_name(
+    source: grpc.aio.Channel | ScriptedBalancer, service: str = SERVICE
+) -> dict[str, str]:
     return {
-        b.instance_id: b.load_balance_token
-        for b in (await service_state(channel, service)).backends
+        b.instance_id: b.load_balance_token for b in (await service_state(source, service)).backends
     }
-
-
-def ordered_list(
-    order: Sequence[str], drops: Sequence[str] = ()
-) -> Callable[[str, list[Backend], float], ServerList]:
-    """A Balancer list_builder listing the backends by instance id in exactly
-    `order` (a name may repeat; "drop" places a drop entry with the token from
-    `drops`, in turn). Names not registered yet are left out."""
-
-    def build(service: str, backends: list[Backend], now: float) -> ServerList:
-        by_name = {b.instance_id: b for b in backends}
-        drop_tokens = iter(drops)
-        entries = []
-        for name in order:
-            if name == "drop":
-                entries.append(Entry.for_drop(next(drop_tokens)))
-            elif name in by_name:
-                backend = by_name[name]
-                entries.append(
-                    Entry(
-                        ip=ipaddress.ip_address(backend.registration.ip).packed,
-                        port=backend.registration.port,
-                        token=backend.token,
-                    )
-                )
-        return ServerList(entries=tuple(entries))
-
-    return build
 
 
 async def settled(
