@@ -189,21 +189,9 @@ def build_server_list(
     return list_from_counts(backends, counts)
 
 
-def shares(servers: ServerList) -> dict[str, float]:
-    """Share of the list per token (drop entries under their token)."""
-    total = len(servers)
-    counts: dict[str, int] = {}
-    for entry in servers.entries:
-        counts[entry.token] = counts.get(entry.token, 0) + 1
-    return {token: count / total for token, count in counts.items()} if total else {}
-
-
-def max_share_change(old: ServerList, new: ServerList) -> float:
-    return max_share_change_of(shares(old), shares(new))
-
-
 def shares_of(counts: Mapping[str, int]) -> dict[str, float]:
-    """shares() of the list that has counts[token] entries per token."""
+    """Share of the list per token, for the list with counts[token] entries
+    per token (drops under DROP_TOKEN)."""
     total = sum(counts.values())
     return {token: count / total for token, count in counts.items()} if total else {}
 
