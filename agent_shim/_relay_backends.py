@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Coroutine
-from typing import Any, Final, Protocol
+from typing import Final, Protocol
 
 from agent_shim import _h2
 from agent_shim._grpc_wire import RESOURCE_EXHAUSTED
@@ -69,7 +69,7 @@ class BackendHost(Protocol):
     @property
     def backends(self) -> set[BackendConnection]: ...  # the connected ones
 
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+    def spawn(self, coro: Coroutine[object, object, None]) -> None: ...
 
 
 class BackendConnection(StreamConnection[BackendStream]):
