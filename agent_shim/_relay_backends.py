@@ -1,24 +1,25 @@
 """The relay's connections to backends: h2c connections shared by streams,
-pooled per backend address (the Selector's "channel" for that address)."""
+pooled per backend address (the Selector's "channel" for that address).
+
+They see streams as `BackendStream`s and the proxy as a `BackendHost`: this
+module imports neither `_relay_stream` nor `proxy`, which import it."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-from typing import TYPE_CHECKING, Final
+from collections.abc import Coroutine
+from typing import Final, Protocol
 
 from agent_shim import _h2
 from agent_shim._grpc_wire import RESOURCE_EXHAUSTED
 from agent_shim._h2 import NO_ERROR, H2ProtocolError
 from agent_shim._hpack import Header
-from agent_shim._relay_stream import Stream, StreamConnection
+from agent_shim._relay_connection import StreamConnection
 from lbserver.backoff import Backoff
 from lbserver.keepalive import KEEPALIVE_TIME, KEEPALIVE_TIMEOUT
 from lbserver.logs import get_logger
-
-if TYPE_CHECKING:
-    from agent_shim.proxy import Proxy
 
 log = get_logger("agent_shim.proxy")
 
@@ -30,7 +31,48 @@ _LAST_STREAM_ID: Final = 2**31 - 1
 CONNECT_BACKOFF: Final = Backoff(initial=1.0, multiplier=1.6, maximum=30.0, jitter=0.2)
 
 
-class BackendConnection(StreamConnection):
+class BackendStream(Protocol):
+    """What a backend connection needs of the streams it carries (the
+    proxy's `agent_shim._relay_stream.Stream`)."""
+
+    backend: BackendConnection | None  # set while routed here
+    bsid: int  # its stream id on `backend`, 0 before it opens or after a reset
+    b_send: int  # what it may send the backend (the stream's send window)
+    b_recv: int  # what the backend may send it
+
+    @property
+    def headers(self) -> list[Header]: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    def opened(self, conn: BackendConnection, stream_id: int) -> None: ...
+
+    def pump_request(self) -> None: ...
+
+    def on_response_headers(self, headers: list[Header], end: bool) -> None: ...
+
+    def on_response_data(self, data: bytes, flow: int, end: bool) -> None: ...
+
+    def backend_reset(self, code: int) -> None: ...
+
+    def backend_lost(self, reason: str) -> None: ...
+
+    def not_taken(self, reason: str) -> None: ...
+
+    def fail(self, code: int, message: str) -> None: ...
+
+
+class BackendHost(Protocol):
+    """What backend pools and connections need of the proxy."""
+
+    @property
+    def backends(self) -> set[BackendConnection]: ...  # the connected ones
+
+    def spawn(self, coro: Coroutine[object, object, None]) -> None: ...
+
+
+class BackendConnection(StreamConnection[BackendStream]):
     """One h2c connection to a backend, shared by many streams."""
 
     is_client = True
@@ -38,7 +80,7 @@ class BackendConnection(StreamConnection):
     def __init__(self, pool: BackendPool) -> None:
         super().__init__()
         self.pool = pool
-        self.waiting: list[Stream] = []  # routed here while connecting
+        self.waiting: list[BackendStream] = []  # routed here while connecting
         self.next_stream = 1
         self.ready = False
         self.draining = False  # GOAWAY received or sent: no new streams
@@ -71,14 +113,14 @@ class BackendConnection(StreamConnection):
             return False
         return not self.draining and not self.closed and self.load < self.peer_max_streams
 
-    def attach(self, stream: Stream) -> None:
+    def attach(self, stream: BackendStream) -> None:
         if self.ready:
             self._open(stream)
         else:
             self.waiting.append(stream)
             stream.backend = self
 
-    def _open(self, stream: Stream) -> None:
+    def _open(self, stream: BackendStream) -> None:
         size = _h2.header_list_size(stream.headers)
         if size > self.peer_max_header_list:
             stream.backend = None
@@ -159,10 +201,10 @@ class BackendConnection(StreamConnection):
                 stream.not_taken(f"backend {self.pool.address} is going away (GOAWAY code {code})")
         self.stream_done()
 
-    def _grow(self, stream: Stream, amount: int) -> None:
+    def _grow(self, stream: BackendStream, amount: int) -> None:
         stream.b_send += amount
 
-    def _pump(self, stream: Stream) -> None:
+    def _pump(self, stream: BackendStream) -> None:
         stream.pump_request()
 
     def keepalive(self, now: float) -> None:
@@ -204,7 +246,7 @@ class BackendConnection(StreamConnection):
 class BackendPool:
     """The connections to one backend address (the Selector's "channel")."""
 
-    def __init__(self, proxy: Proxy, address: str) -> None:
+    def __init__(self, proxy: BackendHost, address: str) -> None:
         self.proxy = proxy
         self.address = address
         host, _, port = address.rpartition(":")
@@ -219,7 +261,7 @@ class BackendPool:
         """Its last connection attempt failed and the backoff has not passed."""
         return time.monotonic() < self._failing_until and not any(c.ready for c in self.connections)
 
-    def route(self, stream: Stream) -> None:
+    def route(self, stream: BackendStream) -> None:
         for conn in self.connections:
             if conn.has_room():
                 conn.attach(stream)

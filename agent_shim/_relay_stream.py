@@ -1,11 +1,15 @@
 """One relayed stream: a client stream and the backend stream it goes to
-(see `agent_shim.proxy` for the whole relay)."""
+(see `agent_shim.proxy` for the whole relay).
+
+It sees the proxy only as a `StreamHost`, so the relay's imports point one
+way: `proxy` -> `_relay_stream` -> `_relay_backends` -> `_relay_connection`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Final, Protocol
+from typing import Final, Protocol
 
 from agent_shim import _h2
 from agent_shim._grpc_wire import (
@@ -22,14 +26,47 @@ from agent_shim._grpc_wire import (
 )
 from agent_shim._h2 import CANCEL, NO_ERROR, REFUSED_STREAM
 from agent_shim._hpack import Header
+from agent_shim._relay_backends import BackendConnection, BackendPool
+from agent_shim._relay_connection import StreamConnection
 from agent_shim._selector import Choice
-
-if TYPE_CHECKING:
-    from agent_shim._relay_backends import BackendConnection, BackendPool
-    from agent_shim.proxy import ClientConnection, Proxy
 
 # Tries of one stream before its error is passed on (gRPC's retry policy allows 5).
 MAX_ATTEMPTS: Final = 5
+
+
+class AttemptOutcomes(Protocol):
+    """What a stream tells the selector (`agent_shim._selector.Selector`)."""
+
+    def finished(
+        self, choice: Choice[BackendPool], *, reached_backend: bool, failed: bool = False
+    ) -> None: ...
+
+
+class StreamHost(Protocol):
+    """What a stream needs of the proxy (`agent_shim.proxy.Proxy`): its
+    limits, the counters a stream keeps up to date, and routing."""
+
+    kept_total: int  # request bytes kept for replays, of all streams
+    active: int  # streams running
+
+    @property
+    def selector(self) -> AttemptOutcomes: ...
+
+    @property
+    def max_buffer_bytes(self) -> int: ...
+
+    @property
+    def max_buffer_total(self) -> int: ...
+
+    @property
+    def max_message_bytes(self) -> int: ...
+
+    @property
+    def drained(self) -> asyncio.Event | None: ...  # set by the last stream when stopping
+
+    def route(self, stream: Stream) -> None: ...
+
+    def note_replay(self, stream: Stream, backend: str, reason: str) -> None: ...
 
 
 class Stream:
@@ -74,7 +111,11 @@ class Stream:
     )
 
     def __init__(
-        self, proxy: Proxy, client: ClientConnection, csid: int, headers: list[Header]
+        self,
+        proxy: StreamHost,
+        client: StreamConnection[Stream],
+        csid: int,
+        headers: list[Header],
     ) -> None:
         self.proxy = proxy
         self.client = client
@@ -459,46 +500,9 @@ class Stream:
         if choice is not None:
             proxy.selector.finished(choice, reached_backend=True, failed=not ok)
         proxy.active -= 1
-        if not proxy.active and proxy._drained is not None:
-            proxy._drained.set()
+        if not proxy.active and proxy.drained is not None:
+            proxy.drained.set()
         client.stream_done()
-
-
-class StreamConnection(_h2.Connection):
-    """What both sides of the relay do with their streams' send windows: a
-    WINDOW_UPDATE or a new SETTINGS_INITIAL_WINDOW_SIZE grows them, and
-    streams blocked on a window or a full transport are pumped again when
-    it opens. A side says which window is its (`_grow`) and which way its
-    streams' bytes flow (`_pump`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.streams: dict[int, Stream] = {}
-        self.blocked: dict[int, Stream] = {}
-
-    def _grow(self, stream: Stream, amount: int) -> None:
-        raise NotImplementedError
-
-    def _pump(self, stream: Stream) -> None:
-        raise NotImplementedError
-
-    def on_window_update(self, stream_id: int, increment: int) -> None:
-        stream = self.streams.get(stream_id)
-        if stream is not None:
-            self._grow(stream, increment)
-            self._pump(stream)
-
-    def on_initial_window_change(self, delta: int) -> None:
-        for stream in self.streams.values():
-            self._grow(stream, delta)
-        self.on_writable()
-
-    def on_writable(self) -> None:
-        if self.blocked and not self.paused:
-            blocked = list(self.blocked.values())
-            self.blocked.clear()
-            for stream in blocked:
-                self._pump(stream)
 
 
 class _Sender(Protocol):

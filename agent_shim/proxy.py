@@ -64,7 +64,8 @@ from agent_shim._grpc_wire import _PATH, UNAVAILABLE, forwardable
 from agent_shim._h2 import NO_ERROR, REFUSED_STREAM, H2ProtocolError
 from agent_shim._hpack import Header
 from agent_shim._relay_backends import BackendConnection, BackendPool
-from agent_shim._relay_stream import MAX_ATTEMPTS, Stream, StreamConnection
+from agent_shim._relay_connection import StreamConnection
+from agent_shim._relay_stream import MAX_ATTEMPTS, AttemptOutcomes, Stream
 from agent_shim._selector import Choice, Selector
 from lbserver.errors import InvalidValueError
 from lbserver.logs import get_logger
@@ -94,16 +95,12 @@ DEFAULT_SHUTDOWN_GRACE: Final = 10.0
 MAX_CLIENT_STREAMS: Final = 1000
 
 
-class BackendSelector(Protocol):
-    """What the proxy needs of `agent_shim._selector.Selector`."""
+class BackendSelector(AttemptOutcomes, Protocol):
+    """What the proxy (and its streams) need of `agent_shim._selector.Selector`."""
 
     async def wait_ready(self, timeout: float | None = None) -> bool: ...  # noqa: ASYNC109
 
     def choose(self, exclude: Collection[str] = ()) -> Choice[BackendPool]: ...
-
-    def finished(
-        self, choice: Choice[BackendPool], *, reached_backend: bool, failed: bool = False
-    ) -> None: ...
 
 
 class _NoSelector:
@@ -126,7 +123,7 @@ class _NoSelector:
 # ---- connections from clients------------------------------------------------------------
 
 
-class ClientConnection(StreamConnection):
+class ClientConnection(StreamConnection[Stream]):
     """A connection from an agent (the server side of HTTP/2)."""
 
     def __init__(self, proxy: Proxy) -> None:
@@ -262,7 +259,7 @@ class Proxy:
         self.backends: set[BackendConnection] = set()  # connected ones
         self._keepalive: asyncio.Task[None] | None = None
         self._ready = False
-        self._drained: asyncio.Event | None = None  # set when stopping and no stream runs
+        self.drained: asyncio.Event | None = None  # set when stopping and no stream runs
         self._tasks: set[asyncio.Task[None]] = set()
         self._replay_logged: dict[str, float] = {}
         self._error_logged = 0.0
@@ -393,10 +390,10 @@ class Proxy:
             client.shut_down()
         _h2.FLUSHER.flush()
         if self.active > 0:
-            self._drained = asyncio.Event()
+            self.drained = asyncio.Event()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(grace):
-                    await self._drained.wait()
+                    await self.drained.wait()
         for client in list(self.clients):
             if client.transport is not None:
                 client.transport.abort()
