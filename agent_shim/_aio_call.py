@@ -17,7 +17,7 @@ from collections.abc import (
     Generator,
     Iterable,
 )
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -29,14 +29,28 @@ from agent_shim._common import (
     remaining,
     start_attempt,
 )
-from agent_shim._selector import Choice
+from agent_shim._selector import Choice, Selector
 from lbserver.grpc_compat import EOF_MARKER
 from lbserver.logs import get_logger
 
-if TYPE_CHECKING:
-    from agent_shim._aio_channel import AioBalancedChannel
-
 log = get_logger("agent_shim.aio_channel")
+
+
+class CallOwner(Protocol):
+    """What a call needs of its channel (AioBalancedChannel): the Selector,
+    a backend per attempt, the replay bound, the set of running calls."""
+
+    selector: Selector[grpc.aio.Channel]
+    retry_buffer_messages: int
+    calls: set[BalancedCall]
+
+    async def choose(
+        self,
+        deadline: float | None,
+        wait_for_ready: bool | None,
+        exclude: Collection[str] = (),
+    ) -> Choice[grpc.aio.Channel]: ...
+
 
 _WRITE_ERRORS = (grpc.aio.AioRpcError, asyncio.InvalidStateError)
 
@@ -93,7 +107,7 @@ class BalancedCall:
 
     def __init__(
         self,
-        owner: AioBalancedChannel,
+        owner: CallOwner,
         start: StartCall[grpc.aio.Channel],
         timeout: float | None,
         wait_for_ready: bool | None,
