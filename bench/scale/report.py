@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from .run import Results
+from .results import Results
 
 BEGIN = "<!-- bench/scale:begin -->"
 END = "<!-- bench/scale:end -->"

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,6 +34,14 @@ from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 
 from . import procinfo
 from .procinfo import CpuMeter, raise_fd_limit, status_kib
+from .results import (
+    FanoutChange,
+    HeartbeatShape,
+    HeartbeatStep,
+    Results,
+    StreamsResult,
+    results_from_json,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOOPBACK = "127.0.0.1"
@@ -90,107 +98,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
     return ordered[rank - 1]
-
-
-# --- results -------------------------------------------------------------------
-
-
-@dataclass
-class FanoutChange:
-    kind: str  # "join" or "leave"
-    streams: int
-    missing: int
-    p50_ms: float
-    p99_ms: float
-    max_ms: float
-
-
-@dataclass
-class StreamsResult:
-    streams: int
-    live: int
-    failed: int
-    open_seconds: float
-    open_cpu_seconds: float
-    rss_mib: float
-    peak_rss_mib: float
-    threads: int
-    idle_cpu_percent: float
-    idle_seconds: float
-    client_rss_mib: float
-    fanout_p50_ms: float
-    fanout_p99_ms: float
-    fanout_max_ms: float
-    fanout_missing: int
-    fanout_server_cpu_ms_per_change: float
-    fanout_clients_cpu_ms_per_change: float
-    changes: list[FanoutChange] = field(default_factory=list)
-    errors: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class HeartbeatStep:
-    offered: float  # 0 = unpaced
-    achieved: float
-    server_cpu_percent: float
-    generators_cpu_percent: float
-    p50_ms: float
-    p99_ms: float
-    errors: dict[str, int]
-
-
-@dataclass
-class HeartbeatShape:
-    services: int
-    backends: int
-    # "lbserver", or "no-op" for the grpc.aio floor (bench/scale/noop.py).
-    server: str = "lbserver"
-    # "unary" (Registry.Heartbeat calls) or "stream" (HeartbeatStream).
-    mode: str = "unary"
-    steps: list[HeartbeatStep] = field(default_factory=list)
-    # Server CPU per call at the fastest (unpaced) step.
-    cpu_us_per_heartbeat: float = 0.0
-    # Heartbeats/s at which the server's CPU reaches one core (rate_at_one_core).
-    at_one_core: float = 0.0
-    # Highest achieved rate among the steps that kept up with their pace.
-    max_sustained: float = 0.0
-
-
-@dataclass
-class Results:
-    machine: dict[str, str]
-    command: str
-    settings: dict[str, Any]
-    streams: list[StreamsResult] = field(default_factory=list)
-    heartbeats: list[HeartbeatShape] = field(default_factory=list)
-    load_at_end: str = ""
-    seconds: float = 0.0
-
-
-def results_from_json(data: Mapping[str, Any]) -> Results:
-    """A Results back from the results.json a run wrote."""
-    streams = [
-        StreamsResult(
-            **{
-                **s,
-                "changes": [FanoutChange(**c) for c in s["changes"]],
-            }
-        )
-        for s in data["streams"]
-    ]
-    heartbeats = [
-        HeartbeatShape(**{**h, "steps": [HeartbeatStep(**step) for step in h["steps"]]})
-        for h in data["heartbeats"]
-    ]
-    return Results(
-        machine=dict(data["machine"]),
-        command=data["command"],
-        settings=dict(data["settings"]),
-        streams=streams,
-        heartbeats=heartbeats,
-        load_at_end=data["load_at_end"],
-        seconds=data["seconds"],
-    )
 
 
 # --- processes -----------------------------------------------------------------
