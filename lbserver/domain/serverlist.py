@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, reduce
+from typing import TypedDict, Unpack
 
 from lbserver.domain.model import Backend, IPAddress
 from lbserver.errors import InvalidValueError
@@ -168,25 +169,21 @@ def list_from_counts(backends: Sequence[Backend], counts: Mapping[str, int]) -> 
     return ServerList(entries=tuple(entries))
 
 
+class ListOptions(TypedDict, total=False):
+    """list_counts' keyword options, for build_server_list."""
+
+    max_length: int
+    drop_entries: int
+    drop_share: float
+
+
 def build_server_list(
-    backends: Sequence[Backend],
-    weights: Mapping[str, float],
-    *,
-    max_length: int = DEFAULT_MAX_LIST_LENGTH,
-    drop_entries: int = 0,
-    drop_share: float = 0.0,
+    backends: Sequence[Backend], weights: Mapping[str, float], **options: Unpack[ListOptions]
 ) -> ServerList:
     """The list a client of these backends should get. Drops are spread
     through the list like a backend's entries: `drop_share` as a share of the
     list (rounded with the weights), or exactly `drop_entries` of them."""
-    counts = list_counts(
-        backends,
-        weights,
-        max_length=max_length,
-        drop_entries=drop_entries,
-        drop_share=drop_share,
-    )
-    return list_from_counts(backends, counts)
+    return list_from_counts(backends, list_counts(backends, weights, **options))
 
 
 def shares_of(counts: Mapping[str, int]) -> dict[str, float]:
