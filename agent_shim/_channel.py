@@ -87,6 +87,19 @@ class _MultiCallable:
         *,
         unary_response: bool,
     ) -> SyncCall | EndedCall:
+        make = self._maker(request, timeout, metadata, credentials, wait_for_ready, compression)
+        return self._owner.start(make, deadline_after(timeout), unary_response=unary_response)
+
+    def _maker(
+        self,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> Callable[[], Any]:
+        """What starts the asyncio call on the loop thread."""
         requests = pulled(request) if self.request_stream else request
         deadline = deadline_after(timeout)
 
@@ -100,7 +113,7 @@ class _MultiCallable:
                 compression=compression,
             )
 
-        return self._owner.start(make, deadline, unary_response=unary_response)
+        return make
 
 
 class _UnaryResponse(_MultiCallable):
@@ -125,8 +138,9 @@ class _UnaryResponse(_MultiCallable):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
-        args = (request, timeout, metadata, credentials, wait_for_ready, compression)
-        ended = self._start(*args, unary_response=True).outcome()
+        ended = self._owner.blocking(
+            self._maker(request, timeout, metadata, credentials, wait_for_ready, compression)
+        )
         return ended.result(), ended
 
     def future(
@@ -239,6 +253,10 @@ class BalancedChannel(ChannelFactories, grpc.Channel):
             )
         except ChannelClosedError:
             return EndedCall(grpc.StatusCode.UNAVAILABLE, CLOSED)
+
+    def blocking(self, make: Callable[[], Any]) -> EndedCall:
+        """A unary-response call of the asyncio channel, waited for."""
+        return SyncCall.blocking(self._loop, make)
 
     def dispatch(self, callback: Callable[[], object]) -> None:
         """Runs a user's callback on the callback thread."""

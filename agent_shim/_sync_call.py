@@ -255,6 +255,27 @@ class SyncCall(grpc.RpcError, grpc.Call, _Future):
         self._call.set_result(call)
         return await ended(call, unary_response=unary_response)
 
+    @staticmethod
+    def blocking(loop: LoopThread, make: Callable[[], Any]) -> EndedCall:
+        """A unary-response call waited for at once (`__call__`, `with_call`):
+        what `SyncCall(...).outcome()` returns, with one hand-off to the loop
+        and back instead of a call object the caller never sees."""
+
+        async def run() -> EndedCall:
+            try:
+                call = make()
+            except grpc.aio.UsageError:  # closed meanwhile
+                return EndedCall(grpc.StatusCode.UNAVAILABLE, CLOSED)
+            return await ended(call, unary_response=True)
+
+        try:
+            return loop.run(run())
+        except ChannelClosedError:
+            return EndedCall(grpc.StatusCode.UNAVAILABLE, CLOSED)
+        except (concurrent.futures.CancelledError, asyncio.CancelledError):
+            # The channel was closed while the call ran.
+            return EndedCall(grpc.StatusCode.CANCELLED, CLOSED)
+
     def _made(self) -> Any:
         """The asyncio call, once made; None if it never will be."""
         concurrent.futures.wait(
