@@ -4,7 +4,6 @@ its chart renders it, and readers for what the stand-ins recorded."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections import Counter
@@ -17,6 +16,7 @@ import yaml
 from tests.cluster.harness import ClusterHarness
 from tests.cluster.harness.images import image_from_dockerfile, python_image
 from tests.cluster.harness.kubelet import Pod
+from tests.support.eventually import eventually
 from tests.support.skywalking import StandInRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -298,20 +298,23 @@ async def wait_backends(
     k8s: ClusterHarness, expected: set[str], limit: float = 30.0, name: str = "lbserver"
 ) -> dict[str, dict[str, str]]:
     """Until every ready balancer replica lists exactly `expected` as serving."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while True:
-        views = await balancer_views(k8s, name)
+    seen: dict[str, dict[str, str]] = {}
+
+    async def listed() -> dict[str, dict[str, str]] | None:
+        nonlocal seen
+        views = seen = await balancer_views(k8s, name)
         serving = {
             pod: {a for a, st in view.items() if st == "serving"} for pod, view in views.items()
         }
-        if views and all(found == expected for found in serving.values()):
-            return views
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(
-                f"balancers never listed exactly {sorted(expected)}: {views}\n"
-                + k8s.cluster.describe()
-            )
-        await asyncio.sleep(1.0)
+        return views if views and all(found == expected for found in serving.values()) else None
+
+    return await eventually(
+        listed,
+        f"balancers to list exactly {sorted(expected)}",
+        within=limit,
+        interval=1.0,
+        detail=lambda: f"{seen}\n{k8s.cluster.describe()}",
+    )
 
 
 REFUSAL_EVENTS = frozenset({"auth failure", "heartbeat rejected", "heartbeat refused"})

@@ -23,6 +23,7 @@ from tests.cluster import support as s
 from tests.cluster.harness import ClusterHarness
 from tests.cluster.harness.kubelet import Pod
 from tests.cluster.harness.objects import strategic_merge
+from tests.support.eventually import eventually
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,9 +60,10 @@ async def _wait_gateways_listed(k8s: ClusterHarness, count: int, limit: float = 
     """Until the balancer replicas together have `count` BalanceLoad streams
     for service oap: every gateway pod has its list (a gateway that started
     before the balancer could answer may still be in fallback, retrying)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while True:
+    streams = 0
+
+    async def listed() -> bool:
+        nonlocal streams
         streams = 0
         for pod in k8s.cluster.deployment_pods(s.NS, "lbserver"):
             if not pod.ready:
@@ -72,11 +74,15 @@ async def _wait_gateways_listed(k8s: ClusterHarness, count: int, limit: float = 
             assert code == 0, out
             services = json.loads(out)["services"]
             streams += sum(service["clients"] for service in services if service["name"] == "oap")
-        if streams == count:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"{streams} gateway streams, not {count}\n{_gateways(k8s)}")
-        await asyncio.sleep(0.5)
+        return streams == count
+
+    await eventually(
+        listed,
+        f"{count} gateway streams",
+        within=limit,
+        interval=0.5,
+        detail=lambda: f"{streams} gateway streams\n{_gateways(k8s)}",
+    )
 
 
 def _gateways(k8s: ClusterHarness) -> str:
@@ -153,7 +159,13 @@ async def test_the_gateway_balances_every_call_over_the_oap_pods(k8s: ClusterHar
     rolling = await asyncio.gather(
         *(_start_client(k8s, name, GATEWAY_ADDRESS, ROLL_CALLS) for name in ("roll-a", "roll-b"))
     )
-    await asyncio.sleep(2)
+    # Both are sending through the old pods before the restart begins.
+    await eventually(
+        lambda: all(s.calls_by_oap_pod(k8s, pod.name) for pod in rolling),
+        "calls from both rolling clients",
+        within=60,
+        interval=0.5,
+    )
     await k8s.sh(
         f"kubectl -n {s.NS} rollout restart deployment {GATEWAY} && "
         f"kubectl -n {s.NS} rollout status deployment {GATEWAY}"

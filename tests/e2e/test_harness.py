@@ -8,6 +8,7 @@ and counting backends the e2e tests build on.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
@@ -25,6 +26,7 @@ from tests.support.backends import (
     grpclb_channel,
 )
 from tests.support.dns import DnsServer, query
+from tests.support.eventually import eventually_blocking
 from tests.support.processes import ProcessManager, free_port
 
 from .conftest import FleetFactory
@@ -107,8 +109,10 @@ class _FakeBalancer(load_balancer_pb2_grpc.LoadBalancerServicer):
         yield load_balancer_pb2.LoadBalanceResponse(
             server_list=load_balancer_pb2.ServerList(servers=servers)
         )
-        while context.is_active():
-            time.sleep(0.05)
+        # Holds the stream open until the client or the server ends it.
+        ended = threading.Event()
+        if context.add_callback(ended.set):
+            ended.wait()
 
 
 def test_native_grpclb_client_with_fake_balancer(
@@ -144,9 +148,7 @@ def test_call_loop_counts_successes_and_failures(backend_fleet: FleetFactory) ->
     with grpc.insecure_channel(backend.address) as channel, CallLoop(call_stub(channel)) as loop:
         assert backend.wait_for_calls(5, timeout=10)
         backend.stop()
-        deadline = time.monotonic() + 10
-        while not loop.snapshot()[1] and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually_blocking(lambda: loop.snapshot()[1], "a failed call", within=10)
     successes, failures = loop.snapshot()
     assert successes >= 4  # the 5th may be cut off by the stop
     assert failures

@@ -4,7 +4,6 @@ server's SRV record, as in production."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
@@ -15,6 +14,7 @@ from lbserver.server import RunningServer
 from tests.service.harness import Harness
 from tests.support.backends import CountingBackend, aio_call_stub, grpclb_aio_channel
 from tests.support.dns import DnsServer
+from tests.support.eventually import eventually
 
 NAME = "svc.test"  # maps to service "svc" by the first-label rule
 
@@ -35,13 +35,19 @@ class Client:
         return codes
 
     async def until_served(self, *backends: CountingBackend, within: float = 20.0) -> None:
-        deadline = asyncio.get_running_loop().time() + within
-        while asyncio.get_running_loop().time() < deadline:
+        async def served() -> bool:
             if all(b.count for b in backends):
-                return
+                return True
             await self.calls(1)
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"not all served: {[(b.name, b.count) for b in backends]}")
+            return False
+
+        await eventually(
+            served,
+            "a call at every backend",
+            within=within,
+            interval=0.01,
+            detail=lambda: [(b.name, b.count) for b in backends],
+        )
 
 
 async def register(

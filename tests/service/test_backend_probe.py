@@ -3,7 +3,6 @@ DRAINING while its sidecar keeps heartbeating, and SERVING once it answers."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
@@ -15,7 +14,7 @@ from grpc_health.v1 import health_pb2
 
 from lbserver.grpc_compat import AsyncHealthServicer
 from lbserver.proto.v1 import lbserver_pb2 as pb
-from lbserver.registrar import GrpcProbe, Registrar, TcpProbe, make_probe
+from lbserver.registrar import BackendProbe, GrpcProbe, Registrar, TcpProbe, make_probe
 from tests.service.test_registrar import FakeRegistry, running, start_registry
 from tests.support.eventually import eventually
 
@@ -69,12 +68,28 @@ async def test_grpc_probe_outcomes(hung_port: int) -> None:
         await health_server.stop(0)
 
 
+class CountingProbe:
+    """A GrpcProbe that counts the probes begun: once the n-th has begun,
+    the registrar has acted on every earlier answer."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self._probe = GrpcProbe(address, timeout=timeout)
+        self.begun = 0
+
+    async def __call__(self) -> bool:
+        self.begun += 1
+        return await self._probe()
+
+    async def close(self) -> None:
+        await self._probe.close()
+
+
 @contextlib.asynccontextmanager
 async def probing(
-    port: int, probe_timeout: float, **options: Any
+    port: int, probe_timeout: float, probe: BackendProbe | None = None, **options: Any
 ) -> AsyncIterator[tuple[FakeRegistry, Registrar]]:
     """A running registrar of the backend at `port`, which it probes over
-    gRPC, heartbeating to a fake registry."""
+    gRPC (or with `probe`), heartbeating to a fake registry."""
     registry = FakeRegistry(interval=0.1)
     registry_server, registry_address = await start_registry(registry)
     registrar = Registrar(
@@ -83,7 +98,7 @@ async def probing(
         "127.0.0.1",
         port,
         interval=0.1,
-        probe=GrpcProbe(f"127.0.0.1:{port}", timeout=probe_timeout),
+        probe=probe or GrpcProbe(f"127.0.0.1:{port}", timeout=probe_timeout),
         **options,
     )
     try:
@@ -122,17 +137,23 @@ async def test_hung_backend_is_drained(hung_port: int) -> None:
         )
         # The backend is still registered (heartbeats go on), just out of the lists.
         count = len(registry.heartbeats)
-        await asyncio.sleep(0.3)
+        await eventually(lambda: len(registry.heartbeats) > count, "later heartbeats")
         assert len(registry.heartbeats) > count
 
 
 async def test_an_explicit_drain_is_never_undone_by_the_probe() -> None:
     backend, port = await plain_server()
     try:
-        async with probing(port, 0.3) as (registry, registrar):
+        probe = CountingProbe(f"127.0.0.1:{port}", 0.3)
+        async with probing(port, 0.3, probe) as (registry, registrar):
             await eventually(lambda: bool(registry.heartbeats), "registered")
             await registrar.drain()
-            await asyncio.sleep(0.4)  # several healthy probes
+            # Several healthy probes answered after the drain and acted on,
+            # then a heartbeat that would carry any state they changed.
+            probed = probe.begun
+            await eventually(lambda: probe.begun > probed + 3, "several healthy probes")
+            count = len(registry.heartbeats)
+            await eventually(lambda: len(registry.heartbeats) > count, "a later heartbeat")
             assert registry.heartbeats[-1].state == pb.BACKEND_STATE_DRAINING
     finally:
         await backend.stop(0)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 
 from tests.service.conftest import Harness
 from tests.service.test_registrar import FakeRegistry, start_registry
+from tests.support.eventually import eventually
 from tests.support.processes import REPO_ROOT
 from tests.support.shim_echo import EchoBackend
 from tests.support.shim_fixtures import weighted
@@ -67,25 +69,34 @@ REGISTRAR_SCRIPT = _PRELUDE + textwrap.dedent(
 
     async def register(balancer):
         async with Registrar([balancer], "oap", "127.0.0.1", 11800, interval=0.1):
-            await asyncio.sleep(0.5)
+            # Until the test closes stdin: it has seen registration happen.
+            await asyncio.to_thread(sys.stdin.read)
 
     asyncio.run(register(sys.argv[2]))
     """
 )
 
 
-async def run_python(script: str, *args: str) -> tuple[str, str]:
-    """Runs `script` in a fresh interpreter; its stdout and stderr."""
+async def run_python(
+    script: str, *args: str, until: Callable[[], object] | None = None
+) -> tuple[str, str]:
+    """Runs `script` in a fresh interpreter; its stdout and stderr. With
+    `until`, its stdin stays open until `until()` holds."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         script,
         *args,
         cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.PIPE if until is not None else None,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    out, err = await asyncio.wait_for(process.communicate(), 45)
+    if until is not None:
+        await eventually(until, "the script's progress", within=45)
+    # An input (even none) closes stdin once written.
+    stdin = b"" if until is not None else None
+    out, err = await asyncio.wait_for(process.communicate(stdin), 45)
     assert process.returncode == 0, err.decode()
     return out.decode(), err.decode()
 
@@ -122,11 +133,18 @@ async def test_balanced_channel_logs_through_the_logging_module(
 async def test_registrar_library_prints_nothing_to_stdout() -> None:
     fake = FakeRegistry()
     server, address = await start_registry(fake)
+
+    def registration() -> Callable[[], bool]:
+        # The registrar logs its registration on the first answer, before it
+        # sends the second heartbeat.
+        before = len(fake.heartbeats)
+        return lambda: len(fake.heartbeats) >= before + 2
+
     try:
-        out, err = await run_python(REGISTRAR_SCRIPT, "quiet", address)
+        out, err = await run_python(REGISTRAR_SCRIPT, "quiet", address, until=registration())
         assert out == ""
         assert err == ""
-        out, err = await run_python(REGISTRAR_SCRIPT, "debug", address)
+        out, err = await run_python(REGISTRAR_SCRIPT, "debug", address, until=registration())
     finally:
         await server.stop(None)
     assert out == ""

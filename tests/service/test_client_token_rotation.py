@@ -168,9 +168,11 @@ async def test_register_picks_up_a_rotated_secret_without_a_restart(
             # replica still on the old one refuses.
             mark = len(logs)
             volume.write(f"{NEW}\n")
-            async with asyncio.timeout(WAIT):
-                while not events(logs[mark:], "balancer rejected heartbeat"):  # noqa: ASYNC110
-                    await asyncio.sleep(0.05)
+            await eventually(
+                lambda: events(logs[mark:], "balancer rejected heartbeat"),
+                "the refusal of the reopened stream",
+                within=WAIT,
+            )
     rejected = events(logs[mark:], "balancer rejected heartbeat")
     assert [(e["balancer"], e["code"]) for e in rejected] == [
         (f"127.0.0.1:{on_old.port}", "PERMISSION_DENIED")

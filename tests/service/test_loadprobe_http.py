@@ -21,6 +21,7 @@ from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 from lbserver.registrar import PrometheusLoadProbe
 from lbserver.server import RunningServer
 from tests.service.conftest import Harness
+from tests.support.eventually import eventually
 
 WAIT = 10.0
 
@@ -247,13 +248,13 @@ async def wait_for_load(
 ) -> pb.LoadReport:
     """The load the balancer holds for the backend, once `ready` accepts it."""
     admin = pb_grpc.AdminStub(harness.channel(running))
-    async with asyncio.timeout(WAIT):
-        while True:
-            state = await admin.GetState(pb.GetStateRequest(service="oap"))
-            backends = [backend for service in state.services for backend in service.backends]
-            if backends and ready(backends[0].load):
-                return backends[0].load
-            await asyncio.sleep(0.02)
+
+    async def held() -> pb.LoadReport | None:
+        state = await admin.GetState(pb.GetStateRequest(service="oap"))
+        backends = [backend for service in state.services for backend in service.backends]
+        return backends[0].load if backends and ready(backends[0].load) else None
+
+    return await eventually(held, "the load at the balancer", within=WAIT)
 
 
 async def test_register_sends_static_load(harness: Harness) -> None:

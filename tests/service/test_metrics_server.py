@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from lbserver.metrics_server import MetricsServer, start_metrics_server
+from tests.support.eventually import eventually
 
 HOST = "127.0.0.1"
 # Bounded waits: how long a test waits for something the server must do
@@ -86,12 +87,7 @@ async def closed(reader: asyncio.StreamReader) -> bytes:
 
 async def wait_for(condition: Callable[[], bool], what: str) -> None:
     """Polls the server's counters (it has no events to wait on)."""
-    try:
-        async with asyncio.timeout(PATIENCE):
-            while not condition():  # noqa: ASYNC110
-                await asyncio.sleep(0.01)
-    except TimeoutError:
-        pytest.fail(f"{what} after {PATIENCE} s")
+    await eventually(condition, what, within=PATIENCE)
 
 
 class Slowloris:

@@ -235,16 +235,26 @@ async def test_registers_once_a_balancer_that_was_down_comes_up() -> None:
     server, address = await start_registry(fake)
     port = int(address.rpartition(":")[2])
     await server.stop(None)
+    attempts = 0
+
+    def load() -> LoadReport:
+        # Read for each heartbeat, before it is sent: counts the attempts.
+        nonlocal attempts
+        attempts += 1
+        return LoadReport()
+
     with capture_logs() as logs:
-        registrar = Registrar([address], "oap", "127.0.0.1", 11800, interval=0.5)
+        registrar = Registrar([address], "oap", "127.0.0.1", 11800, interval=0.5, load=load)
 
         def events(name: str) -> list[MutableMapping[str, Any]]:
             return [entry for entry in logs if entry["event"] == name]
 
         async with running(registrar):
             await eventually(lambda: bool(events("balancer unreachable")), "a failure logged")
-            # Let it retry a few times while the balancer is still down.
-            await asyncio.sleep(0.5)
+            # Let it retry a few times while the balancer is still down: the
+            # next attempt begins after the previous one's failure was handled.
+            tried = attempts
+            await eventually(lambda: attempts >= tried + 3, "retries while down")
             server, _ = await start_registry(fake, port)
             try:
                 await eventually(lambda: bool(fake.heartbeats), "a heartbeat after the restart")
@@ -297,10 +307,10 @@ async def test_stop_before_run_returns_at_once() -> None:
 
 
 async def test_run_twice_is_refused(registry: tuple[FakeRegistry, str]) -> None:
-    _, address = registry
+    fake, address = registry
     registrar = Registrar([address], "oap", "127.0.0.1", 11800, interval=30)
     async with running(registrar):
-        await asyncio.sleep(0)
+        await eventually(lambda: bool(fake.heartbeats), "running")
         with pytest.raises(RuntimeError, match="only once"):
             await registrar.run()
 

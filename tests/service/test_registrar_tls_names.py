@@ -7,13 +7,13 @@ failed"."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import grpc
 import trustme
 
 from lbserver.registrar import Registrar
+from tests.support.eventually import eventually
 
 from .harness import Harness
 
@@ -45,10 +45,7 @@ async def test_tls_to_resolved_addresses_verifies_the_name_they_came_from(
         credentials=grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes()),
     )
     async with registrar:
-        for _ in range(100):
-            if running.balancer.membership.count("oap") == 1:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: running.balancer.membership.count("oap") == 1, "registered")
         assert running.balancer.membership.count("oap") == 1
     assert resolved and resolved[0] == NAME
 
@@ -71,9 +68,9 @@ async def test_an_ip_literal_is_verified_as_the_ip(harness: Harness, tmp_path: P
     )
     async with registrar:
         # The handshake was tried and failed (not merely "not yet").
-        for _ in range(100):
-            if registrar._links and registrar._links[0].status == "unreachable":
-                break
-            await asyncio.sleep(0.05)
+        await eventually(
+            lambda: registrar._links and registrar._links[0].status == "unreachable",
+            "the failed handshake",
+        )
         assert registrar._links[0].status == "unreachable"
         assert running.balancer.membership.count("oap") == 0

@@ -22,6 +22,7 @@ from lbserver.server import RunningServer
 from tests.service.harness import Harness
 from tests.service.test_heartbeat_stream import exchange
 from tests.service.test_registry_admin import valid
+from tests.support.eventually import eventually
 from tests.unit.test_serve_token_reload import NEW, OLD, SecretVolume
 
 pytestmark = pytest.mark.timeout(60)
@@ -71,9 +72,11 @@ class Caller:
     async def until(self, token: str, code: grpc.StatusCode) -> None:
         """Waits until an Admin call with `token` gets `code`: the balancer
         has looked at its changed file."""
-        async with asyncio.timeout(WAIT):
-            while await self.admin_code(token) != code:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
+
+        async def answered() -> bool:
+            return await self.admin_code(token) == code
+
+        await eventually(answered, f"{code.name} for the token", within=WAIT)
 
 
 async def test_a_swapped_secret_takes_effect_without_a_restart(
@@ -114,9 +117,11 @@ async def test_a_swapped_secret_takes_effect_without_a_restart(
 
     # A file made empty keeps the last tokens: never none, never open.
     volume.write("")
-    async with asyncio.timeout(WAIT):
-        while not any(entry["event"] == UNUSABLE for entry in logs):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+    await eventually(
+        lambda: any(entry["event"] == UNUSABLE for entry in logs),
+        "the empty file seen",
+        within=WAIT,
+    )
     assert await caller.admin_code(NEW) == grpc.StatusCode.OK
     assert await caller.heartbeat_code(NEW) == grpc.StatusCode.OK
     assert await caller.heartbeat_code(OLD) == grpc.StatusCode.PERMISSION_DENIED

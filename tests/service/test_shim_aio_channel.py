@@ -16,6 +16,7 @@ from google.protobuf.wrappers_pb2 import StringValue
 
 import agent_shim
 from tests.service.conftest import Harness
+from tests.support.eventually import eventually
 from tests.support.shim_echo import EchoBackend, EchoStub, values
 from tests.support.shim_fixtures import CALL_TIMEOUT, from_first_entry, ordered, share, weighted
 from tests.support.shim_lb import (
@@ -51,6 +52,11 @@ async def channels() -> AsyncIterator[Opener]:
 async def agen(items: list[StringValue]) -> AsyncIterator[StringValue]:
     for item in items:
         yield item
+
+
+def unary_calls(echoes: list[EchoBackend]) -> int:
+    """Unary calls the backends have begun: a call counted is in flight."""
+    return sum(echo.counts()["Unary"] for echo in echoes)
 
 
 async def code_of(call: Awaitable[object]) -> grpc.StatusCode:
@@ -201,9 +207,10 @@ async def test_deadline_exceeded_and_cancel(
     assert call.cancelled()
 
     done = asyncio.Event()
+    before = unary_calls(echoes)
     unary = stub.Unary(StringValue(value="hang"), timeout=CALL_TIMEOUT)
     unary.add_done_callback(lambda _: done.set())
-    await asyncio.sleep(0)
+    await eventually(lambda: unary_calls(echoes) > before, "the call at a backend")
     unary.cancel()
     with pytest.raises(asyncio.CancelledError):
         await unary
@@ -319,8 +326,9 @@ async def test_connectivity_and_close(harness: Harness, echoes: list[EchoBackend
     await asyncio.wait_for(channel.channel_ready(), CALL_TIMEOUT)
     assert channel.get_state() is grpc.ChannelConnectivity.READY
     stub = EchoStub(channel)
+    before = unary_calls(echoes)
     hanging = stub.Unary(StringValue(value="hang"), timeout=CALL_TIMEOUT)
-    await asyncio.sleep(0)
+    await eventually(lambda: unary_calls(echoes) > before, "the call at a backend")
     async with channel:
         assert (await stub.Unary(StringValue(value="c"), timeout=CALL_TIMEOUT)).value
     assert channel.get_state() is grpc.ChannelConnectivity.SHUTDOWN

@@ -25,6 +25,7 @@ from lbserver.security import (
     load_token,
     load_tokens,
 )
+from tests.support.eventually import eventually
 
 NEW = "new-token-2026"
 OLD = "old-token-2025"
@@ -262,9 +263,7 @@ async def test_watch_refreshes_until_cancelled(volume: SecretVolume) -> None:
     watching = asyncio.create_task(tokens.watch(every=0))
     try:
         volume.write(f"{OLD}\n{NEW}")
-        async with asyncio.timeout(10):
-            while tokens.tokens != (OLD, NEW):  # noqa: ASYNC110
-                await asyncio.sleep(0)
+        await eventually(lambda: tokens.tokens == (OLD, NEW), "the new tokens", within=10)
     finally:
         watching.cancel()
         with pytest.raises(asyncio.CancelledError):
