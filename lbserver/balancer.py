@@ -22,7 +22,7 @@ from lbserver.discovery.admission import Admission
 from lbserver.domain.clientstats import ClientCallStats as ClientCallStats
 from lbserver.domain.clientstats import ClientStatsBook, gone_services
 from lbserver.domain.membership import Membership, TtlPolicy
-from lbserver.domain.model import Backend, Registration
+from lbserver.domain.model import Backend, LoadReport, Registration, with_load
 from lbserver.domain.naming import NameRules, resolve
 from lbserver.domain.publish import (
     Draft,
@@ -195,9 +195,33 @@ class Balancer:
                 self.membership.deregister(service, backend.instance_id)
                 log.info("endpoint left", service=service, instance=backend.instance_id)
         for registration in wanted.values():
-            if self.membership.get(service, registration.instance_id) is None:
+            known = self.membership.get(service, registration.instance_id)
+            if known is None:
                 log.info("endpoint joined", service=service, address=registration.address)
+            elif known.registration.ip == registration.ip:
+                # The last scraped load stays until the next scrape replaces it.
+                registration = with_load(registration, known.registration.load)
             self.membership.heartbeat(registration, now, wall, ttl=math.inf)
+
+    def members(self, service: str) -> list[tuple[str, str]]:
+        """(instance id, IP) of a service's members, for the load scraper."""
+        return [(b.instance_id, str(b.registration.ip)) for b in self.membership.backends(service)]
+
+    def report_load(self, service: str, instance_id: str, load: LoadReport) -> bool:
+        """A Kubernetes member's load, scraped by the balancer (it sends no
+        heartbeats); whether the member is still there. Only the weights can
+        move, so like a load-only heartbeat it marks the service stale."""
+        backend = self.membership.get(service, instance_id)
+        if backend is None or self._admission.mode(service) != "kubernetes":
+            return False
+        self.membership.heartbeat(
+            with_load(backend.registration, load),
+            self._clock(),
+            self._wall_clock(),
+            ttl=math.inf,
+        )
+        self._stale.add(service)
+        return True
 
     def deregister(self, service: str, instance_id: str) -> bool:
         removed = self.membership.deregister(service, instance_id)

@@ -77,6 +77,19 @@ PUSH_LATENCY = Histogram(
 )
 
 
+SCRAPE_SECONDS = Histogram(
+    "lbserver_scrape_duration_seconds",
+    "Time one load scrape of a Kubernetes member took, by service.",
+    ["service"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+SCRAPE_FAILURES = Counter(
+    "lbserver_scrape_failures_total",
+    "Load scrapes of a Kubernetes member that failed (its load is unknown until one works).",
+    ["service", "instance"],
+)
+
+
 class BalancerCollector(Collector):
     def __init__(self, balancer: Balancer) -> None:
         self._balancer = balancer

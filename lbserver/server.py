@@ -191,6 +191,8 @@ class RunningServer:
     registry_server: grpc.aio.Server
     registry_port: int
     discovery: asyncio.Task[None] | None = None
+    # The load scrapes of Kubernetes members with a scrape block.
+    scraping: asyncio.Task[None] | None = None
     registry: RegistryService | None = None
     # The registration tokens (None: no token), and the task that re-reads
     # auth_token_file when there is one.
@@ -213,7 +215,7 @@ class RunningServer:
         self.balancer.close()
         if self.registry is not None:
             self.registry.close()
-        for task in (self.timers, self.discovery, self.token_watch, self.log_flush):
+        for task in (self.timers, self.discovery, self.scraping, self.token_watch, self.log_flush):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -459,6 +461,12 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
         running.token_watch = asyncio.create_task(tokens.watch(), name="token-file")
     if source is not None:
         running.discovery = asyncio.create_task(source.run(), name="kubernetes-discovery")
+    if any(w.scrape is not None for w in config.kubernetes_services):
+        from lbserver.discovery.scrape import Scraper
+
+        scraper = Scraper(config.kubernetes_services, balancer)
+        running.scraping = asyncio.create_task(scraper.run(), name="load-scrapes")
+        log.info("scraping the load of kubernetes members", services=scraper.services)
     return running
 
 

@@ -343,9 +343,12 @@ class Config(BaseSettings):
         (),
         description=(
             "Services whose membership (also) comes from Kubernetes EndpointSlices: a list of "
-            "{service, namespace, kubernetes_service, port_name, mode} with mode 'kubernetes' "
-            "(ready endpoints are the members) or 'both' (heartbeats accepted only from ready "
-            "endpoints); in the environment, the same list as JSON."
+            "{service, namespace, kubernetes_service, port_name, mode, scrape} with mode "
+            "'kubernetes' (ready endpoints are the members) or 'both' (heartbeats accepted only "
+            "from ready endpoints); scrape {port, path, interval, timeout, cpus, cpu_metric, "
+            "requests_metric, errors_metric, inflight_metric}: the balancer reads each ready "
+            "endpoint's load from its Prometheus endpoint (members without a registrar); in the "
+            "environment, the same list as JSON."
         ),
     )
     kubeconfig: Str = Field(

@@ -9,8 +9,9 @@ checked by pydantic."""
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Annotated, Any, Literal, get_args
 
@@ -27,7 +28,7 @@ from pydantic_core import PydanticCustomError, core_schema
 from pydantic_settings import NoDecode
 
 from lbserver.addresses import parse_listen_address
-from lbserver.discovery import WatchedService
+from lbserver.discovery import ScrapeSettings, WatchedService
 from lbserver.domain.publish import EmptyServicePolicy as EmptyServicePolicy
 from lbserver.errors import ConfigError, InvalidValueError
 from lbserver.logs import LogFormat
@@ -218,7 +219,18 @@ SubsetSizes = Annotated[
 # --- Kubernetes discovery ---------------------------------------------------
 
 WatchMode = Literal["kubernetes", "both"]
-_WATCH_KEYS = ("service", "namespace", "kubernetes_service", "port_name", "mode")
+_WATCH_KEYS = ("service", "namespace", "kubernetes_service", "port_name", "mode", "scrape")
+_SCRAPE_KEYS = (
+    "port",
+    "path",
+    "interval",
+    "timeout",
+    "cpus",
+    "cpu_metric",
+    "requests_metric",
+    "errors_metric",
+    "inflight_metric",
+)
 WATCH_ENTRY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -240,6 +252,42 @@ WATCH_ENTRY_SCHEMA: dict[str, Any] = {
         },
         "port_name": {"type": "string", "description": "the Service port, by name"},
         "mode": {"enum": list(get_args(WatchMode))},
+        "scrape": {
+            "type": "object",
+            "description": (
+                "the balancer scrapes every ready endpoint's Prometheus endpoint for its "
+                "load (pods without a registrar sidecar)"
+            ),
+            "additionalProperties": False,
+            "properties": {
+                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "path": {"type": "string", "pattern": "^/", "description": "default /metrics"},
+                "interval": {
+                    "type": ["number", "string"],
+                    "description": "seconds between scrapes of a target (default 10)",
+                },
+                "timeout": {
+                    "type": ["number", "string"],
+                    "description": "seconds one scrape may take (default 2)",
+                },
+                "cpus": {
+                    "type": "number",
+                    "exclusiveMinimum": 0,
+                    "description": "CPUs each pod may use (default 1)",
+                },
+                "cpu_metric": {
+                    "type": ["string", "null"],
+                    "description": "counter of CPU seconds (default process_cpu_seconds_total)",
+                },
+                "requests_metric": {"type": ["string", "null"], "description": "request counter"},
+                "errors_metric": {"type": ["string", "null"], "description": "error counter"},
+                "inflight_metric": {
+                    "type": ["string", "null"],
+                    "description": "gauge of requests in progress",
+                },
+            },
+            "required": ["port"],
+        },
     },
     "required": ["service"],
 }
@@ -282,12 +330,62 @@ def _watched_service(index: int, item: Any) -> WatchedService:
     mode = str(item.get("mode", "both"))
     if mode not in get_args(WatchMode):
         raise fail(f"mode must be 'kubernetes' or 'both', not {mode!r}")
+    scrape = item.get("scrape")
+    if scrape is not None and mode != "kubernetes":
+        # In 'both' the registrars' heartbeats carry the load.
+        raise fail("scrape needs mode 'kubernetes' (in 'both' the heartbeats carry the load)")
     return WatchedService(
         service=service,
         namespace=str(item.get("namespace", "default")),
         kubernetes_service=str(item.get("kubernetes_service", service)),
         port_name=str(item.get("port_name", "")),
         mode=mode,  # type: ignore[arg-type]
+        scrape=None if scrape is None else _scrape_settings(fail, scrape),
+    )
+
+
+def _scrape_settings(fail: Callable[[str], PydanticCustomError], item: Any) -> ScrapeSettings:
+    """A `scrape` block: {port, path, interval, timeout, cpus, *_metric}."""
+    if not isinstance(item, dict):
+        raise fail(f"scrape: expected a mapping, got {item!r}")
+    unknown = sorted(set(item) - set(_SCRAPE_KEYS))
+    if unknown:
+        raise fail(f"scrape: unknown keys {unknown}; known: {', '.join(_SCRAPE_KEYS)}")
+    if "port" not in item:
+        raise fail("scrape: 'port' is required (the targets' Prometheus port)")
+    defaults = ScrapeSettings(port=1)
+    try:
+        port = _whole_number(item.get("port"))
+        interval = seconds(item.get("interval", defaults.interval))
+        timeout = seconds(item.get("timeout", defaults.timeout))
+        cpus = _number(item.get("cpus", defaults.cpus))
+    except PydanticCustomError as exc:
+        raise fail(f"scrape: {exc.message()}") from None
+    path = str(item.get("path", defaults.path))
+    if not 1 <= port <= 65535:
+        raise fail(f"scrape: port must be in 1-65535, not {port}")
+    if not path.startswith("/"):
+        raise fail(f"scrape: path must start with '/', not {path!r}")
+    if not (0 < timeout <= interval <= MAX_DURATION):
+        raise fail("scrape: needs 0 < timeout <= interval")
+    if not (math.isfinite(cpus) and cpus > 0):
+        raise fail(f"scrape: cpus must be a number > 0, not {cpus}")
+    # The registrar's selector syntax, parsed by the registrar's parser
+    # (imported here: the registrar package loads grpcio).
+    from lbserver.registrar import parse_selector
+
+    metrics: dict[str, str | None] = {}
+    for key in ("cpu_metric", "requests_metric", "errors_metric", "inflight_metric"):
+        value = item.get(key, getattr(defaults, key))
+        metrics[key] = None if value is None else str(value)
+    for key, spec in metrics.items():
+        if spec is not None:
+            try:
+                parse_selector(spec)
+            except ValueError as err:
+                raise fail(f"scrape: {key}: {err}") from None
+    return ScrapeSettings(
+        port=port, path=path, interval=interval, timeout=timeout, cpus=cpus, **metrics
     )
 
 

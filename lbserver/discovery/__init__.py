@@ -31,6 +31,27 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class ScrapeSettings:
+    """How the balancer reads the load of a service's Kubernetes members
+    itself: every ready endpoint's Prometheus text endpoint at
+    http://IP:port/path, every `interval` seconds, the metrics turned into a
+    load report as the registrar's --load-url does (lbserver.registrar's
+    PrometheusLoadProbe). For backends that run no registrar sidecar (the
+    official SkyWalking chart's OAP pods, with SW_TELEMETRY=prometheus)."""
+
+    port: int
+    path: str = "/metrics"
+    interval: float = 10.0
+    timeout: float = 2.0
+    # CPUs each pod may use: utilization = CPU seconds per second / cpus.
+    cpus: float = 1.0
+    cpu_metric: str | None = "process_cpu_seconds_total"
+    requests_metric: str | None = None
+    errors_metric: str | None = None
+    inflight_metric: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WatchedService:
     """A lbserver service whose membership (also) comes from Kubernetes."""
 
@@ -39,6 +60,8 @@ class WatchedService:
     kubernetes_service: str  # metadata.name of the Kubernetes Service
     port_name: str  # the Service port's name (EndpointSlice ports[].name)
     mode: DiscoveryMode = "both"
+    # None: the members' load is unknown (static weights) unless they heartbeat.
+    scrape: ScrapeSettings | None = None
 
 
 # (lbserver service, endpoints or None when unknown)

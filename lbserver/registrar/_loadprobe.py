@@ -136,6 +136,11 @@ class PrometheusLoadProbe:
         self._missing: set[str] = set()
 
     @property
+    def failing(self) -> bool:
+        """Whether the last scrape failed (its report was all unknown)."""
+        return self._failing
+
+    @property
     def metrics(self) -> Mapping[str, str]:
         """Configured selectors by role (cpu, requests, errors, inflight)."""
         return {role: str(selector) for role, selector in self._selectors.items()}

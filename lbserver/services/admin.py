@@ -20,6 +20,7 @@ import base64
 import binascii
 import bisect
 import json
+import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -135,7 +136,10 @@ def _fill_backend(
     message.load.CopyFrom(load_message(registration.load))
     message.load_balance_token = backend.token
     message.last_heartbeat.FromNanoseconds(int(backend.last_heartbeat_wall * 1e9))
-    message.ttl.FromNanoseconds(int(backend.ttl * 1e9))
+    if math.isfinite(backend.ttl):
+        # A Kubernetes member never expires (its endpoint says when it
+        # leaves): no ttl, as no heartbeat asks for one.
+        message.ttl.FromNanoseconds(int(backend.ttl * 1e9))
     message.list_entries = count
     length = len(view.servers)
     message.share = count / length if length else 0.0
