@@ -109,6 +109,20 @@ nativeClients.backendService.name, default <fullname>-<nativeClients.service>.
 {{- toJson ($namespaces | uniq | sortAlpha) }}
 {{- end }}
 
+{{/* The namespaces whose pods the balancer reads: those of services with a
+`scrape` block whose `cpus` is not a number (absent, or `limit`: each pod's
+CPU capacity from its container's CPU limit, found through the
+EndpointSlice's targetRef). A configured number needs no pod access. */}}
+{{- define "lbserver.podNamespaces" -}}
+{{- $namespaces := list }}
+{{- range (default list .Values.config.kubernetes_services) }}
+{{- if and .scrape (not (or (kindIs "float64" .scrape.cpus) (kindIs "int64" .scrape.cpus) (kindIs "int" .scrape.cpus))) }}
+{{- $namespaces = append $namespaces (default $.Release.Namespace .namespace) }}
+{{- end }}
+{{- end }}
+{{- toJson ($namespaces | uniq | sortAlpha) }}
+{{- end }}
+
 {{/* Seconds in a duration option: 5, 2.5, "5s", "500ms", "2m", "1h". */}}
 {{- define "lbserver.seconds" -}}
 {{- $v := toString . | trim }}
