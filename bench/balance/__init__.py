@@ -5,10 +5,12 @@
 Reproduces the situation of issue 4 with real processes on 127.0.0.1:
 simulated OAP pods (`backend.py`: capacity slots held for a service time,
 utilization reported to lbserver through an in-process Registrar), 20 client
-channels with skewed call rates (`client.py`), and five ways of balancing
+channels with skewed call rates (`client.py`), and six ways of balancing
 them side by side (`modes.py`): (a) random backend per connection, (b) least
 connections at connect time, (c) nginx `grpc_pass` round robin, (d) grpcio's
-native grpclb policy via lbserver, (e) agent-shim proxy via lbserver. Cases
+native grpclb policy via lbserver, (e) agent-shim proxy via lbserver, (f) as
+(d) with lbserver learning the backends from a fake Kubernetes API and their
+load from its own scrapes of their Prometheus telemetry (no registrar). Cases
 (`cases.py`): 2 and 5 equal backends, 5 with one at half capacity at 50% and
 65% load, and the convergence of a joining, a drained and a killed backend.
 `infra.py` starts and stops the processes; `report.py` turns the recordings

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import grpc
 
-from .cases import Settings, cases, describe_rates, run_case, run_convergence
-from .infra import REGISTRAR_INTERVAL, REGISTRAR_TTL, Infra, ensure_nginx
+from .cases import Settings, cases, describe_rates, kube_service, run_case, run_convergence
+from .infra import REGISTRAR_INTERVAL, REGISTRAR_TTL, SCRAPE_INTERVAL, Infra, ensure_nginx
 from .modes import GRPCLB, PROXY
 from .report import ModeResult, Report, render, write_section
 
@@ -63,6 +63,10 @@ def settings_text(settings: Settings, lbserver_env: Mapping[str, str]) -> dict[s
         "10 s blackout, no slow start)",
         "registrar": f"in-process Registrar, interval {REGISTRAR_INTERVAL:g} s, "
         f"TTL {REGISTRAR_TTL:g} s, load = slot utilization and completed calls/s",
+        "scrape (f)": "lbserver reads each backend's Prometheus text every "
+        f"{SCRAPE_INTERVAL:g} s (process_cpu_seconds_total = busy slot-seconds / slots, "
+        "completed calls), the same load the registrar reports; members from one "
+        "EndpointSlice per backend in a fake Kubernetes API",
         "backends": f"{settings.slots} slots x {settings.service_time * 1000:.0f} ms sleep "
         f"({'fixed' if settings.service_dist == 'fixed' else 'exponentially distributed'}; "
         f"{settings.slots / settings.service_time:.0f} calls/s capacity each)",
@@ -73,7 +77,7 @@ def settings_text(settings: Settings, lbserver_env: Mapping[str, str]) -> dict[s
         "and as that latency, so p99 shown as >=)",
         "windows": f"each mode measured {settings.measure:g} s per case, in {settings.rounds} "
         f"slice(s) of {settings.measure / settings.rounds:g} s, the modes taking turns "
-        "(d e a b c, d e a b c, ...) against the same backends; every slice opens new channels "
+        "(d e f a b c, d e f a b c, ...) against the same backends; every slice opens new channels "
         f"and starts with an unmeasured warm-up ({settings.lbserver_warmup:g} s for (d), which "
         f"follows (c): lbserver's weights recover from it; {settings.warmup:g} s otherwise); "
         f"slices are {settings.gap:g} s apart, so the previous slice's calls have ended and "
@@ -138,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, list[ModeResult]] = {}
     convergence = []
     overrides = dict(item.split("=", 1) for item in args.set)
-    with Infra(log_dir, overrides) as infra:
+    kube_services = [kube_service(c.name) for c in selected]
+    with Infra(log_dir, overrides, kube_services) as infra:
         for case in selected:
             print(f"case {case.name} ...", flush=True)
             results[case.name] = run_case(infra, case, settings)

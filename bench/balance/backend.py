@@ -2,7 +2,8 @@
 
     python -m bench.balance.backend --listen 127.0.0.1:PORT --name b0 \\
         [--slots 4] [--service-time 0.05] [--service-dist fixed|exp] \\
-        [--balancer HOST:PORT --service NAME [--interval 1] [--ttl 3]]
+        [--balancer HOST:PORT --service NAME [--interval 1] [--ttl 3]] \\
+        [--pod-ip IP --telemetry-port PORT]
 
 A grpc.aio server with one raw-bytes unary method, `/bench.Sim/Call`: the
 handler takes one of `--slots` capacity slots (an asyncio semaphore, waiting
@@ -19,6 +20,13 @@ With `--balancer` an in-process `lbserver.registrar.Registrar` heartbeats it to
 lbserver and reports, each heartbeat, its utilization (busy slot-seconds /
 (slots x wall seconds)) and completed requests/s since the previous heartbeat,
 so lbserver's load-aware weights see the backend's real capacity.
+
+With `--pod-ip IP --telemetry-port N` it is also a pod of mode (f): it serves
+the same gRPC port on IP (its EndpointSlice address) and Prometheus text at
+http://IP:N/metrics for lbserver's scrapes, the counters an OAP pod's
+telemetry would have: `process_cpu_seconds_total` (busy slot-seconds over
+slots, so that its rate per 1 CPU is the slot utilization the registrar
+reports) and `bench_calls_completed_total`.
 
 Control methods (raw bytes, JSON replies) for the bench driver:
 `/bench.Control/Stats` (the buckets and registration times) and
@@ -55,6 +63,7 @@ CALL_METHOD = f"/{SIM_SERVICE}/Call"
 CONTROL_SERVICE = "bench.Control"
 STATS_METHOD = f"/{CONTROL_SERVICE}/Stats"
 DEREGISTER_METHOD = f"/{CONTROL_SERVICE}/Deregister"
+REQUESTS_METRIC = "bench_calls_completed_total"
 BUCKET_SECONDS = 0.1
 LAG_PERIOD = 0.02
 
@@ -154,6 +163,38 @@ class Meter:
             errors_per_second=0.0,
             in_flight=in_flight,
         )
+
+
+def telemetry_page(meter: Meter) -> bytes:
+    """Prometheus text of the meter's totals; busy time counts when a call
+    ends, as in load_report, so the scraped rates pair the same way."""
+    return (
+        "# TYPE process_cpu_seconds_total counter\n"
+        f"process_cpu_seconds_total {meter.busy_total / meter.slots}\n"
+        f"# TYPE {REQUESTS_METRIC} counter\n"
+        f"{REQUESTS_METRIC} {meter.completed_total}\n"
+    ).encode()
+
+
+async def serve_telemetry(meter: Meter, host: str, port: int) -> asyncio.Server:
+    """A minimal HTTP/1.1 server answering every GET with `telemetry_page`."""
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            body = telemetry_page(meter)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(answer, host, port)
 
 
 class SimBackend:
@@ -290,7 +331,13 @@ async def serve(args: argparse.Namespace) -> int:
     if server.add_insecure_port(f"{host}:{port}") == 0:
         print(f"cannot listen on {args.listen}", flush=True)
         return 1
+    if args.pod_ip and server.add_insecure_port(f"{args.pod_ip}:{port}") == 0:
+        print(f"cannot listen on {args.pod_ip}:{port}", flush=True)
+        return 1
     await server.start()
+    telemetry = None
+    if args.pod_ip and args.telemetry_port:
+        telemetry = await serve_telemetry(backend.meter, args.pod_ip, args.telemetry_port)
     lag_probe = asyncio.create_task(probe_lag(backend.meter.note_lag))
     if args.balancer:
         backend.start_registrar(
@@ -304,6 +351,8 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     with contextlib.suppress(Exception):
         await backend.stop_registrar()
+    if telemetry is not None:
+        telemetry.close()
     await server.stop(1.0)
     lag_probe.cancel()
     return 0
@@ -320,6 +369,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--service", default="oap")
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--ttl", type=float, default=3.0)
+    parser.add_argument("--pod-ip", default="", metavar="IP", help="mode (f): also serve on IP")
+    parser.add_argument("--telemetry-port", type=int, default=0, metavar="PORT")
     args = parser.parse_args(argv)
     if args.slots < 1 or args.service_time <= 0:
         parser.error("--slots must be >= 1 and --service-time > 0")

@@ -1,7 +1,7 @@
 """The cases of bench/balance and how one is run.
 
 A case is a set of backends (2 or 5 equal ones, or 5 with one at half
-capacity). All five modes run against the same backends one after the
+capacity). All six modes run against the same backends one after the
 other, each phase with fresh client channels: a warm-up (longer than the
 call deadline, so the previous phase's last calls are over) and a
 measurement window. The convergence scenario runs one longer phase under a
@@ -24,6 +24,7 @@ from .client import ChannelSpec, PhaseSpec, Plan
 from .infra import REGISTRAR_TTL, BackendProcess, Infra
 from .modes import (
     GRPCLB,
+    KUBE,
     LEAST_CONN,
     MODES,
     NGINX,
@@ -50,7 +51,13 @@ CLIENT_LEAD = 2.5
 # The modes run in this order in every round: lbserver's first, so that they
 # meet the weights of their own traffic rather than of the modes that
 # overload a backend ((a)-(c) in the hetero cases).
-RUN_ORDER: tuple[Mode, ...] = (GRPCLB, PROXY, RANDOM, LEAST_CONN, NGINX)
+RUN_ORDER: tuple[Mode, ...] = (GRPCLB, PROXY, KUBE, RANDOM, LEAST_CONN, NGINX)
+
+
+def kube_service(case: str) -> str:
+    """The service of mode (f) in a case: the same backends, learned from
+    Kubernetes instead of their registrars."""
+    return f"oap-{case}-k8s"
 
 
 @dataclass(frozen=True)
@@ -201,12 +208,16 @@ def _sleep_until(t: float) -> None:
 
 
 def run_case(infra: Infra, case: Case, settings: Settings) -> list[ModeResult]:
-    service = f"oap-{case.name}"
+    service, kube = f"oap-{case.name}", kube_service(case.name)
+    pods = KUBE in settings.modes
     names = [f"b{i}" for i in range(len(case.slots))]
     backends = infra.start_backends(
-        names, case.slots, settings.service_time, service, settings.service_dist
+        names, case.slots, settings.service_time, service, settings.service_dist, pods=pods
     )
     infra.wait_listed(service, backends)
+    if pods:
+        infra.publish_pods(kube, backends)
+        infra.wait_listed(kube, backends)
     nginx, nginx_address = infra.start_nginx(backends, case.name)
     proxy, proxy_address = infra.start_proxy(service, case.name)
     targets = Targets(
@@ -214,6 +225,7 @@ def run_case(infra: Infra, case: Case, settings: Settings) -> list[ModeResult]:
         nginx=nginx_address,
         proxy=proxy_address,
         grpclb=infra.grpclb_target(service),
+        kube=infra.grpclb_target(kube) if pods else "",
     )
     capacity = sum(case.slots) * settings.capacity_per_slot
     offered = case.load * capacity
@@ -234,14 +246,20 @@ def run_case(infra: Infra, case: Case, settings: Settings) -> list[ModeResult]:
 
     started = _run_clients(infra, case.name, settings, phases)
     watcher = ListWatcher(infra, service)
+    kube_watcher = ListWatcher(infra, kube) if pods else None
     results = _collect(started, timeout=t - time.monotonic() + settings.deadline + 30)
     lists = watcher.stop()
+    kube_lists = kube_watcher.stop() if kube_watcher is not None else []
     stats = [b.stats() for b in backends]
     _save(infra, f"stats-{case.name}.json", dict(zip(names, stats, strict=True)))
     ports = {b.port: b.name for b in backends}
     _save(infra, f"lists-{case.name}.json", ListWatcher.by_name(lists, ports))
+    if pods:
+        _save(infra, f"lists-{case.name}-k8s.json", ListWatcher.by_name(kube_lists, ports))
+        infra.unpublish_pods(kube, backends)
     for process in (nginx, proxy, *(b.process for b in backends)):
         process.terminate(timeout=5)
+    by_mode = {GRPCLB: lists, PROXY: lists, KUBE: kube_lists}
     return [
         _mode_figures(
             case,
@@ -250,7 +268,7 @@ def run_case(infra: Infra, case: Case, settings: Settings) -> list[ModeResult]:
             backends,
             stats,
             results,
-            lists if mode in (GRPCLB, PROXY) else [],
+            by_mode.get(mode, []),
             settings,
         )
         for mode in settings.modes

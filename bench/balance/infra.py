@@ -1,7 +1,9 @@
 """The processes of a bench/balance run, all on 127.0.0.1: lbserver, the
 simulated backends, nginx, agent-shim proxy and client processes, plus an
 in-process DNS server answering the `_grpclb._tcp` SRV lookups of grpclb
-clients. `Infra.close()` stops every one of them (tests/support/processes
+clients, and for mode (f) an in-process fake Kubernetes API
+(tests/support/fake_kube.py) holding one EndpointSlice per backend.
+`Infra.close()` stops every one of them (tests/support/processes
 does the bookkeeping and keeps each process's log in the run's log folder).
 """
 
@@ -22,6 +24,7 @@ from typing import Any
 import grpc
 
 from tests.support.dns import DnsServer
+from tests.support.fake_kube import FakeKubeApiServer, endpoint, endpoint_slice
 from tests.support.processes import (
     REPO_ROOT,
     BalancerProcess,
@@ -30,7 +33,7 @@ from tests.support.processes import (
     free_port,
 )
 
-from .backend import DEREGISTER_METHOD, STATS_METHOD
+from .backend import DEREGISTER_METHOD, REQUESTS_METRIC, STATS_METHOD
 from .modes import nginx_config
 
 LOOPBACK = "127.0.0.1"
@@ -50,6 +53,12 @@ LBSERVER_ENV: Mapping[str, str] = {
 }
 REGISTRAR_INTERVAL = 1.0
 REGISTRAR_TTL = 3.0
+# Mode (f): lbserver scrapes each backend as often as a registrar heartbeats.
+SCRAPE_INTERVAL = REGISTRAR_INTERVAL
+KUBE_NAMESPACE = "bench"
+# Backend i of a case is pod 127.0.0.(POD_IP_BASE + i) in its EndpointSlice:
+# scrapes go to http://IP:port/, so every pod needs an address of its own.
+POD_IP_BASE = 40
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -110,6 +119,7 @@ class BackendProcess:
     slots: int
     process: ManagedProcess
     port: int
+    pod_ip: str = ""  # its address in the EndpointSlice (mode f), if any
 
     @property
     def address(self) -> str:
@@ -135,13 +145,57 @@ class BackendProcess:
 class Infra:
     """Owns every process of a run; use as a context manager."""
 
-    def __init__(self, log_dir: Path, lbserver_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        lbserver_env: Mapping[str, str] | None = None,
+        kube_services: Sequence[str] = (),
+    ) -> None:
+        """`kube_services`: the lbserver services of mode (f), learned from
+        the fake Kubernetes API (Kubernetes service of the same name) and
+        scraped; lbserver is told of them at start."""
         self.log_dir = log_dir
         self.lbserver_env = {**LBSERVER_ENV, **(lbserver_env or {})}
         self.manager = ProcessManager(log_dir)
         self.dns = DnsServer().start()
-        self.balancer: BalancerProcess = self.manager.start_balancer(env=self.lbserver_env)
+        self.kube: FakeKubeApiServer | None = None
+        self.telemetry_port = 0
+        discovery = {}
+        if kube_services:
+            self.kube = FakeKubeApiServer()
+            self.telemetry_port = free_port()
+            discovery = self._kube_env(kube_services)
+        self.balancer: BalancerProcess = self.manager.start_balancer(
+            env={**self.lbserver_env, **discovery}
+        )
         self._seq = 0
+
+    def _kube_env(self, services: Sequence[str]) -> dict[str, str]:
+        assert self.kube is not None
+        kubeconfig = self.log_dir / "kubeconfig.json"
+        kubeconfig.write_text(json.dumps(self.kube.kubeconfig()))
+        scrape = {
+            "port": self.telemetry_port,
+            "interval": SCRAPE_INTERVAL,
+            "timeout": SCRAPE_INTERVAL,
+            "cpus": 1.0,
+            "requests_metric": REQUESTS_METRIC,
+        }
+        watched = [
+            {
+                "service": name,
+                "namespace": KUBE_NAMESPACE,
+                "kubernetes_service": name,
+                "port_name": "grpc",
+                "mode": "kubernetes",
+                "scrape": scrape,
+            }
+            for name in services
+        ]
+        return {
+            "LBSERVER_KUBECONFIG": str(kubeconfig),
+            "LBSERVER_KUBERNETES_SERVICES": json.dumps(watched),
+        }
 
     def __enter__(self) -> Infra:
         return self
@@ -152,6 +206,8 @@ class Infra:
     def close(self) -> None:
         self.manager.cleanup()
         self.dns.stop()
+        if self.kube is not None:
+            self.kube.close()
 
     def _spawn(self, name: str, argv: Sequence[str]) -> ManagedProcess:
         self._seq += 1
@@ -167,12 +223,16 @@ class Infra:
         service_time: float,
         service: str,
         service_dist: str = "fixed",
+        pods: bool = False,
     ) -> list[BackendProcess]:
         """Start backends (in parallel) registered for `service`; returns once
-        each listens."""
+        each listens. With `pods`, each also serves on a pod IP of its own,
+        with telemetry (mode f)."""
         started = []
-        for name, n in zip(names, slots, strict=True):
+        for index, (name, n) in enumerate(zip(names, slots, strict=True)):
             port = free_port()
+            pod_ip = f"127.0.0.{POD_IP_BASE + index}" if pods else ""
+            pod_args = ["--pod-ip", pod_ip, "--telemetry-port", str(self.telemetry_port)]
             argv = [
                 sys.executable, "-m", "bench.balance.backend",
                 "--listen", f"{LOOPBACK}:{port}", "--name", name,
@@ -180,11 +240,33 @@ class Infra:
                 "--service-dist", service_dist,
                 "--balancer", self.balancer.address, "--service", service,
                 "--interval", str(REGISTRAR_INTERVAL), "--ttl", str(REGISTRAR_TTL),
+                *(pod_args if pods else ()),
             ]  # fmt: skip
-            started.append(BackendProcess(name, n, self._spawn(f"backend-{name}", argv), port))
+            process = self._spawn(f"backend-{name}", argv)
+            started.append(BackendProcess(name, n, process, port, pod_ip))
         for backend in started:
             wait_listening(backend.address, backend.process)
         return started
+
+    def publish_pods(self, service: str, backends: Sequence[BackendProcess]) -> None:
+        """One EndpointSlice per backend (each has its own port) of the
+        Kubernetes service `service`, every endpoint ready."""
+        assert self.kube is not None, "Infra without kube_services"
+        for b in backends:
+            self.kube.add_slice(
+                KUBE_NAMESPACE,
+                endpoint_slice(
+                    f"{service}-{b.name}",
+                    service,
+                    [endpoint(b.pod_ip, pod=b.name)],
+                    ports=(("grpc", b.port),),
+                ),
+            )
+
+    def unpublish_pods(self, service: str, backends: Sequence[BackendProcess]) -> None:
+        assert self.kube is not None
+        for b in backends:
+            self.kube.delete_slice(KUBE_NAMESPACE, f"{service}-{b.name}")
 
     def wait_listed(
         self, service: str, backends: Sequence[BackendProcess], timeout: float = 20.0

@@ -11,6 +11,10 @@
              `_grpclb._tcp.<name>`: lbserver's weighted lists, per call.
 (e) proxy    `agent-shim proxy`: clients connect to one local proxy, which
              balances every call with lbserver's lists.
+(f) kube     grpcio's native grpclb policy as (d), but lbserver learns the
+             backends from a (fake) Kubernetes API's EndpointSlices and
+             their load from its own scrapes of each backend's Prometheus
+             telemetry: no registrar (issue 16's zero-touch path).
 
 Client call rates are skewed the way agent traffic is (a few busy services,
 a long tail): rate of client k proportional to 1/(k+1)^s, shuffled with a
@@ -38,7 +42,8 @@ LEAST_CONN = Mode("lc", "b", "least connections at connect (IPVS lc)")
 NGINX = Mode("nginx", "c", "nginx grpc_pass round robin")
 GRPCLB = Mode("grpclb", "d", "grpclb via lbserver (grpcio native)")
 PROXY = Mode("proxy", "e", "agent-shim proxy via lbserver")
-MODES: tuple[Mode, ...] = (RANDOM, LEAST_CONN, NGINX, GRPCLB, PROXY)
+KUBE = Mode("kube", "f", "grpclb via lbserver, Kubernetes discovery + scrape")
+MODES: tuple[Mode, ...] = (RANDOM, LEAST_CONN, NGINX, GRPCLB, PROXY, KUBE)
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class Targets:
     nginx: str = ""  # HOST:PORT of nginx
     proxy: str = ""  # HOST:PORT of agent-shim proxy
     grpclb: str = ""  # dns://DNS/NAME:PORT, a name with a _grpclb._tcp SRV record
+    kube: str = ""  # the same for the service lbserver learns from Kubernetes
 
 
 def client_rates(clients: int, total_rate: float, exponent: float, seed: int) -> list[float]:
@@ -97,6 +103,10 @@ def channels_for(
     if mode is GRPCLB:
         return [
             ChannelSpec(id=i, target=targets.grpclb, rate=rates[i], grpclb=True) for i in range(n)
+        ]
+    if mode is KUBE:
+        return [
+            ChannelSpec(id=i, target=targets.kube, rate=rates[i], grpclb=True) for i in range(n)
         ]
     if mode is PROXY:
         return [ChannelSpec(id=i, target=targets.proxy, rate=rates[i]) for i in range(n)]
