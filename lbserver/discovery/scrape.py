@@ -65,6 +65,7 @@ class _Target:
     due: float
     # The pod could not be used (its port name is unknown): never scraped.
     unusable: bool = False
+    reading: bool = False
     read_failures: int = 0
 
 
@@ -137,7 +138,13 @@ class Scraper:
 
     async def _scrape(self, service: str, instance_id: str, target: _Target) -> None:
         if target.probe is None:
-            target.probe = await self._probe_from_pod(service, instance_id, target)
+            if target.reading:
+                return  # a slow API: one read of a pod at a time
+            target.reading = True
+            try:
+                target.probe = await self._probe_from_pod(service, instance_id, target)
+            finally:
+                target.reading = False
             if target.probe is None:
                 return
         async with self._slots:
