@@ -4,7 +4,6 @@ Prometheus text, a real Balancer, the Scraper in between."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
 from collections.abc import AsyncIterator, Iterator
@@ -25,7 +24,7 @@ from tests.service.harness import Harness
 from tests.support.eventually import eventually
 from tests.support.fake_kube import FakeKubeApiServer, endpoint_slice
 from tests.support.fake_kube import endpoint as fake_endpoint
-from tests.support.scrape_target import PORT, Target
+from tests.support.scrape_target import PORT, Target, running
 
 IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 SCRAPE = ScrapeSettings(
@@ -62,13 +61,8 @@ def shares(balancer: Balancer) -> dict[str, float]:
 
 @asynccontextmanager
 async def scraping(balancer: Balancer) -> AsyncIterator[Scraper]:
-    scraper = Scraper([WATCHED], balancer)
-    task = asyncio.create_task(scraper.run(tick=0.05))
-    try:
+    async with running(Scraper([WATCHED], balancer)) as scraper:
         yield scraper
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def started(*targets: Target) -> None:

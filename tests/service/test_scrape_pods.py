@@ -19,7 +19,7 @@ from lbserver.domain.model import LoadReport
 from tests.support.eventually import eventually
 from tests.support.fake_kube import FakeKubeApiServer, container, pod
 from tests.support.log_capture import captured_logs, logged
-from tests.support.scrape_target import PORT, Target
+from tests.support.scrape_target import PORT, Target, running
 
 NAMESPACE = "skywalking"
 IP = "127.0.0.6"
@@ -70,13 +70,10 @@ async def scraping(
     target = Target(IP, cpu=1.0)
     await target.start()
     watched = WatchedService("oap", NAMESPACE, "oap", "grpc", "kubernetes", settings)
-    scraper = Scraper([watched], sink, pods=PodReader(apiserver.api_client()))
-    task = asyncio.create_task(scraper.run(tick=0.05))
     try:
-        yield target
+        async with running(Scraper([watched], sink, pods=PodReader(apiserver.api_client()))):
+            yield target
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         await target.stop()
 
 

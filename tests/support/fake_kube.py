@@ -102,12 +102,7 @@ def endpoint_slice(
     labels: Mapping[str, str] | None = None,
 ) -> JsonObject:
     """An EndpointSlice of `service` (a port given a None name has no name)."""
-    port_list: list[JsonObject] = []
-    for port_name, number in ports:
-        port: JsonObject = {"port": number, "protocol": "TCP"}
-        if port_name is not None:
-            port["name"] = port_name
-        port_list.append(port)
+    port_list = _ports(ports, "port")
     return {
         "kind": "EndpointSlice",
         "apiVersion": "discovery.k8s.io/v1",
@@ -144,16 +139,22 @@ def container(
 ) -> JsonObject:
     """A pod's container: its ports (a None name: unnamed) and CPU limit."""
     result: JsonObject = {"name": name, "image": "oap"}
-    port_list: list[JsonObject] = []
-    for port_name, number in ports:
-        port: JsonObject = {"containerPort": number, "protocol": "TCP"}
-        if port_name is not None:
-            port["name"] = port_name
-        port_list.append(port)
+    port_list = _ports(ports, "containerPort")
     if port_list:
         result["ports"] = port_list
     if cpu_limit is not None:
         result["resources"] = {"limits": {"cpu": cpu_limit}}
+    return result
+
+
+def _ports(ports: Sequence[tuple[str | None, int]], key: str) -> list[JsonObject]:
+    """TCP ports with the number under `key`, named unless the name is None."""
+    result: list[JsonObject] = []
+    for port_name, number in ports:
+        port: JsonObject = {key: number, "protocol": "TCP"}
+        if port_name is not None:
+            port["name"] = port_name
+        result.append(port)
     return result
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from lbserver.discovery.scrape import Scraper
 
 PORT = 19234  # the same port on every target, as OAP's telemetry port is
 
@@ -51,3 +55,14 @@ class Target:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
+
+
+@asynccontextmanager
+async def running(scraper: Scraper) -> AsyncIterator[Scraper]:
+    """The scraper running (a fast tick) until the block ends."""
+    task = asyncio.create_task(scraper.run(tick=0.05))
+    try:
+        yield scraper
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
