@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lbserver.discovery._kube_client import load_kubernetes, make_api_client
-from lbserver.registrar._cpus import parse_cpus
+from lbserver.registrar import parse_cpus
 
 __all__ = ["PodReader", "PodScrapeFacts", "PodSource", "scrape_facts"]
 
