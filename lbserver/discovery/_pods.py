@@ -16,6 +16,7 @@ ports, while the telemetry port is a container port only.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -46,12 +47,16 @@ class PodReader:
     def __init__(self, api_client: Any = None, *, kubeconfig: str | None = None) -> None:
         self._api_client = api_client
         self._kubeconfig = kubeconfig
+        # Pods are read from several threads at once: one client for them all.
+        self._lock = threading.Lock()
 
     def read(self, namespace: str, name: str) -> Mapping[str, Any]:
         kube = load_kubernetes()
-        if self._api_client is None:
-            self._api_client = make_api_client(self._kubeconfig)
-        response = kube.client.CoreV1Api(self._api_client).read_namespaced_pod(
+        with self._lock:
+            if self._api_client is None:
+                self._api_client = make_api_client(self._kubeconfig)
+            api_client = self._api_client
+        response = kube.client.CoreV1Api(api_client).read_namespaced_pod(
             name,
             namespace,
             # The raw JSON: the few fields read here need no model objects.
