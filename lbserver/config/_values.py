@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeGuard, get_args
 
 from pydantic import (
     AfterValidator,
@@ -28,7 +28,7 @@ from pydantic_core import PydanticCustomError, core_schema
 from pydantic_settings import NoDecode
 
 from lbserver.addresses import parse_listen_address
-from lbserver.discovery import ScrapeSettings, WatchedService
+from lbserver.discovery import CPU_LIMIT, ScrapeSettings, WatchedService
 from lbserver.domain.publish import EmptyServicePolicy as EmptyServicePolicy
 from lbserver.errors import ConfigError, InvalidValueError
 from lbserver.logs import LogFormat
@@ -231,6 +231,11 @@ _SCRAPE_KEYS = (
     "errors_metric",
     "inflight_metric",
 )
+# A Kubernetes port name (IANA_SVC_NAME): at most 15 characters, lowercase
+# letters, digits and inner dashes, at least one letter. One character is not
+# taken: a stray letter in a port setting has always been refused as a typo.
+_PORT_NAME_SHAPE = "^[a-z0-9][-a-z0-9]{0,13}[a-z0-9]$"  # RE2 (helm's schema check): no lookarounds
+_PORT_NAME = re.compile(rf"(?!.*--)(?=.*[a-z]){_PORT_NAME_SHAPE}")
 WATCH_ENTRY_SCHEMA: dict[str, Any] = {
     "type": "object",
     "additionalProperties": False,
@@ -260,7 +265,16 @@ WATCH_ENTRY_SCHEMA: dict[str, Any] = {
             ),
             "additionalProperties": False,
             "properties": {
-                "port": {"type": "integer", "minimum": 1, "maximum": 65535},
+                "port": {
+                    "type": ["integer", "string"],
+                    "minimum": 1,
+                    "maximum": 65535,
+                    "pattern": _PORT_NAME_SHAPE,
+                    "description": (
+                        "the targets' Prometheus port: a number, or the name of a "
+                        "container port of each pod (needs RBAC get on pods)"
+                    ),
+                },
                 "path": {"type": "string", "pattern": "^/", "description": "default /metrics"},
                 "interval": {
                     "type": ["number", "string"],
@@ -271,9 +285,14 @@ WATCH_ENTRY_SCHEMA: dict[str, Any] = {
                     "description": "seconds one scrape may take (default 2)",
                 },
                 "cpus": {
-                    "type": "number",
+                    "type": ["number", "string"],
                     "exclusiveMinimum": 0,
-                    "description": "CPUs each pod may use (default 1)",
+                    "pattern": "^limit$",
+                    "description": (
+                        "CPUs each pod may use (default 1), or 'limit': the CPU limit of "
+                        "the container serving the port (needs RBAC get on pods; 1 when "
+                        "it has none)"
+                    ),
                 },
                 "cpu_metric": {
                     "type": ["string", "null"],
@@ -354,22 +373,23 @@ def _scrape_settings(fail: Callable[[str], PydanticCustomError], item: Any) -> S
     if "port" not in item:
         raise fail("scrape: 'port' is required (the targets' Prometheus port)")
     defaults = ScrapeSettings(port=1)
+    raw_port, raw_cpus = item.get("port"), item.get("cpus", defaults.cpus)
     try:
-        port = _whole_number(item.get("port"))
+        port: int | str = raw_port if _is_port_name(raw_port) else _whole_number(raw_port)
         interval = seconds(item.get("interval", defaults.interval))
         timeout = seconds(item.get("timeout", defaults.timeout))
-        cpus = _number(item.get("cpus", defaults.cpus))
+        cpus: float | Literal["limit"] = CPU_LIMIT if raw_cpus == CPU_LIMIT else _number(raw_cpus)
     except PydanticCustomError as exc:
         raise fail(f"scrape: {exc.message()}") from None
     path = str(item.get("path", defaults.path))
-    if not 1 <= port <= 65535:
-        raise fail(f"scrape: port must be in 1-65535, not {port}")
+    if isinstance(port, int) and not 1 <= port <= 65535:
+        raise fail(f"scrape: port must be in 1-65535 or a port name, not {port}")
     if not path.startswith("/"):
         raise fail(f"scrape: path must start with '/', not {path!r}")
     if not (0 < timeout <= interval <= MAX_DURATION):
         raise fail("scrape: needs 0 < timeout <= interval")
-    if not (math.isfinite(cpus) and cpus > 0):
-        raise fail(f"scrape: cpus must be a number > 0, not {cpus}")
+    if cpus != CPU_LIMIT and not (math.isfinite(cpus) and cpus > 0):
+        raise fail(f"scrape: cpus must be a number > 0 or 'limit', not {cpus}")
     # The registrar's selector syntax, parsed by the registrar's parser
     # (imported here: the registrar package loads grpcio).
     from lbserver.registrar import parse_selector
@@ -387,6 +407,18 @@ def _scrape_settings(fail: Callable[[str], PydanticCustomError], item: Any) -> S
     return ScrapeSettings(
         port=port, path=path, interval=interval, timeout=timeout, cpus=cpus, **metrics
     )
+
+
+def _is_port_name(value: Any) -> TypeGuard[str]:
+    """A port given by name; a string of digits is still a number."""
+    if not isinstance(value, str) or re.fullmatch(r"\s*-?\d+\s*", value):
+        return False
+    if not _PORT_NAME.match(value):
+        raise problem(
+            "expected a whole number or a port name (2-15 of a-z, 0-9 and inner '-', "
+            f"with a letter), got {value!r}"
+        )
+    return True
 
 
 WatchedServices = Annotated[

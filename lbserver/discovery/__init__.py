@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Final, Literal, Protocol
 
 DiscoveryMode = Literal["heartbeat", "kubernetes", "both"]
 DISCOVERY_MODES: tuple[DiscoveryMode, ...] = ("heartbeat", "kubernetes", "both")
+
+# ScrapeSettings.cpus: each pod's CPUs are its scraped container's CPU limit.
+CPU_LIMIT: Final = "limit"
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,14 +40,19 @@ class ScrapeSettings:
     http://IP:port/path, every `interval` seconds, the metrics turned into a
     load report as the registrar's --load-url does (lbserver.registrar's
     PrometheusLoadProbe). For backends that run no registrar sidecar (the
-    official SkyWalking chart's OAP pods, with SW_TELEMETRY=prometheus)."""
+    official SkyWalking chart's OAP pods, with SW_TELEMETRY=prometheus).
 
-    port: int
+    `port` is a number, or the name of a container port of the member's pod;
+    `cpus` a number, or CPU_LIMIT for the CPU limit of the container serving
+    the port (else the pod's first container). Either of those forms makes
+    the scraper read each member's pod once (RBAC get on pods)."""
+
+    port: int | str
     path: str = "/metrics"
     interval: float = 10.0
     timeout: float = 2.0
     # CPUs each pod may use: utilization = CPU seconds per second / cpus.
-    cpus: float = 1.0
+    cpus: float | Literal["limit"] = 1.0
     cpu_metric: str | None = "process_cpu_seconds_total"
     requests_metric: str | None = None
     errors_metric: str | None = None

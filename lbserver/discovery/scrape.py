@@ -11,6 +11,10 @@ zero: an unknown load keeps the median weight. Scrapes run at most
 random offset within the interval so that neither targets nor replicas scrape
 in step. Every replica scrapes on its own; a target answers one GET per
 interval per replica.
+
+A scrape block that names its port, or asks for `cpus: "limit"`, needs the
+member's pod: it is read once per pod (lbserver.discovery._pods) before the
+target's first scrape; until it has been read the target's load is unknown.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from lbserver.discovery import ScrapeSettings, WatchedService
+from lbserver.discovery import CPU_LIMIT, ScrapeSettings, WatchedService
+from lbserver.discovery._kube_client import KubernetesConfigError, describe_error
+from lbserver.discovery._pods import PodReader, PodSource, scrape_facts
 from lbserver.domain.model import LoadReport
 from lbserver.logs import get_logger
 from lbserver.metrics import SCRAPE_FAILURES, SCRAPE_SECONDS
 from lbserver.registrar import PrometheusLoadProbe
 
-__all__ = ["MAX_CONCURRENT", "LoadSink", "Scraper"]
+__all__ = ["FALLBACK_CPUS", "MAX_CONCURRENT", "LoadSink", "Scraper"]
 
 log = get_logger("lbserver.discovery.scrape")
 
@@ -47,11 +53,20 @@ class LoadSink(Protocol):
         """Takes a member's scraped load; whether it is still a member."""
 
 
+# The CPUs of a pod whose container has no CPU limit (with cpus: "limit").
+FALLBACK_CPUS = 1.0
+
+
 @dataclass(slots=True)
 class _Target:
     ip: str
-    probe: PrometheusLoadProbe
+    # None until the pod has been read (a named port or cpus: "limit").
+    probe: PrometheusLoadProbe | None
     due: float
+    # The pod could not be used (its port name is unknown): never scraped.
+    unusable: bool = False
+    reading: bool = False
+    read_failures: int = 0
 
 
 class Scraper:
@@ -65,8 +80,16 @@ class Scraper:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        pods: PodSource | None = None,
+        kubeconfig: str | None = None,
     ) -> None:
-        self._settings = {w.service: w.scrape for w in services if w.scrape is not None}
+        """`pods` reads the members' pods when a scrape block needs them;
+        by default the Kubernetes API, configured from `kubeconfig` (else
+        in-cluster) as discovery is."""
+        watched = [w for w in services if w.scrape is not None]
+        self._settings = {w.service: w.scrape for w in watched if w.scrape is not None}
+        self._namespaces = {w.service: w.namespace for w in watched}
+        self._pods = pods if pods is not None else PodReader(kubeconfig=kubeconfig)
         self._sink = sink
         self._clock = clock
         self._rng = rng or random.Random()
@@ -101,10 +124,11 @@ class Scraper:
                 if target is None or target.ip != ip:
                     # A new member (or a new pod under the name): a new probe,
                     # whose first scrape is unknown load, never zero.
+                    probe = None if _needs_pod(settings) else _probe(ip, settings)
                     target = self._targets[key] = _Target(
-                        ip, _probe(ip, settings), now + self._rng.uniform(0, settings.interval)
+                        ip, probe, now + self._rng.uniform(0, settings.interval)
                     )
-                if target.due <= now:
+                if target.due <= now and not target.unusable:
                     target.due = now + settings.interval
                     task = asyncio.ensure_future(self._scrape(service, instance_id, target))
                     self._running.add(task)
@@ -113,6 +137,16 @@ class Scraper:
             del self._targets[key]
 
     async def _scrape(self, service: str, instance_id: str, target: _Target) -> None:
+        if target.probe is None:
+            if target.reading:
+                return  # a slow API: one read of a pod at a time
+            target.reading = True
+            try:
+                target.probe = await self._probe_from_pod(service, instance_id, target)
+            finally:
+                target.reading = False
+            if target.probe is None:
+                return
         async with self._slots:
             started = time.perf_counter()
             load = await target.probe()
@@ -122,15 +156,68 @@ class Scraper:
         if self._targets.get((service, instance_id)) is target:
             self._sink.report_load(service, instance_id, load)
 
+    async def _probe_from_pod(
+        self, service: str, pod: str, target: _Target
+    ) -> PrometheusLoadProbe | None:
+        """The target's probe, from its pod's port and CPU limit; None when
+        the pod cannot be read (tried again next interval) or used."""
+        settings = self._settings[service]
+        namespace = self._namespaces[service]
+        try:
+            async with self._slots:
+                raw = await asyncio.to_thread(self._pods.read, namespace, pod)
+        except Exception as exc:  # any API failure (or no configuration): retried
+            target.read_failures += 1
+            # Once per pod: a missing RBAC rule would otherwise log every interval.
+            emit = log.warning if target.read_failures == 1 else log.debug
+            emit(
+                "cannot read the pod of a scrape target; its load stays unknown",
+                service=service,
+                namespace=namespace,
+                pod=pod,
+                error=str(exc) if isinstance(exc, KubernetesConfigError) else describe_error(exc),
+            )
+            return None
+        facts = scrape_facts(raw, settings.port)
+        if facts.port is None:
+            target.unusable = True
+            log.warning(
+                "no container port of the pod has the scrape port's name; not scraped",
+                service=service,
+                pod=pod,
+                port=settings.port,
+            )
+            return None
+        cpus = settings.cpus
+        if cpus == CPU_LIMIT:
+            cpus = facts.cpu_limit if facts.cpu_limit is not None else FALLBACK_CPUS
+            if facts.cpu_limit is None:
+                log.warning(
+                    "the scraped container has no CPU limit; its utilization assumes 1 CPU",
+                    service=service,
+                    pod=pod,
+                    container=facts.container,
+                    cpus=FALLBACK_CPUS,
+                )
+        return _probe(target.ip, settings, port=facts.port, cpus=float(cpus))
 
-def _probe(ip: str, settings: ScrapeSettings) -> PrometheusLoadProbe:
+
+def _needs_pod(settings: ScrapeSettings) -> bool:
+    return isinstance(settings.port, str) or settings.cpus == CPU_LIMIT
+
+
+def _probe(
+    ip: str, settings: ScrapeSettings, *, port: int | None = None, cpus: float | None = None
+) -> PrometheusLoadProbe:
+    """A probe of http://IP:port/path; `port` and `cpus` as read from the
+    pod, else the settings' (numbers when no pod is needed)."""
     host = f"[{ip}]" if ":" in ip else ip
     return PrometheusLoadProbe(
-        f"http://{host}:{settings.port}{settings.path}",
+        f"http://{host}:{settings.port if port is None else port}{settings.path}",
         cpu_metric=settings.cpu_metric,
         requests_metric=settings.requests_metric,
         errors_metric=settings.errors_metric,
         inflight_metric=settings.inflight_metric,
-        cpus=settings.cpus,
+        cpus=float(settings.cpus if cpus is None else cpus),
         timeout=settings.timeout,
     )

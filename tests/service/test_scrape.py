@@ -4,10 +4,8 @@ Prometheus text, a real Balancer, the Scraper in between."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import statistics
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,57 +24,13 @@ from tests.service.harness import Harness
 from tests.support.eventually import eventually
 from tests.support.fake_kube import FakeKubeApiServer, endpoint_slice
 from tests.support.fake_kube import endpoint as fake_endpoint
+from tests.support.scrape_target import PORT, Target, running
 
-PORT = 19234  # the same port on every target, as OAP's telemetry port is
 IPS = ("127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5")
 SCRAPE = ScrapeSettings(
     port=PORT, interval=0.2, timeout=1.0, cpus=1.0, requests_metric="requests_total"
 )
 WATCHED = WatchedService("oap", "skywalking", "oap", "grpc", "kubernetes", SCRAPE)
-
-
-class Target:
-    """An OAP stand-in's telemetry: counters growing at fixed rates, or
-    failing (HTTP 500) while `broken`."""
-
-    def __init__(self, ip: str, cpu: float, rps: float = 100.0) -> None:
-        self.ip, self.cpu, self.rps = ip, cpu, rps
-        self.started = time.monotonic()
-        self.broken = False
-        self.scrapes = 0
-        self._server: asyncio.Server | None = None
-
-    def page(self) -> bytes:
-        elapsed = time.monotonic() - self.started
-        return (
-            "# TYPE process_cpu_seconds_total counter\n"
-            f"process_cpu_seconds_total {self.cpu * elapsed}\n"
-            "# TYPE requests_total counter\n"
-            f"requests_total {self.rps * elapsed}\n"
-        ).encode()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        self.scrapes += 1
-        if self.broken:
-            writer.write(b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n")
-        else:
-            body = self.page()
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
-                + body
-            )
-        await writer.drain()
-        writer.close()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.ip, PORT)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
 
 
 @pytest.fixture
@@ -107,13 +61,8 @@ def shares(balancer: Balancer) -> dict[str, float]:
 
 @asynccontextmanager
 async def scraping(balancer: Balancer) -> AsyncIterator[Scraper]:
-    scraper = Scraper([WATCHED], balancer)
-    task = asyncio.create_task(scraper.run(tick=0.05))
-    try:
+    async with running(Scraper([WATCHED], balancer)) as scraper:
         yield scraper
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def started(*targets: Target) -> None:

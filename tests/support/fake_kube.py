@@ -21,6 +21,11 @@ it to every open watch that selects it) and injects trouble: `send_bookmark`,
 and `FakeKubeApiServer(serving=False)` + `start_serving()` (connections refused
 until then). Every request is recorded with its query parameters.
 
+Pods (for the load scraper's named ports and CPU limits): `add_pod` /
+`delete_pod` keep Pod objects (built with `pod`), served by
+`GET /api/v1/namespaces/{ns}/pods/{name}` (404 when there is none); no list or
+watch of pods.
+
 With `ssl_context` it serves HTTPS (as in-cluster clients expect), and with
 `authorize` every request is first checked as the API server's authn/authz
 would: the callback gets the Authorization header, the namespace and the verb
@@ -56,6 +61,7 @@ JsonObject = dict[str, Any]
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _PATH = re.compile(r"^/apis/discovery\.k8s\.io/v1/namespaces/([^/]+)/endpointslices$")
+_POD_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)$")
 
 
 # ---------------------------------------------------------------------------
@@ -96,12 +102,7 @@ def endpoint_slice(
     labels: Mapping[str, str] | None = None,
 ) -> JsonObject:
     """An EndpointSlice of `service` (a port given a None name has no name)."""
-    port_list: list[JsonObject] = []
-    for port_name, number in ports:
-        port: JsonObject = {"port": number, "protocol": "TCP"}
-        if port_name is not None:
-            port["name"] = port_name
-        port_list.append(port)
+    port_list = _ports(ports, "port")
     return {
         "kind": "EndpointSlice",
         "apiVersion": "discovery.k8s.io/v1",
@@ -113,6 +114,48 @@ def endpoint_slice(
         "endpoints": list(endpoints),
         "ports": port_list,
     }
+
+
+def pod(
+    name: str,
+    *,
+    uid: str | None = None,
+    containers: Sequence[JsonObject] = (),
+) -> JsonObject:
+    """A Pod with the given containers (see `container`)."""
+    return {
+        "kind": "Pod",
+        "apiVersion": "v1",
+        "metadata": {"name": name, "uid": uid or f"uid-{name}"},
+        "spec": {"containers": list(containers)},
+    }
+
+
+def container(
+    name: str,
+    *,
+    ports: Sequence[tuple[str | None, int]] = (),
+    cpu_limit: str | None = None,
+) -> JsonObject:
+    """A pod's container: its ports (a None name: unnamed) and CPU limit."""
+    result: JsonObject = {"name": name, "image": "oap"}
+    port_list = _ports(ports, "containerPort")
+    if port_list:
+        result["ports"] = port_list
+    if cpu_limit is not None:
+        result["resources"] = {"limits": {"cpu": cpu_limit}}
+    return result
+
+
+def _ports(ports: Sequence[tuple[str | None, int]], key: str) -> list[JsonObject]:
+    """TCP ports with the number under `key`, named unless the name is None."""
+    result: list[JsonObject] = []
+    for port_name, number in ports:
+        port: JsonObject = {key: number, "protocol": "TCP"}
+        if port_name is not None:
+            port["name"] = port_name
+        result.append(port)
+    return result
 
 
 # ---------------------------------------------------------------------------
@@ -220,6 +263,7 @@ class FakeKubeApiServer(Started):
         self._rv = 100
         self._compacted = 0  # watches from a resourceVersion below this get 410
         self._objects: dict[tuple[str, str], JsonObject] = {}
+        self._pods: dict[tuple[str, str], JsonObject] = {}
         self._history: list[_Change] = []
         self._watches: list[_OpenWatch] = []
         self._failures: list[_Failure] = []
@@ -461,7 +505,22 @@ class FakeKubeApiServer(Started):
             return list(self._requests)
 
     def list_requests(self) -> list[RecordedRequest]:
-        return [r for r in self.requests if not r.watch]
+        return [r for r in self.requests if not r.watch and not _POD_PATH.match(r.path)]
+
+    def pod_requests(self) -> list[RecordedRequest]:
+        """The GETs of single pods."""
+        return [r for r in self.requests if _POD_PATH.match(r.path)]
+
+    # -- pods
+
+    def add_pod(self, namespace: str, obj: JsonObject) -> None:
+        """Keeps (or replaces) a Pod, served to GETs by name."""
+        with self._lock:
+            self._pods[(namespace, obj["metadata"]["name"])] = copy.deepcopy(obj)
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        with self._lock:
+            self._pods.pop((namespace, name), None)
 
     def watch_requests(self) -> list[RecordedRequest]:
         return [r for r in self.requests if r.watch]
@@ -497,6 +556,10 @@ class FakeKubeApiServer(Started):
             reason = _REASONS.get(failure, "InternalError")
             _send_json(h, failure, _status(failure, reason, f"injected HTTP {failure}"))
             return
+        pod_match = _POD_PATH.match(url.path)
+        if h.command == "GET" and pod_match is not None:
+            self._get_pod(h, pod_match.group(1), pod_match.group(2))
+            return
         match = _PATH.match(url.path)
         if h.command != "GET" or match is None:
             _send_json(h, 404, _status(404, "NotFound", f"no route for {h.command} {url.path}"))
@@ -524,6 +587,22 @@ class FakeKubeApiServer(Started):
             self._watch(h, namespace, selector, query)
         else:
             self._list(h, namespace, selector)
+
+    def _get_pod(self, h: _Handler, namespace: str, name: str) -> None:
+        if self._authorize is not None:
+            denied = self._authorize(h.headers.get("Authorization"), namespace, "get")
+            if denied is not None:
+                reason = "Unauthorized" if denied == 401 else "Forbidden"
+                message = f'pods "{name}" is forbidden: cannot get resource "pods"'
+                _send_json(h, denied, _status(denied, reason, message))
+                return
+        with self._lock:
+            obj = copy.deepcopy(self._pods.get((namespace, name)))
+        if obj is None:
+            _send_json(h, 404, _status(404, "NotFound", f'pods "{name}" not found'))
+            return
+        obj["metadata"]["namespace"] = namespace
+        _send_json(h, 200, obj)
 
     def _take_failure_locked(self, watch: bool) -> int | None:
         for failure in self._failures:

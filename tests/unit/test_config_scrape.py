@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from lbserver.config import Config, load_config
-from lbserver.discovery import ScrapeSettings
+from lbserver.discovery import CPU_LIMIT, ScrapeSettings
 from lbserver.errors import ConfigError
 
 
@@ -67,3 +67,38 @@ def test_no_scrape_block_means_no_scrapes() -> None:
 def test_bad_scrape_blocks_name_the_problem(scrape: Any, mode: str, message: str) -> None:
     with pytest.raises(ConfigError, match=rf"kubernetes_services\[0\]: .*{message}"):
         Config(kubernetes_services=watched(scrape, mode))
+
+
+@pytest.mark.parametrize("port", ["monitoring", "http-metrics", "m1"])
+def test_a_port_by_name(port: str) -> None:
+    config = Config(kubernetes_services=watched({"port": port}))
+    assert config.kubernetes_services[0].scrape == ScrapeSettings(port=port)
+
+
+def test_a_port_of_digits_in_a_string_is_a_number() -> None:
+    config = load_config(
+        environ={"LBSERVER_KUBERNETES_SERVICES": json.dumps(watched({"port": "1234"}))}
+    )
+    assert config.kubernetes_services[0].scrape == ScrapeSettings(port=1234)
+
+
+def test_cpus_from_the_containers_limit() -> None:
+    config = Config(kubernetes_services=watched({"port": "monitoring", "cpus": "limit"}))
+    assert config.kubernetes_services[0].scrape == ScrapeSettings(port="monitoring", cpus=CPU_LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("scrape", "message"),
+    [
+        ({"port": "Monitoring"}, "expected a whole number or a port name"),
+        ({"port": "-metrics"}, "expected a whole number or a port name"),
+        ({"port": "a--b"}, "expected a whole number or a port name"),
+        ({"port": "a-very-long-port-name"}, "expected a whole number or a port name"),
+        ({"port": ""}, "expected a whole number"),
+        ({"port": 1234, "cpus": "limits"}, "expected a number"),
+        ({"port": 1234, "cpus": "-1"}, "cpus must be a number > 0 or 'limit'"),
+    ],
+)
+def test_bad_port_names_and_cpus(scrape: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=rf"kubernetes_services\[0\]: .*{message}"):
+        Config(kubernetes_services=watched(scrape))
