@@ -464,7 +464,9 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
     if any(w.scrape is not None for w in config.kubernetes_services):
         from lbserver.discovery.scrape import Scraper
 
-        scraper = Scraper(config.kubernetes_services, balancer)
+        scraper = Scraper(
+            config.kubernetes_services, balancer, kubeconfig=config.kubeconfig or None
+        )
         running.scraping = asyncio.create_task(scraper.run(), name="load-scrapes")
         log.info("scraping the load of kubernetes members", services=scraper.services)
     return running

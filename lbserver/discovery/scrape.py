@@ -20,6 +20,7 @@ target's first scrape; until it has been read the target's load is unknown.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -38,8 +39,10 @@ __all__ = ["FALLBACK_CPUS", "MAX_CONCURRENT", "LoadSink", "Scraper"]
 
 log = get_logger("lbserver.discovery.scrape")
 
-# Each scrape is a thread doing one blocking GET (PrometheusLoadProbe);
-# this many at once keeps a large fleet from taking every thread.
+# Each scrape is a thread doing one blocking GET (PrometheusLoadProbe), on
+# threads of the scraper's own: asyncio's default executor has only
+# min(32, CPUs + 4) threads, shared with the rest of the process, and a scrape
+# queued for one would spend its timeout waiting. This many at once.
 MAX_CONCURRENT = 16
 
 
@@ -95,6 +98,9 @@ class Scraper:
         self._rng = rng or random.Random()
         self._targets: dict[tuple[str, str], _Target] = {}
         self._slots = asyncio.Semaphore(MAX_CONCURRENT)
+        self._threads = concurrent.futures.ThreadPoolExecutor(
+            MAX_CONCURRENT, thread_name_prefix="lbserver-scrape"
+        )
         self._running: set[asyncio.Task[None]] = set()
 
     @property
@@ -110,6 +116,8 @@ class Scraper:
             for task in self._running:
                 task.cancel()
             await asyncio.gather(*self._running, return_exceptions=True)
+            # A GET still running ends by its own deadline; nothing waits for it.
+            self._threads.shutdown(wait=False, cancel_futures=True)
 
     def start_due(self) -> None:
         """Follows the members (new targets, gone ones) and starts the
@@ -124,7 +132,7 @@ class Scraper:
                 if target is None or target.ip != ip:
                     # A new member (or a new pod under the name): a new probe,
                     # whose first scrape is unknown load, never zero.
-                    probe = None if _needs_pod(settings) else _probe(ip, settings)
+                    probe = None if _needs_pod(settings) else _probe(ip, settings, self._threads)
                     target = self._targets[key] = _Target(
                         ip, probe, now + self._rng.uniform(0, settings.interval)
                     )
@@ -199,7 +207,7 @@ class Scraper:
                     container=facts.container,
                     cpus=FALLBACK_CPUS,
                 )
-        return _probe(target.ip, settings, port=facts.port, cpus=float(cpus))
+        return _probe(target.ip, settings, self._threads, port=facts.port, cpus=float(cpus))
 
 
 def _needs_pod(settings: ScrapeSettings) -> bool:
@@ -207,7 +215,12 @@ def _needs_pod(settings: ScrapeSettings) -> bool:
 
 
 def _probe(
-    ip: str, settings: ScrapeSettings, *, port: int | None = None, cpus: float | None = None
+    ip: str,
+    settings: ScrapeSettings,
+    threads: concurrent.futures.Executor,
+    *,
+    port: int | None = None,
+    cpus: float | None = None,
 ) -> PrometheusLoadProbe:
     """A probe of http://IP:port/path; `port` and `cpus` as read from the
     pod, else the settings' (numbers when no pod is needed)."""
@@ -220,4 +233,5 @@ def _probe(
         inflight_metric=settings.inflight_metric,
         cpus=float(settings.cpus if cpus is None else cpus),
         timeout=settings.timeout,
+        executor=threads,
     )

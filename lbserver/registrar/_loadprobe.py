@@ -11,6 +11,7 @@ while scrapes fail.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import http.client
 import math
 import time
@@ -88,6 +89,7 @@ class PrometheusLoadProbe:
         timeout: float = _DEFAULT_TIMEOUT,
         min_interval: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        executor: concurrent.futures.Executor | None = None,
     ) -> None:
         parsed = urllib.parse.urlsplit(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
@@ -126,6 +128,8 @@ class PrometheusLoadProbe:
         self.min_interval: Final = float(min_interval)
         self._selectors = selectors
         self._clock = clock
+        # Where the blocking GET runs (None: asyncio's default executor).
+        self._executor = executor
         # Proxy variables are for the outside world; a sidecar scrapes its pod.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self._lock = asyncio.Lock()
@@ -158,7 +162,8 @@ class PrometheusLoadProbe:
                 return self._last_report
             self._last_call = self._clock()
             try:
-                text = await asyncio.wait_for(asyncio.to_thread(self._fetch), self.timeout)
+                fetch = asyncio.get_running_loop().run_in_executor(self._executor, self._fetch)
+                text = await asyncio.wait_for(fetch, self.timeout)
                 report = self.observe(text)
             except _SCRAPE_ERRORS as err:  # TimeoutError is an OSError
                 report = self.scrape_failed(err)

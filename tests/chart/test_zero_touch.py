@@ -26,7 +26,7 @@ ENDPOINTSLICES_RULE = {
     "resources": ["endpointslices"],
     "verbs": ["get", "list", "watch"],
 }
-PODS_RULE = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+PODS_RULE = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}
 
 
 def render(helm: Helm, *values: Path) -> list[Manifest]:
@@ -83,7 +83,7 @@ def test_a_configured_cpu_count_needs_no_pod_access(helm: Helm) -> None:
     assert not find(objects, "ClusterRole")
 
 
-def test_cpus_from_the_pods_limits_reads_pods_where_scraped(helm: Helm, tmp_path: Path) -> None:
+def test_a_named_port_or_cpus_limit_reads_pods_where_scraped(helm: Helm, tmp_path: Path) -> None:
     values = tmp_path / "values.yaml"
     values.write_text(
         yaml.safe_dump(
@@ -96,7 +96,19 @@ def test_cpus_from_the_pods_limits_reads_pods_where_scraped(helm: Helm, tmp_path
                             "kubernetes_service": "skywalking-oap",
                             "port_name": "grpc",
                             "mode": "kubernetes",
-                            "scrape": {"port": 1234},
+                            "scrape": {"port": 1234, "cpus": "limit"},
+                        },
+                        {
+                            "service": "agents",
+                            "namespace": "other",
+                            "mode": "kubernetes",
+                            "scrape": {"port": "monitoring"},
+                        },
+                        {
+                            "service": "plain",
+                            "namespace": "plain",
+                            "mode": "kubernetes",
+                            "scrape": {"port": 1234, "cpus": 2},
                         },
                         {"service": "collector", "mode": "kubernetes"},
                     ]
@@ -107,6 +119,8 @@ def test_cpus_from_the_pods_limits_reads_pods_where_scraped(helm: Helm, tmp_path
     objects = render(helm, values)
     assert roles_by_namespace(objects) == {
         "skywalking": [ENDPOINTSLICES_RULE, PODS_RULE],
+        "other": [ENDPOINTSLICES_RULE, PODS_RULE],
+        "plain": [ENDPOINTSLICES_RULE],
         NAMESPACE: [ENDPOINTSLICES_RULE],
     }
     for obj in objects:

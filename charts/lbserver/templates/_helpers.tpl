@@ -116,8 +116,14 @@ EndpointSlice's targetRef). A configured number needs no pod access. */}}
 {{- define "lbserver.podNamespaces" -}}
 {{- $namespaces := list }}
 {{- range (default list .Values.config.kubernetes_services) }}
-{{- if and .scrape (not (or (kindIs "float64" .scrape.cpus) (kindIs "int64" .scrape.cpus) (kindIs "int" .scrape.cpus))) }}
+{{- if .scrape }}
+{{- /* The balancer reads a member's pod (one GET) for a port given by name
+or for `cpus: limit`; a port number and a CPU count need nothing. */}}
+{{- $byName := and (kindIs "string" .scrape.port) (not (regexMatch "^[0-9]+$" .scrape.port)) }}
+{{- $fromLimit := eq (toString (default "" .scrape.cpus)) "limit" }}
+{{- if or $byName $fromLimit }}
 {{- $namespaces = append $namespaces (default $.Release.Namespace .namespace) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- toJson ($namespaces | uniq | sortAlpha) }}
