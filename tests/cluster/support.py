@@ -199,12 +199,15 @@ async def start_client(
     return pod
 
 
-async def install_skywalking(k8s: ClusterHarness, replicas: int = 3) -> None:
-    """The OAP of the official chart (release skywalking, namespace skywalking)."""
+async def install_skywalking(
+    k8s: ClusterHarness, replicas: int = 3, manifest: str = "skywalking-oap.yaml"
+) -> None:
+    """The OAP of the official chart (release skywalking, namespace skywalking),
+    as rendered in `manifest` (under manifests/)."""
     cluster = k8s.cluster
     if NS not in cluster.namespaces:
         await cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}})
-    for obj in yaml.safe_load_all((MANIFESTS / "skywalking-oap.yaml").read_text()):
+    for obj in yaml.safe_load_all((MANIFESTS / manifest).read_text()):
         if obj["kind"] == "Deployment":
             obj["spec"]["replicas"] = replicas
         await cluster.apply(obj, NS)
@@ -255,6 +258,14 @@ def segments_by_pod(records: dict[str, StandInRecord]) -> dict[str, Counter[str]
     return {name: record.segment_ids() for name, record in records.items()}
 
 
+def arrived_segments(k8s: ClusterHarness) -> Counter[str]:
+    """How often each segment arrived, over every OAP pod (gone ones too)."""
+    total: Counter[str] = Counter()
+    for counts in segments_by_pod(oap_records(k8s)).values():
+        total.update(counts)
+    return total
+
+
 def produced_segments(pod: Pod, container: str = "my-app") -> list[str]:
     """Segment ids an agent app pod printed (`<segment> <trace>` lines)."""
     ids = []
@@ -273,10 +284,12 @@ def client_result(pod: Pod, container: str | None = None) -> dict[str, Any]:
     raise AssertionError(f"no RESULT from {pod.name}:\n{pod.describe()}")
 
 
-async def balancer_views(k8s: ClusterHarness, name: str = "lbserver") -> dict[str, dict[str, str]]:
-    """Each balancer replica's backends of service oap: {pod: {address: state}},
-    from `lbserver status --json` run inside that replica."""
-    views = {}
+async def balancer_backends(
+    k8s: ClusterHarness, name: str = "lbserver"
+) -> dict[str, list[dict[str, Any]]]:
+    """Each ready balancer replica's backends of service oap, as
+    `lbserver status --json` run inside that replica lists them: {pod: [backend]}."""
+    backends = {}
     for pod in k8s.cluster.deployment_pods(NS, name):
         if not pod.ready:
             continue
@@ -285,13 +298,22 @@ async def balancer_views(k8s: ClusterHarness, name: str = "lbserver") -> dict[st
         )
         assert code == 0, out
         document = json.loads(out)
-        views[pod.name] = {
-            b["address"]: b["state"]
+        backends[pod.name] = [
+            b
             for service in document["services"]
             if service["name"] == "oap"
             for b in service["backends"]
-        }
-    return views
+        ]
+    return backends
+
+
+async def balancer_views(k8s: ClusterHarness, name: str = "lbserver") -> dict[str, dict[str, str]]:
+    """Each balancer replica's backends of service oap: {pod: {address: state}},
+    from `lbserver status --json` run inside that replica."""
+    return {
+        pod: {b["address"]: b["state"] for b in backends}
+        for pod, backends in (await balancer_backends(k8s, name)).items()
+    }
 
 
 async def wait_backends(
