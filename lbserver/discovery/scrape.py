@@ -102,6 +102,8 @@ class Scraper:
             MAX_CONCURRENT, thread_name_prefix="lbserver-scrape"
         )
         self._running: set[asyncio.Task[None]] = set()
+        # Whether the first round (every target at once) is over.
+        self._warm = False
 
     @property
     def services(self) -> list[str]:
@@ -133,9 +135,12 @@ class Scraper:
                     # A new member (or a new pod under the name): a new probe,
                     # whose first scrape is unknown load, never zero.
                     probe = None if _needs_pod(settings) else _probe(ip, settings, self._threads)
-                    target = self._targets[key] = _Target(
-                        ip, probe, now + self._rng.uniform(0, settings.interval)
-                    )
+                    # The first round spreads every target over the interval
+                    # (a restarted balancer must not scrape them all at once);
+                    # a pod joining later is scraped at once: its load is
+                    # unknown until its second scrape gives a rate.
+                    first = self._rng.uniform(0, settings.interval) if not self._warm else 0.0
+                    target = self._targets[key] = _Target(ip, probe, now + first)
                 if target.due <= now and not target.unusable:
                     target.due = now + settings.interval
                     task = asyncio.ensure_future(self._scrape(service, instance_id, target))
@@ -143,6 +148,7 @@ class Scraper:
                     task.add_done_callback(self._running.discard)
         for key in self._targets.keys() - current:
             del self._targets[key]
+        self._warm = self._warm or bool(self._targets)
 
     async def _scrape(self, service: str, instance_id: str, target: _Target) -> None:
         if target.probe is None:
