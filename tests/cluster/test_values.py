@@ -22,6 +22,7 @@ import yaml
 from tests.cluster import support as s
 from tests.cluster.harness import ClusterHarness
 from tests.cluster.harness.objects import strategic_merge
+from tests.support.eventually import eventually
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -109,7 +110,20 @@ async def test_discovery_values(k8s: ClusterHarness) -> None:
     # longer ready), long before its preStop sleep and drain end.
     leaving = oap[0]
     await k8s.sh(f"kubectl -n {s.NS} delete pod {leaving.name} --wait=false")
-    views = await s.wait_backends(k8s, {f"{p.ip}:11800" for p in oap[1:]}, limit=5)
+    gone, others = f"{leaving.ip}:11800", {f"{p.ip}:11800" for p in oap[1:]}
+
+    async def left() -> dict[str, set[str]] | None:
+        # What each replica lists (entries in its server list): the others
+        # still, the terminating pod no more. A replacement the Deployment
+        # starts meanwhile may join; its registration state is beside the point.
+        listed = {
+            pod: {b["address"] for b in backends if b["list_entries"]}
+            for pod, backends in (await s.balancer_backends(k8s)).items()
+        }
+        ok = listed and all(others <= found and gone not in found for found in listed.values())
+        return listed if ok else None
+
+    await eventually(left, "the terminating pod out of every list", within=5, interval=0.5)
     assert not leaving.gone.is_set()
 
 
