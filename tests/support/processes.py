@@ -48,11 +48,21 @@ class ProcessError(RuntimeError):
 
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port that was free on `host` a moment ago."""
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = LOOPBACK) -> list[int]:
+    """`count` different TCP ports that were free on `host` a moment ago
+    (all bound at once: the kernel may hand out a port again as soon as it is
+    closed, so two free_port() calls can return the same one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(family, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 def wait_until(
@@ -356,8 +366,9 @@ class ProcessManager:
         Ports default to free ones; `env` adds or overrides environment variables
         (e.g. `LBSERVER_STARTUP_GRACE`). With `wait`, returns once it is SERVING.
         """
-        port = port or free_port()
-        metrics_port = metrics_port or free_port()
+        spare = free_ports(3)
+        port = port or next(p for p in spare if p != metrics_port)
+        metrics_port = metrics_port or next(p for p in spare if p != port)
         argv = [
             sys.executable,
             "-m",
