@@ -87,13 +87,14 @@ class _MultiCallable:
         *,
         unary_response: bool,
     ) -> SyncCall | EndedCall:
-        make = self._maker(request, timeout, metadata, credentials, wait_for_ready, compression)
-        return self._owner.start(make, deadline_after(timeout), unary_response=unary_response)
+        deadline = deadline_after(timeout)
+        make = self._maker(request, deadline, metadata, credentials, wait_for_ready, compression)
+        return self._owner.start(make, deadline, unary_response=unary_response)
 
     def _maker(
         self,
         request: Any,
-        timeout: float | None,
+        deadline: float | None,
         metadata: Any,
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
@@ -101,7 +102,6 @@ class _MultiCallable:
     ) -> Callable[[], Any]:
         """What starts the asyncio call on the loop thread."""
         requests = pulled(request) if self.request_stream else request
-        deadline = deadline_after(timeout)
 
         def make() -> Any:
             return self._aio(
@@ -139,7 +139,9 @@ class _UnaryResponse(_MultiCallable):
         compression: grpc.Compression | None = None,
     ) -> tuple[Any, grpc.Call]:
         ended = self._owner.blocking(
-            self._maker(request, timeout, metadata, credentials, wait_for_ready, compression)
+            self._maker(
+                request, deadline_after(timeout), metadata, credentials, wait_for_ready, compression
+            )
         )
         return ended.result(), ended
 
