@@ -209,6 +209,25 @@ async def ended(call: Any, *, unary_response: bool) -> EndedCall:
     )
 
 
+async def run_call(
+    make: Callable[[], Any],
+    *,
+    unary_response: bool,
+    made: Callable[[Any], object] | None = None,
+) -> EndedCall:
+    """On the loop: starts the asyncio call with `make` and waits for its end.
+    `made` gets the call as soon as it exists (None: the channel closed first)."""
+    try:
+        call = make()
+    except grpc.aio.UsageError:  # closed meanwhile
+        call = None
+    if made is not None:
+        made(call)
+    if call is None:
+        return EndedCall(grpc.StatusCode.UNAVAILABLE, CLOSED)
+    return await ended(call, unary_response=unary_response)
+
+
 async def pulled(requests: Iterable[Any]) -> AsyncIterator[Any]:
     """A sync request iterator for an asyncio call. It may block (until the
     application has the next request), so it is read on a thread of its own,
@@ -247,13 +266,7 @@ class SyncCall(grpc.RpcError, grpc.Call, _Future):
         self._ended = loop.submit(self._run(make, unary_response))
 
     async def _run(self, make: Callable[[], Any], unary_response: bool) -> EndedCall:
-        try:
-            call = make()
-        except grpc.aio.UsageError:  # closed meanwhile
-            self._call.set_result(None)
-            return EndedCall(grpc.StatusCode.UNAVAILABLE, CLOSED)
-        self._call.set_result(call)
-        return await ended(call, unary_response=unary_response)
+        return await run_call(make, unary_response=unary_response, made=self._call.set_result)
 
     @staticmethod
     def blocking(loop: LoopThread, make: Callable[[], Any]) -> EndedCall:
@@ -261,15 +274,8 @@ class SyncCall(grpc.RpcError, grpc.Call, _Future):
         what `SyncCall(...).outcome()` returns, with one hand-off to the loop
         and back instead of a call object the caller never sees."""
 
-        async def run() -> EndedCall:
-            try:
-                call = make()
-            except grpc.aio.UsageError:  # closed meanwhile
-                return EndedCall(grpc.StatusCode.UNAVAILABLE, CLOSED)
-            return await ended(call, unary_response=True)
-
         try:
-            return loop.run(run())
+            return loop.run(run_call(make, unary_response=True))
         except ChannelClosedError:
             return EndedCall(grpc.StatusCode.UNAVAILABLE, CLOSED)
         except (concurrent.futures.CancelledError, asyncio.CancelledError):
