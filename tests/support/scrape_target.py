@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from lbserver.discovery.scrape import Scraper
+from tests.support.telemetry import counters_page
 
 PORT = 19234  # the same port on every target, as OAP's telemetry port is
 
@@ -26,12 +27,7 @@ class Target:
 
     def page(self) -> bytes:
         elapsed = time.monotonic() - self.started
-        return (
-            "# TYPE process_cpu_seconds_total counter\n"
-            f"process_cpu_seconds_total {self.cpu * elapsed}\n"
-            "# TYPE requests_total counter\n"
-            f"requests_total {self.rps * elapsed}\n"
-        ).encode()
+        return counters_page(self.cpu * elapsed, self.rps * elapsed)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
