@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -44,6 +43,14 @@ from lbserver.logs import LogLimiter, clip
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
 from lbserver.security import RefusedMessage, abort_refused, peer_ip, request_decoder
+from lbserver.services._streams import (
+    MessageRate,
+    RefusedError,
+    StreamAdmission,
+    StreamLimits,
+    Ticket,
+    first_message,
+)
 
 log = structlog.get_logger("lbserver.grpclb")
 
@@ -108,161 +115,6 @@ def client_stats_delta(stats: lb_pb2.ClientStats) -> ClientCallStats:
 # metrics.LIST_PUSHES's children, looked up once per kind instead of per push
 # (created at the first push of their kind, as labels() would).
 _LIST_PUSHES: dict[str, Any] = {}
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """What one BalanceLoad stream, and one peer, may hold (config options of
-    the same names)."""
-
-    max_streams: int = 20_000
-    max_streams_per_peer: int = 1_000
-    max_pending_streams: int = 1_000
-    initial_request_timeout: float = 2.0
-    # Messages per second after the initial request; 0: no limit.
-    client_stats_rate_per_stream: float = 2.0
-
-
-class _RefusedError(Exception):
-    """Ends a stream with `code` and `details`; `limit` labels the metric."""
-
-    def __init__(self, code: grpc.StatusCode, details: str, limit: str = "") -> None:
-        super().__init__(details)
-        self.code = code
-        self.details = details
-        self.limit = limit
-
-
-class _Ticket:
-    """One stream's hold on the admission counts."""
-
-    __slots__ = ("established", "evicted", "ip", "released")
-
-    def __init__(self, ip: str, evicted: asyncio.Future[_RefusedError]) -> None:
-        self.ip = ip
-        self.evicted = evicted
-        self.established = False
-        self.released = False
-
-
-class StreamAdmission:
-    """Counts BalanceLoad streams: pending ones (no initial request yet, in
-    arrival order), established ones, and both per peer IP. Every table is
-    bounded by the number of open streams (entries leave with them)."""
-
-    def __init__(self, limits: StreamLimits) -> None:
-        self._limits = limits
-        self.established = 0
-        self._pending: dict[_Ticket, None] = {}
-        self._pending_by_peer: dict[str, dict[_Ticket, None]] = {}
-        self._per_peer: dict[str, int] = {}
-
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
-    def streams_of(self, ip: str) -> int:
-        return self._per_peer.get(ip, 0)
-
-    def admit(self, ip: str) -> _Ticket:
-        """A pending ticket for a new stream from `ip`, making room by ending
-        older pending streams; _RefusedError when the peer's cap is taken by
-        established streams."""
-        limits = self._limits
-        if self._per_peer.get(ip, 0) >= limits.max_streams_per_peer:
-            own = self._pending_by_peer.get(ip)
-            if not own:
-                raise _RefusedError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"too many BalanceLoad streams from this address: "
-                    f"max_streams_per_peer={limits.max_streams_per_peer}",
-                    "max_streams_per_peer",
-                )
-            self._evict(
-                next(iter(own)),
-                "max_streams_per_peer",
-                f"ended while waiting for its initial_request: this address opened more "
-                f"streams than max_streams_per_peer={limits.max_streams_per_peer}",
-            )
-        if len(self._pending) >= limits.max_pending_streams:
-            self._evict(
-                next(iter(self._pending)),
-                "max_pending_streams",
-                f"ended while waiting for its initial_request: more than "
-                f"max_pending_streams={limits.max_pending_streams} streams were waiting "
-                "for theirs",
-            )
-        ticket = _Ticket(ip, asyncio.get_running_loop().create_future())
-        self._pending[ticket] = None
-        self._pending_by_peer.setdefault(ip, {})[ticket] = None
-        self._per_peer[ip] = self._per_peer.get(ip, 0) + 1
-        return ticket
-
-    def establish(self, ticket: _Ticket) -> None:
-        """Moves a pending ticket to a `max_streams` slot; _RefusedError when all
-        are taken (the ticket is then released)."""
-        self._unpend(ticket)
-        if self.established >= self._limits.max_streams:
-            self.release(ticket)
-            raise _RefusedError(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"this balancer serves at most max_streams={self._limits.max_streams} "
-                "BalanceLoad streams; try another replica",
-                "max_streams",
-            )
-        ticket.established = True
-        self.established += 1
-
-    def release(self, ticket: _Ticket) -> None:
-        if ticket.released:
-            return
-        ticket.released = True
-        self._unpend(ticket)
-        if ticket.established:
-            self.established -= 1
-        left = self._per_peer[ticket.ip] - 1
-        if left:
-            self._per_peer[ticket.ip] = left
-        else:
-            del self._per_peer[ticket.ip]
-
-    def _unpend(self, ticket: _Ticket) -> None:
-        if ticket in self._pending:
-            del self._pending[ticket]
-            own = self._pending_by_peer[ticket.ip]
-            del own[ticket]
-            if not own:
-                del self._pending_by_peer[ticket.ip]
-
-    def _evict(self, ticket: _Ticket, limit: str, details: str) -> None:
-        self.release(ticket)
-        if not ticket.evicted.done():
-            ticket.evicted.set_result(
-                _RefusedError(grpc.StatusCode.RESOURCE_EXHAUSTED, details, limit)
-            )
-
-
-class _MessageRate:
-    """A token bucket: `rate` messages per second, bursts of `burst`."""
-
-    __slots__ = ("_burst", "_last", "_rate", "_tokens")
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self._rate = rate
-        self._burst = burst
-        self._tokens = burst
-        self._last = time.monotonic()
-
-    def allow(self) -> bool:
-        if self._rate <= 0:
-            return True
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 class LoadBalancerService(lb_grpc.LoadBalancerServicer):
@@ -342,7 +194,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         peer = context.peer()
         try:
             ticket = self.admission.admit(peer_ip(peer))
-        except _RefusedError as refusal:
+        except RefusedError as refusal:
             await self._abort(context, refusal, peer)
             return
         try:
@@ -353,40 +205,21 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
     async def _initial_request(
         self,
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
-        ticket: _Ticket,
+        ticket: Ticket,
     ) -> object:
-        """The stream's first message (or EOF_MARKER); _RefusedError when it takes
-        longer than initial_request_timeout or the stream is evicted."""
-        read = asyncio.ensure_future(context.read())
-        try:
-            await asyncio.wait(
-                (read, ticket.evicted),
-                timeout=self._initial_request_timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            if not read.done():
-                read.cancel()
-        if ticket.evicted.done():
-            raise ticket.evicted.result()
-        if not read.done() or read.cancelled():
-            raise _RefusedError(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "no initial_request within "
-                f"initial_request_timeout={self._initial_request_timeout:g}s",
-                "initial_request_timeout",
-            )
-        return read.result()
+        return await first_message(
+            asyncio.ensure_future(context.read()), ticket, self._initial_request_timeout
+        )
 
     async def _balance(
         self,
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
         peer: str,
-        ticket: _Ticket,
+        ticket: Ticket,
     ) -> None:
         try:
             first = await self._initial_request(context, ticket)
-        except _RefusedError as refusal:
+        except RefusedError as refusal:
             await self._abort(context, refusal, peer)
             return
         if first is EOF_MARKER:
@@ -398,7 +231,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         if first.WhichOneof("load_balance_request_type") != "initial_request":
             await self._abort(
                 context,
-                _RefusedError(
+                RefusedError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     "the first message of a BalanceLoad stream must be initial_request",
                 ),
@@ -410,10 +243,10 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
             self.admission.establish(ticket)
         except InvalidArgumentError as exc:
             await self._abort(
-                context, _RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)), peer
+                context, RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)), peer
             )
             return
-        except _RefusedError as refusal:
+        except RefusedError as refusal:
             await self._abort(context, refusal, peer)
             return
         logger = log.bind(peer=peer, name=name)
@@ -421,7 +254,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         watch = self._balancer.watch(name)
         self._log_limiter.info(logger, "client connected", service=watch.service)
         reader = asyncio.create_task(self._read_stats(context, watch, logger))
-        ended: _RefusedError | RefusedMessage | None = None
+        ended: RefusedError | RefusedMessage | None = None
         try:
             await self._stream_answers(context, watch, reader, logger)
             if reader.done() and not reader.cancelled() and reader.exception() is None:
@@ -434,7 +267,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
             self._log_limiter.info(logger, "client disconnected")
         if type(ended) is RefusedMessage:
             await self._abort_refused(context, ended)
-        elif isinstance(ended, _RefusedError):
+        elif isinstance(ended, RefusedError):
             await self._abort(context, ended, peer)
 
     async def _stream_answers(
@@ -485,13 +318,13 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
         watch: Watch,
         logger: structlog.typing.FilteringBoundLogger,
-    ) -> _RefusedError | RefusedMessage | None:
+    ) -> RefusedError | RefusedMessage | None:
         """Ends when the client half-closes or the call ends (None), or with
         why the stream must end: a message that was refused, or one message
         too many for client_stats_rate_per_stream."""
         limiter = self._log_limiter
         rate = self._limits.client_stats_rate_per_stream
-        bucket = _MessageRate(rate, max(CLIENT_STATS_BURST, rate))
+        bucket = MessageRate(rate, max(CLIENT_STATS_BURST, rate))
         while True:
             # LoadBalanceRequest, or RefusedMessage (request_decoder), or EOF.
             request: object = await context.read()
@@ -501,7 +334,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
                 return request
             assert isinstance(request, lb_pb2.LoadBalanceRequest)
             if not bucket.allow():
-                return _RefusedError(
+                return RefusedError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     "too many messages on this BalanceLoad stream: "
                     f"client_stats_rate_per_stream={rate:g}/s "
@@ -523,7 +356,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
     async def _abort(
         self,
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
-        refusal: _RefusedError,
+        refusal: RefusedError,
         peer: str,
     ) -> None:
         code = refusal.code

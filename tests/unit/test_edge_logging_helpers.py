@@ -11,7 +11,7 @@ import pytest
 from lbserver.config import Config, load_config
 from lbserver.errors import ConfigError
 from lbserver.logs import CLIP_BYTES, LogLimiter, clip
-from lbserver.services.loadbalancer import StreamAdmission, StreamLimits, _RefusedError
+from lbserver.services._streams import RefusedError, StreamAdmission, StreamLimits
 
 
 def test_short_values_are_logged_as_they_are() -> None:
@@ -115,7 +115,7 @@ async def test_admission_makes_room_by_ending_the_oldest_waiting_stream() -> Non
     admission.establish(b)
     admission.establish(c)
     d = admission.admit("10.0.0.4")
-    with pytest.raises(_RefusedError, match="max_streams=2"):
+    with pytest.raises(RefusedError, match="max_streams=2"):
         admission.establish(d)
     assert admission.streams_of("10.0.0.4") == 0
     for ticket in (b, c):
@@ -136,7 +136,7 @@ async def test_a_peer_at_its_cap_ends_its_own_waiting_stream_or_is_refused() -> 
     assert waiting.evicted.done() and not other.evicted.done()
     assert "max_streams_per_peer=2" in waiting.evicted.result().details
     admission.establish(second)
-    with pytest.raises(_RefusedError, match="max_streams_per_peer=2"):
+    with pytest.raises(RefusedError, match="max_streams_per_peer=2"):
         admission.admit("10.0.0.9")
     for ticket in (other, first, waiting, second):
         admission.release(ticket)
