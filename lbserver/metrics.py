@@ -43,14 +43,33 @@ STREAM_ERRORS = Counter(
     "BalanceLoad streams ended by an error, by gRPC status code.",
     ["code"],
 )
+XDS_STREAMS_OPENED = Counter(
+    "lbserver_xds_streams_opened_total", "xDS (ADS StreamAggregatedResources) streams opened."
+)
+XDS_STREAM_ERRORS = Counter(
+    "lbserver_xds_stream_errors_total",
+    "xDS streams ended by an error, by gRPC status code.",
+    ["code"],
+)
+XDS_RESPONSES = Counter(
+    "lbserver_xds_responses_total",
+    "DiscoveryResponses written to xDS streams, by resource type (lds, rds, cds, eds).",
+    ["type"],
+)
+XDS_NACKS = Counter(
+    "lbserver_xds_nacks_total",
+    "xDS responses a client rejected (NACK: it keeps its previous version), by resource type.",
+    ["type"],
+)
 CLIENT_STATS_REPORTS = Counter(
     "lbserver_client_stats_reports_total", "ClientStats reports received from grpclb clients."
 )
 STREAMS_REFUSED = Counter(
     "lbserver_streams_refused_total",
-    "BalanceLoad and HeartbeatStream streams ended by a limit, by rpc and limit "
-    "(max_streams, max_streams_per_peer, max_pending_streams, initial_request_timeout, "
-    "client_stats_rate_per_stream).",
+    "BalanceLoad, StreamAggregatedResources and HeartbeatStream streams ended by a limit, by "
+    "rpc and limit (max_streams, max_streams_per_peer, max_pending_streams, "
+    "initial_request_timeout, client_stats_rate_per_stream, xds_max_resource_names, "
+    "xds_request_rate_per_stream).",
     ["rpc", "limit"],
 )
 REQUESTS_REFUSED = Counter(
@@ -72,7 +91,7 @@ REGISTRY_UNAUTHENTICATED = Gauge(
 )
 PUSH_LATENCY = Histogram(
     "lbserver_list_push_latency_seconds",
-    "Time from a list change to the write of that list on a stream.",
+    "Time from a list change to the write of that list on a stream (BalanceLoad or xDS).",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
 )
 
@@ -128,7 +147,9 @@ class BalancerCollector(Collector):
             labels=["service"],
         )
         clients = GaugeMetricFamily(
-            "lbserver_connected_clients", "Open BalanceLoad streams by service.", labels=["service"]
+            "lbserver_connected_clients",
+            "Open BalanceLoad streams, and xDS streams per name they watch, by service.",
+            labels=["service"],
         )
         calls = CounterMetricFamily(
             "lbserver_client_calls",

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import structlog
+from envoy.service.discovery.v3 import ads_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY
@@ -41,6 +42,7 @@ from lbserver.security import (
     server_credentials,
 )
 from lbserver.services.admin import AdminService
+from lbserver.services.ads import AggregatedDiscoveryService
 from lbserver.services.loadbalancer import LoadBalancerService
 from lbserver.services.registry import RegistryService
 
@@ -50,6 +52,7 @@ SERVICE_NAMES = (
     load_balancer_pb2.DESCRIPTOR.services_by_name["LoadBalancer"].full_name,
     lbserver_pb2.DESCRIPTOR.services_by_name["Registry"].full_name,
     lbserver_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+    ads_pb2.DESCRIPTOR.services_by_name["AggregatedDiscoveryService"].full_name,
 )
 
 # The cyclic garbage collector's thresholds in `lbserver serve`. A balancer
@@ -385,6 +388,16 @@ async def start(config: Config, balancer: Balancer | None = None) -> RunningServ
         log_limiter=limiter,
     )
     balance_load.add_to_server(server, config.max_message_bytes)
+    # xDS beside grpclb, from the same watches; one admission count for both.
+    AggregatedDiscoveryService(
+        balancer,
+        balance_load.admission,
+        initial_request_timeout=config.initial_request_timeout,
+        max_resource_names=config.xds_max_resource_names,
+        request_rate_per_stream=config.xds_request_rate_per_stream,
+        localities=config.xds_localities,
+        log_limiter=limiter,
+    ).add_to_server(server, config.max_message_bytes)
     registry = RegistryService(
         balancer,
         authorizer,

@@ -38,6 +38,7 @@ from lbserver.config._values import (
 )
 from lbserver.domain.naming import RULES
 from lbserver.logs import LogFormat
+from lbserver.xds import Localities as XdsLocalities
 
 ENV_PREFIX = "LBSERVER_"
 
@@ -287,8 +288,9 @@ class Config(BaseSettings):
         ge=1,
         le=MAX_STREAMS,
         description=(
-            "Most concurrent BalanceLoad streams that sent their initial request, 1-1000000; a "
-            "stream's initial request beyond it is refused with RESOURCE_EXHAUSTED."
+            "Most concurrent BalanceLoad and xDS (ADS) streams, counted together, that sent their "
+            "initial request, 1-1000000; a stream's initial request beyond it is refused with "
+            "RESOURCE_EXHAUSTED."
         ),
     )
     max_streams_per_peer: Int = Field(
@@ -296,7 +298,8 @@ class Config(BaseSettings):
         ge=1,
         le=MAX_STREAMS,
         description=(
-            "Most concurrent BalanceLoad streams from one IP address, waiting or not, 1-1000000 "
+            "Most concurrent BalanceLoad and xDS streams from one IP address, waiting or not, "
+            "1-1000000 "
             "(HeartbeatStreams are counted apart, against the same number); a new stream over "
             "it ends the address's oldest stream still waiting for its initial request, or is "
             "refused with RESOURCE_EXHAUSTED. Clients behind one NAT or proxy share one address."
@@ -307,7 +310,8 @@ class Config(BaseSettings):
         ge=1,
         le=MAX_STREAMS,
         description=(
-            "Most BalanceLoad streams waiting for their initial request at once, 1-1000000; one "
+            "Most BalanceLoad and xDS streams waiting for their initial request at once, "
+            "1-1000000; one "
             "more ends the oldest waiting one (RESOURCE_EXHAUSTED). Waiting streams hold no "
             "max_streams slot."
         ),
@@ -319,6 +323,34 @@ class Config(BaseSettings):
             "Messages per second a BalanceLoad stream may send after its initial request "
             "(ClientStats reports), bursts of 10; a stream sending more is ended with "
             "RESOURCE_EXHAUSTED. At least 1/client_stats_interval; 0 disables the limit."
+        ),
+    )
+    xds_max_resource_names: Int = Field(
+        1000,
+        ge=1,
+        le=MAX_STREAMS,
+        description=(
+            "Most resource names one xDS (ADS) request may subscribe to, per resource type, "
+            "1-1000000; a request naming more ends its stream with RESOURCE_EXHAUSTED."
+        ),
+    )
+    xds_request_rate_per_stream: Float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "Requests per second an xDS stream may send besides its ACK or NACK of each response "
+            "(subscription changes, stale or repeated requests), bursts of 50; a stream sending "
+            "more is ended with RESOURCE_EXHAUSTED. 0 disables the limit."
+        ),
+    )
+    xds_localities: XdsLocalities = Field(
+        "backend",
+        description=(
+            "How xDS endpoint lists are laid out: 'backend' (every backend its own locality "
+            "weighted by its share, which gRPC's xDS clients honour; the endpoint carries the "
+            "same weight, which Envoy honours) or 'zone' (one locality per registration zone "
+            "weighted by its backends' sum; gRPC clients then split a zone evenly, Envoy by "
+            "endpoint weight)."
         ),
     )
     max_message_bytes: Int = Field(

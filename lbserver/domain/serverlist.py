@@ -28,6 +28,9 @@ class Entry:
     port: int
     token: str
     drop: bool = False
+    # The backend's registration zone: grpclb does not carry it; xDS makes it
+    # the locality's zone.
+    zone: str = ""
 
     @classmethod
     def for_drop(cls, token: str = DROP_TOKEN) -> Entry:
@@ -163,7 +166,12 @@ def list_from_counts(backends: Sequence[Backend], counts: Mapping[str, int]) -> 
                 entry = Entry.for_drop()
             else:
                 registration = by_token[token].registration
-                entry = Entry(ip=packed(registration.ip), port=registration.port, token=token)
+                entry = Entry(
+                    ip=packed(registration.ip),
+                    port=registration.port,
+                    token=token,
+                    zone=registration.zone,
+                )
             made[token] = entry
         entries.append(entry)
     return ServerList(entries=tuple(entries))

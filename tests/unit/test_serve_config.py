@@ -208,6 +208,7 @@ def test_the_int_options_are_known() -> None:
             "max_streams_per_peer",
             "max_pending_streams",
             "max_message_bytes",
+            "xds_max_resource_names",
         ]
     )
 
