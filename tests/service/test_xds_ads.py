@@ -12,6 +12,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import REGISTRY
 
 from lbserver.balancer import Balancer, ListSettings
@@ -290,3 +292,20 @@ async def test_no_first_request_within_the_timeout_ends_the_stream(harness: Harn
         await stream.read()
     assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert "initial_request_timeout=0.2s" in (raised.value.details() or "")
+
+
+async def test_reflection_and_health_know_the_ads_service(harness: Harness) -> None:
+    running, _ = await _started(harness)
+    channel = harness.channel(running)
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    symbol = "envoy.service.discovery.v3.AggregatedDiscoveryService"
+    requests = [
+        reflection_pb2.ServerReflectionRequest(list_services=""),
+        reflection_pb2.ServerReflectionRequest(file_containing_symbol=symbol),
+    ]
+    responses = [response async for response in stub.ServerReflectionInfo(iter(requests))]
+    assert symbol in {s.name for s in responses[0].list_services_response.service}
+    assert responses[1].file_descriptor_response.file_descriptor_proto
+    health = health_pb2_grpc.HealthStub(channel)
+    status = await health.Check(health_pb2.HealthCheckRequest(service=symbol))
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
