@@ -352,18 +352,27 @@ class _Stream:
             self._seen[name] = watch.current()[0]
         for type_url, subscription in list(self._state.subscriptions.items()):
             found: dict[str, bytes] = {}
+            unsure = False
             for name in subscription.names:
                 named = self._watches.get(name)
                 if named is None:
                     continue
                 if named.current()[1].kind == "pending":
+                    # Startup grace or `hold`: send it as it was sent; if it
+                    # never was on this stream, say nothing of this type yet.
+                    # A reconnecting client holds it already, and a response
+                    # without a listener or cluster it holds deletes it.
                     kept = subscription.sent.get(name)
-                    if kept is not None:
-                        found[name] = kept
+                    if kept is None:
+                        unsure = True
+                        break
+                    found[name] = kept
                     continue
                 value = self._service.resource(type_url, name, named)
                 if value is not None:
                     found[name] = value
+            if unsure:
+                continue
             response = self._state.respond(type_url, found)
             if response is None:
                 continue

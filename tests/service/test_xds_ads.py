@@ -199,6 +199,26 @@ async def test_a_reconnect_gets_the_names_it_asks_for_again(harness: Harness) ->
         assert decoded(again).keys() == {"oap"}
 
 
+async def test_during_startup_grace_a_reconnect_is_told_nothing_until_it_is_known(
+    harness: Harness,
+) -> None:
+    # A restarted balancer does not know the services yet: a response without
+    # the listener the client holds would delete it, so none is sent, until
+    # a registrar is back (then the listener, under the version it held).
+    first, registry = await _started(harness)
+    await _oap(registry, (1,))
+    held = await AdsStream(harness.channel(first)).subscribe(LISTENER, ["oap"])
+    restarted, registry = await _started(harness, startup_grace=60.0)
+    stream = AdsStream(harness.channel(restarted))
+    await stream.send(LISTENER, ["oap"], version=held.version_info)
+    await stream.send(ENDPOINT, ["oap"])
+    await stream.read_nothing()
+    await _oap(registry, (1,))
+    listener = await stream.read()
+    assert (listener.type_url, listener.version_info) == (LISTENER, held.version_info)
+    assert (await stream.read()).type_url == ENDPOINT
+
+
 async def test_zones_become_locality_zones(harness: Harness) -> None:
     running, registry = await _started(harness)
     for n, zone in ((1, "eu-1a"), (2, "eu-1b")):
