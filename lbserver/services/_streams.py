@@ -9,9 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+import structlog
+
+from lbserver import metrics
+from lbserver.logs import LogLimiter, clip
+from lbserver.security import RefusedMessage, abort_refused, peer_ip
+
+log = structlog.get_logger("lbserver.streams")
+
+# Status details carrying a client's value are clipped to this many bytes.
+DETAILS_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -189,3 +201,57 @@ async def first_message(read: asyncio.Future[object], ticket: Ticket, wait: floa
             "initial_request_timeout",
         )
     return read.result()
+
+
+@dataclass(frozen=True)
+class StreamEnds:
+    """How one service ends a stream it refuses: counted by status code in
+    its `errors` counter (and by limit in lbserver_streams_refused_total),
+    logged as `rejected <rpc> stream` within the log limiter's budget."""
+
+    rpc: str
+    errors: Any  # a prometheus Counter labelled by code
+    limiter: LogLimiter
+
+    async def refuse(
+        self,
+        context: grpc.aio.ServicerContext[Any, Any],
+        refusal: RefusedError | RefusedMessage,
+        peer: str,
+    ) -> None:
+        self.errors.labels(refusal.code.name).inc()
+        if isinstance(refusal, RefusedMessage):
+            await abort_refused(context, refusal, self.limiter)
+            return
+        details = clip(refusal.details, DETAILS_BYTES)
+        if refusal.limit:
+            metrics.STREAMS_REFUSED.labels(self.rpc, refusal.limit).inc()
+        self.limiter.warning(
+            log,
+            f"rejected {self.rpc} stream",
+            peer=peer,
+            code=refusal.code.name,
+            limit=refusal.limit or None,
+            details=clip(details),
+        )
+        await context.abort(refusal.code, details)
+
+
+async def admitted(
+    admission: StreamAdmission,
+    context: grpc.aio.ServicerContext[Any, Any],
+    ends: StreamEnds,
+    serve: Callable[[str, Ticket], Awaitable[None]],
+) -> None:
+    """Runs `serve(peer, ticket)` for a stream `admission` lets in (ending it
+    with the refusal otherwise), and gives the ticket back when it ends."""
+    peer = context.peer()
+    try:
+        ticket = admission.admit(peer_ip(peer))
+    except RefusedError as refusal:
+        await ends.refuse(context, refusal, peer)
+        return
+    try:
+        await serve(peer, ticket)
+    finally:
+        admission.release(ticket)

@@ -36,12 +36,14 @@ from lbserver.domain.validation import check_balance_name
 from lbserver.errors import InvalidArgumentError
 from lbserver.grpc_compat import EOF_MARKER
 from lbserver.logs import LogLimiter, clip
-from lbserver.security import RefusedMessage, abort_refused, peer_ip, request_decoder
+from lbserver.security import RefusedMessage, request_decoder
 from lbserver.services._streams import (
     MessageRate,
     RefusedError,
     StreamAdmission,
+    StreamEnds,
     Ticket,
+    admitted,
     first_message,
 )
 from lbserver.xds import Localities, resources
@@ -55,7 +57,6 @@ DELTA_METHOD = f"/{SERVICE}/DeltaAggregatedResources"
 # The burst of xds_request_rate_per_stream: a client subscribing its
 # channels' names one by one at startup sends a few requests at once.
 REQUEST_BURST = 50.0
-DETAILS_BYTES = 512
 # Serialized resources kept for the streams still to be answered (one
 # serialization per list, not one per stream), by what they are built from.
 RESOURCES_KEPT = 4096
@@ -83,6 +84,9 @@ class AggregatedDiscoveryService:
         self._rate = request_rate_per_stream
         self._localities: Localities = localities
         self._log_limiter = log_limiter or LogLimiter()
+        self._ends = StreamEnds(
+            "StreamAggregatedResources", metrics.XDS_STREAM_ERRORS, self._log_limiter
+        )
         # (type_url, name, service, id(list)) -> (the list, serialized resource)
         self._built: dict[tuple[str, str, str, int], tuple[object, bytes]] = {}
 
@@ -120,16 +124,12 @@ class AggregatedDiscoveryService:
         self, request_iterator: AsyncIterator[discovery_pb2.DiscoveryRequest], context: Context
     ) -> None:
         metrics.XDS_STREAMS_OPENED.inc()
-        peer = context.peer()
-        try:
-            ticket = self.admission.admit(peer_ip(peer))
-        except RefusedError as refusal:
-            await self._abort(context, refusal, peer)
-            return
-        try:
-            await self._stream(context, peer, ticket)
-        finally:
-            self.admission.release(ticket)
+        await admitted(
+            self.admission,
+            context,
+            self._ends,
+            lambda peer, ticket: self._stream(context, peer, ticket),
+        )
 
     async def _stream(self, context: Context, peer: str, ticket: Ticket) -> None:
         try:
@@ -139,11 +139,11 @@ class AggregatedDiscoveryService:
             if first is EOF_MARKER:
                 return
             if type(first) is RefusedMessage:
-                await self._abort_refused(context, first)
+                await self._ends.refuse(context, first, peer)
                 return
             self.admission.establish(ticket)
         except RefusedError as refusal:
-            await self._abort(context, refusal, peer)
+            await self._ends.refuse(context, refusal, peer)
             return
         assert isinstance(first, discovery_pb2.DiscoveryRequest)
         logger = log.bind(
@@ -157,10 +157,8 @@ class AggregatedDiscoveryService:
         finally:
             stream.close()
             self._log_limiter.info(logger, "xds client disconnected")
-        if type(ended) is RefusedMessage:
-            await self._abort_refused(context, ended)
-        elif isinstance(ended, RefusedError):
-            await self._abort(context, ended, peer)
+        if ended is not None:
+            await self._ends.refuse(context, ended, peer)
 
     def resource(self, type_url: str, name: str, watch: Watch) -> bytes | None:
         """The serialized resource `name` of `type_url` as `watch` answers it
@@ -187,25 +185,6 @@ class AggregatedDiscoveryService:
             self._built.clear()
         self._built[key] = (servers, value)
         return value
-
-    async def _abort(self, context: Context, refusal: RefusedError, peer: str) -> None:
-        details = clip(refusal.details, DETAILS_BYTES)
-        metrics.XDS_STREAM_ERRORS.labels(refusal.code.name).inc()
-        if refusal.limit:
-            metrics.STREAMS_REFUSED.labels("StreamAggregatedResources", refusal.limit).inc()
-        self._log_limiter.warning(
-            log,
-            "rejected xds stream",
-            peer=peer,
-            code=refusal.code.name,
-            limit=refusal.limit or None,
-            details=clip(details),
-        )
-        await context.abort(refusal.code, details)
-
-    async def _abort_refused(self, context: Context, refused: RefusedMessage) -> None:
-        metrics.XDS_STREAM_ERRORS.labels(refused.code.name).inc()
-        await abort_refused(context, refused, self._log_limiter)
 
 
 class _Stream:

@@ -42,13 +42,15 @@ from lbserver.grpc_compat import EOF_MARKER
 from lbserver.logs import LogLimiter, clip
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 from lbserver.proto.grpclb.v1 import load_balancer_pb2_grpc as lb_grpc
-from lbserver.security import RefusedMessage, abort_refused, peer_ip, request_decoder
+from lbserver.security import RefusedMessage, request_decoder
 from lbserver.services._streams import (
     MessageRate,
     RefusedError,
     StreamAdmission,
+    StreamEnds,
     StreamLimits,
     Ticket,
+    admitted,
     first_message,
 )
 
@@ -57,8 +59,6 @@ log = structlog.get_logger("lbserver.grpclb")
 METHOD = "/grpc.lb.v1.LoadBalancer/BalanceLoad"
 # The burst of a stream's message rate limit (client_stats_rate_per_stream).
 CLIENT_STATS_BURST = 10.0
-# Status details carrying a client's value are clipped to this many bytes.
-DETAILS_BYTES = 512
 
 
 def server_list_message(servers: ServerList) -> lb_pb2.LoadBalanceResponse:
@@ -139,6 +139,7 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         )
         self.admission = StreamAdmission(self._limits)
         self._log_limiter = log_limiter or LogLimiter()
+        self._ends = StreamEnds("BalanceLoad", metrics.STREAM_ERRORS, self._log_limiter)
         self._balancer = balancer
         self._stats_interval = duration_pb2.Duration()
         self._stats_interval.FromNanoseconds(int(client_stats_interval * 1e9))
@@ -191,16 +192,12 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
     ) -> None:
         metrics.STREAMS_OPENED.inc()
-        peer = context.peer()
-        try:
-            ticket = self.admission.admit(peer_ip(peer))
-        except RefusedError as refusal:
-            await self._abort(context, refusal, peer)
-            return
-        try:
-            await self._balance(context, peer, ticket)
-        finally:
-            self.admission.release(ticket)
+        await admitted(
+            self.admission,
+            context,
+            self._ends,
+            lambda peer, ticket: self._balance(context, peer, ticket),
+        )
 
     async def _initial_request(
         self,
@@ -220,16 +217,16 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
         try:
             first = await self._initial_request(context, ticket)
         except RefusedError as refusal:
-            await self._abort(context, refusal, peer)
+            await self._ends.refuse(context, refusal, peer)
             return
         if first is EOF_MARKER:
             return
         if type(first) is RefusedMessage:
-            await self._abort_refused(context, first)
+            await self._ends.refuse(context, first, peer)
             return
         assert isinstance(first, lb_pb2.LoadBalanceRequest)
         if first.WhichOneof("load_balance_request_type") != "initial_request":
-            await self._abort(
+            await self._ends.refuse(
                 context,
                 RefusedError(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -242,12 +239,12 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
             name = check_balance_name(first.initial_request.name)
             self.admission.establish(ticket)
         except InvalidArgumentError as exc:
-            await self._abort(
+            await self._ends.refuse(
                 context, RefusedError(grpc.StatusCode.INVALID_ARGUMENT, str(exc)), peer
             )
             return
         except RefusedError as refusal:
-            await self._abort(context, refusal, peer)
+            await self._ends.refuse(context, refusal, peer)
             return
         logger = log.bind(peer=peer, name=name)
         await context.write(self._initial_response)
@@ -265,10 +262,8 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
                 await reader
             watch.close()
             self._log_limiter.info(logger, "client disconnected")
-        if type(ended) is RefusedMessage:
-            await self._abort_refused(context, ended)
-        elif isinstance(ended, RefusedError):
-            await self._abort(context, ended, peer)
+        if ended is not None:
+            await self._ends.refuse(context, ended, peer)
 
     async def _stream_answers(
         self,
@@ -352,32 +347,3 @@ class LoadBalancerService(lb_grpc.LoadBalancerServicer):
                 continue
             if watch.service is not None:
                 self._balancer.record_client_stats(watch.service, delta)
-
-    async def _abort(
-        self,
-        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
-        refusal: RefusedError,
-        peer: str,
-    ) -> None:
-        code = refusal.code
-        details = clip(refusal.details, DETAILS_BYTES)
-        metrics.STREAM_ERRORS.labels(code.name).inc()
-        if refusal.limit:
-            metrics.STREAMS_REFUSED.labels("BalanceLoad", refusal.limit).inc()
-        self._log_limiter.warning(
-            log,
-            "rejected BalanceLoad stream",
-            peer=peer,
-            code=code.name,
-            limit=refusal.limit or None,
-            details=clip(details),
-        )
-        await context.abort(code, details)
-
-    async def _abort_refused(
-        self,
-        context: grpc.aio.ServicerContext[lb_pb2.LoadBalanceRequest, lb_pb2.LoadBalanceResponse],
-        refused: RefusedMessage,
-    ) -> None:
-        metrics.STREAM_ERRORS.labels(refused.code.name).inc()
-        await abort_refused(context, refused, self._log_limiter)
