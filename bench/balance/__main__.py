@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -18,23 +17,12 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import grpc
+from bench._report import machine as base_machine
 
 from .cases import Settings, cases, describe_rates, kube_service, run_case, run_convergence
 from .infra import REGISTRAR_INTERVAL, REGISTRAR_TTL, SCRAPE_INTERVAL, Infra, ensure_nginx
 from .modes import GRPCLB, PROXY
 from .report import ModeResult, Report, render, write_section
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def _nginx_version(binary: str) -> str:
@@ -43,17 +31,9 @@ def _nginx_version(binary: str) -> str:
 
 
 def machine(nginx: str) -> dict[str, str]:
-    load = os.getloadavg()
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "CPU": _cpu_model(),
-        "nproc": str(os.cpu_count()),
-        "kernel": platform.release(),
-        "Python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "nginx": _nginx_version(nginx),
-        "load average at start": f"{load[0]:.2f}",
-    }
+    info = base_machine()
+    load = info.pop("load average at start")
+    return {**info, "nginx": _nginx_version(nginx), "load average at start": load}
 
 
 def settings_text(settings: Settings, lbserver_env: Mapping[str, str]) -> dict[str, str]:

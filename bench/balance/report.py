@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench._report import replace_section
+
 SECTION_TITLE = "## Balance (bench/balance)"
 
 
@@ -492,17 +494,4 @@ def render(report: Report) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replaces (or appends) the `## Balance (bench/balance)` section of
-    `path`, leaving every other section as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_TITLE), None)
-    if start is None:
-        body = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        after = "".join(lines[end:])
-        body = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    path.write_text(body)
+    replace_section(path, SECTION_TITLE, section)

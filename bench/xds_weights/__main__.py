@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-
+from bench._report import machine
 from tests.support.dns import DnsServer
 
 from .report import Report, render, write_section
@@ -27,29 +24,6 @@ from .run import CASES, LAYOUTS, LBSERVER_ENV, REGISTRAR_INTERVAL, ZONE, Measure
 
 FULL_CALLS = 10000
 QUICK_CALLS = 1000
-
-
-def _cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
-
-
-def machine() -> dict[str, str]:
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "CPU": _cpu_model(),
-        "nproc": str(os.cpu_count()),
-        "kernel": platform.release(),
-        "Python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "load average at start": f"{os.getloadavg()[0]:.2f}",
-    }
 
 
 def settings_text(calls: int) -> dict[str, str]:

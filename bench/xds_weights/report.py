@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._report import replace_section
+
 from .run import LAYOUTS, ZONE, ClientRun, Measurement
 
 SECTION_TITLE = "## xDS weights: locality per backend vs per zone"
@@ -236,17 +238,4 @@ def render(report: Report) -> str:
 
 
 def write_section(path: Path, section: str) -> None:
-    """Replaces (or appends) this benchmark's section of `path` (from its
-    title to the next `## ` heading), leaving every other section as it is."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_TITLE), None)
-    if start is None:
-        body = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        after = "".join(lines[end:])
-        body = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    path.write_text(body)
+    replace_section(path, SECTION_TITLE, section)

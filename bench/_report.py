@@ -1,0 +1,54 @@
+"""What every benchmark's report shares: the machine it ran on, and writing
+its own section of docs/benchmarks.md without touching the others."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def machine() -> dict[str, str]:
+    """Date, CPU, cores, kernel, Python, grpcio and the load average now."""
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "CPU": cpu_model(),
+        "nproc": str(os.cpu_count()),
+        "kernel": platform.release(),
+        "Python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "load average at start": f"{os.getloadavg()[0]:.2f}",
+    }
+
+
+def replace_section(path: Path, title: str, section: str) -> None:
+    """Replaces (or appends) the section of `path` from the line `title` to
+    the next `## ` heading with `section`, leaving every other section as
+    it is."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == title), None)
+    if start is None:
+        body = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        after = "".join(lines[end:])
+        body = "".join(lines[:start]) + section + ("\n" + after if after else "")
+    path.write_text(body)
