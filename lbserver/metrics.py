@@ -74,7 +74,7 @@ STREAMS_REFUSED = Counter(
 )
 REQUESTS_REFUSED = Counter(
     "lbserver_request_messages_refused_total",
-    "Request messages of BalanceLoad, Registry and Admin refused before a handler saw "
+    "Request messages of BalanceLoad, xDS, Registry and Admin refused before a handler saw "
     "them, by method and reason (undecodable, too_large: over max_message_bytes).",
     ["method", "reason"],
 )

@@ -358,8 +358,8 @@ class Config(BaseSettings):
         ge=4096,
         le=MAX_MESSAGE_BYTES,
         description=(
-            "Largest request message BalanceLoad, Registry and Admin accept, in bytes: 4096 to "
-            "2147483647 (2 GiB - 1, gRPC's limit); a larger one is refused with "
+            "Largest request message BalanceLoad, xDS, Registry and Admin accept, in bytes: "
+            "4096 to 2147483647 (2 GiB - 1, gRPC's limit); a larger one is refused with "
             "RESOURCE_EXHAUSTED naming this option, or, beyond twice this size, by gRPC itself."
         ),
     )
