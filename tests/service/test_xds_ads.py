@@ -329,3 +329,16 @@ async def test_reflection_and_health_know_the_ads_service(harness: Harness) -> N
     health = health_pb2_grpc.HealthStub(channel)
     status = await health.Check(health_pb2.HealthCheckRequest(service=symbol))
     assert status.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_an_undecodable_request_ends_the_stream_naming_the_type(harness: Harness) -> None:
+    running, _ = await _started(harness)
+    call = harness.channel(running).stream_stream(
+        "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources",
+        request_serializer=None,
+        response_deserializer=None,
+    )(iter([b"\xff\xff\xff"]))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call.read()
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "envoy.service.discovery.v3.DiscoveryRequest" in (raised.value.details() or "")
