@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import re
+import textwrap
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYING = ROOT / "docs" / "deploying-with-skywalking.md"
 CHART_README = ROOT / "charts" / "lbserver" / "README.md"
 README = ROOT / "README.md"
+XDS_DOC = ROOT / "docs" / "xds.md"
+XDS_BOOTSTRAP = ROOT / "docs" / "xds" / "bootstrap.json"
 MANIFESTS = Path(__file__).with_name("manifests")
 CI_VALUES = sorted((ROOT / "charts" / "lbserver" / "ci").glob("*-values.yaml"))
 
@@ -36,6 +40,10 @@ TOKEN_FILE = "/etc/lbserver/token/token"
 
 _SEGMENT_ID = re.compile(r"[0-9a-f.]{16,}")
 _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
+# A fenced block inside a list item: the fence and its body indented alike.
+_INDENTED_FENCE = re.compile(
+    r"^(?P<indent> *)```(?P<lang>\w*)\n(?P<body>.*?)^(?P=indent)```", re.S | re.M
+)
 _SNIPPET = re.compile(r"<!-- snippet: (?P<name>[\w-]+) -->\s*```yaml\n(?P<body>.*?)```", re.S)
 
 
@@ -83,6 +91,16 @@ def readme_python_client() -> str:
         if "grpc.insecure_channel" in block.text and "grpclb" in block.text:
             return block.text
     raise AssertionError("README.md has no Python block with a grpclb channel")
+
+
+def xds_python_client() -> str:
+    """docs/xds.md's grpcio code (the Python block, in the bootstrap file's
+    list of clients, that creates `channel` on an `xds:///` target), dedented."""
+    for match in _INDENTED_FENCE.finditer(XDS_DOC.read_text()):
+        body = textwrap.dedent(match.group("body"))
+        if match.group("lang") == "python" and "xds:///" in body:
+            return body
+    raise AssertionError(f"{XDS_DOC} has no Python block with an xds:/// channel")
 
 
 def checkout_view(work: Path, files: dict[str, str]) -> Path:
@@ -155,10 +173,15 @@ async def start_client(
     rate: float,
     snippet_map: str,
     snippet: str,
+    *,
+    env: Mapping[str, str] | None = None,
+    config_maps: Mapping[str, str] | None = None,
 ) -> Pod:
     """A pod of the client image making `calls` calls at `rate` per second
     over the channel `snippet` makes (kept in ConfigMap `snippet_map`, made
-    once per namespace)."""
+    once per namespace), with `env` and the existing ConfigMaps
+    `config_maps` ({name: mount path}) mounted."""
+    mounts = {"snippet": "/snippet", **(config_maps or {})}
     if k8s.cluster.get("ConfigMap", namespace, snippet_map) is None:
         await k8s.cluster.apply(
             {
@@ -186,10 +209,19 @@ async def start_client(
                             f"--rate={rate}",
                             f"--name={name}",
                         ],
-                        "volumeMounts": [{"name": "snippet", "mountPath": "/snippet"}],
+                        "env": [{"name": k, "value": v} for k, v in (env or {}).items()],
+                        "volumeMounts": [
+                            {"name": volume, "mountPath": path} for volume, path in mounts.items()
+                        ],
                     }
                 ],
-                "volumes": [{"name": "snippet", "configMap": {"name": snippet_map}}],
+                "volumes": [
+                    {
+                        "name": volume,
+                        "configMap": {"name": snippet_map if volume == "snippet" else volume},
+                    }
+                    for volume in mounts
+                ],
             },
         },
         namespace,
@@ -197,6 +229,35 @@ async def start_client(
     pod = k8s.cluster.find_pod(namespace, name)
     assert pod is not None
     return pod
+
+
+async def start_xds_client(
+    k8s: ClusterHarness, namespace: str, name: str, calls: int, rate: float
+) -> Pod:
+    """A pod running docs/xds.md's grpcio code as the doc sets it up:
+    docs/xds/bootstrap.json as it is in ConfigMap `xds-bootstrap` (made once
+    per namespace), mounted into the pod, GRPC_XDS_BOOTSTRAP naming it."""
+    if k8s.cluster.get("ConfigMap", namespace, "xds-bootstrap") is None:
+        await k8s.cluster.apply(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "xds-bootstrap"},
+                "data": {"bootstrap.json": XDS_BOOTSTRAP.read_text()},
+            },
+            namespace,
+        )
+    return await start_client(
+        k8s,
+        namespace,
+        name,
+        calls,
+        rate,
+        "xds-client",
+        xds_python_client(),
+        env={"GRPC_XDS_BOOTSTRAP": "/etc/grpc-xds/bootstrap.json"},
+        config_maps={"xds-bootstrap": "/etc/grpc-xds"},
+    )
 
 
 async def install_skywalking(
