@@ -337,15 +337,18 @@ class _Stream:
                 if named is None:
                     continue
                 if named.current()[1].kind == "pending":
-                    # Startup grace or `hold`: send it as it was sent; if it
-                    # never was on this stream, say nothing of this type yet.
-                    # A reconnecting client holds it already, and a response
-                    # without a listener or cluster it holds deletes it.
+                    # Startup grace or `hold`: send it as it was sent. If it
+                    # never was on this stream and the client reconnected
+                    # holding resources of this type, say nothing of the
+                    # type yet: a response without a listener or cluster it
+                    # holds deletes it. A new client loses nothing by its
+                    # absence (nor is it kept waiting by one unknown name).
                     kept = subscription.sent.get(name)
-                    if kept is None:
+                    if kept is not None:
+                        found[name] = kept
+                    elif subscription.resumed:
                         unsure = True
                         break
-                    found[name] = kept
                     continue
                 value = self._service.resource(type_url, name, named)
                 if value is not None:

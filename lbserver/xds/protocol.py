@@ -66,6 +66,9 @@ class Subscription:
     answered: bool = False
     # Answer at the next respond() even if nothing changed.
     due: bool = True
+    # The stream's first request of this type carried a version: the client
+    # holds resources from an earlier stream (a reconnect).
+    resumed: bool = False
 
 
 def version_of(resources: Iterable[tuple[str, bytes]]) -> str:
@@ -100,7 +103,7 @@ class AdsState:
         if subscription is None:
             # A new stream's first request of this type: whatever version the
             # client cached before (a reconnect), it gets the state now.
-            self.subscriptions[type_url] = Subscription(names=wanted)
+            self.subscriptions[type_url] = Subscription(names=wanted, resumed=bool(version_info))
             return Received("first", names_changed=True)
         if nonce != subscription.nonce:
             return Received("stale")

@@ -207,16 +207,21 @@ async def test_during_startup_grace_a_reconnect_is_told_nothing_until_it_is_know
     # a registrar is back (then the listener, under the version it held).
     first, registry = await _started(harness)
     await _oap(registry, (1,))
-    held = await AdsStream(harness.channel(first)).subscribe(LISTENER, ["oap"])
+    before = AdsStream(harness.channel(first))
+    held = {t: await before.subscribe(t, ["oap"]) for t in (LISTENER, ENDPOINT)}
     restarted, registry = await _started(harness, startup_grace=60.0)
     stream = AdsStream(harness.channel(restarted))
-    await stream.send(LISTENER, ["oap"], version=held.version_info)
-    await stream.send(ENDPOINT, ["oap"])
+    for type_url, response in held.items():
+        await stream.send(type_url, ["oap"], version=response.version_info)
+    # A new client (no version held) is answered at once, without it.
+    fresh = AdsStream(harness.channel(restarted))
+    await fresh.send(LISTENER, ["oap"])
+    assert decoded(await fresh.read()) == {}
     await stream.read_nothing()
     await _oap(registry, (1,))
-    listener = await stream.read()
-    assert (listener.type_url, listener.version_info) == (LISTENER, held.version_info)
-    assert (await stream.read()).type_url == ENDPOINT
+    for type_url, response in held.items():
+        again = await stream.read()
+        assert (again.type_url, again.version_info) == (type_url, response.version_info)
 
 
 async def test_zones_become_locality_zones(harness: Harness) -> None:
