@@ -260,13 +260,6 @@ def test_balancer_sigkill_loses_no_call(
     assert client.alive(), client.logs()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="lbserver bug: a restarted balancer in its startup grace answers a reconnecting"
-    " xDS client's first LDS/CDS request with an empty response, which deletes the"
-    " client's Listener and Cluster (UNAVAILABLE 'LDS resource oap: does not exist')",
-)
 def test_balancer_restart_resyncs_clients_that_are_back_first(
     processes: ProcessManager, backend_fleet: FleetFactory, tmp_path: Path
 ) -> None:
