@@ -29,17 +29,16 @@ from tests.support.backends import CountingBackend
 from tests.support.dns import DnsServer
 from tests.support.processes import (
     LOOPBACK,
-    REPO_ROOT,
     BalancerProcess,
     ManagedProcess,
     ProcessManager,
     wait_until,
 )
+from tests.support.xds_client import bootstrap_file
 
 SERVICE = "oap"
 XDS_TARGET = f"xds:///{SERVICE}"
 ZONE = "zone-a"
-BOOTSTRAP = REPO_ROOT / "docs" / "xds" / "bootstrap.json"
 # The port grpclb clients put in their target; they never connect to it (the
 # balancer's list carries the backends' own ports).
 SERVICE_PORT = 11800
@@ -85,15 +84,6 @@ class Measurement:
     # weight and its endpoints' weights, both in the case's backend order.
     localities: list[tuple[int, list[int]]]
     runs: list[ClientRun] = field(default_factory=list)
-
-
-def bootstrap_for(balancer: str, path: Path) -> Path:
-    """docs/xds/bootstrap.json as users copy it, `server_uri` pointed at `balancer`."""
-    config: dict[str, Any] = json.loads(BOOTSTRAP.read_text())
-    for server in config["xds_servers"]:
-        server["server_uri"] = balancer
-    path.write_text(json.dumps(config, indent=2))
-    return path
 
 
 def _client(
@@ -234,7 +224,7 @@ def _measure(
             ),
         )
         result = Measurement(case, layout, entries, served_localities(balancer, ports))
-        bootstrap = bootstrap_for(balancer.address, run_dir / "bootstrap.json")
+        bootstrap = bootstrap_file(balancer.address, run_dir / "bootstrap.json")
         dns_name = f"{SERVICE}.bench.test"
         dns.set_balancers(dns_name, [(LOOPBACK, balancer.port)])
         clients: tuple[tuple[str, str, bool, dict[str, str]], ...] = (

@@ -17,21 +17,13 @@ import pytest
 from tests.interop.harness import NODE_MODULES, REPO_ROOT, peer_env
 from tests.support.backends import CALL_METHOD, BackendFleet
 from tests.support.processes import ProcessManager
+from tests.support.xds_client import bootstrap_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(90)]
 
 XDS_CLIENT = REPO_ROOT / "tests" / "interop" / "node" / "xds_client.js"
-BOOTSTRAP = REPO_ROOT / "docs" / "xds" / "bootstrap.json"
 CALLS = 400
 TOLERANCE = 0.05  # +- 5 percentage points
-
-
-def _bootstrap(tmp_path: Path, balancer: str) -> Path:
-    bootstrap = json.loads(BOOTSTRAP.read_text())
-    bootstrap["xds_servers"][0]["server_uri"] = balancer
-    path = tmp_path / "bootstrap.json"
-    path.write_text(json.dumps(bootstrap))
-    return path
 
 
 def _run_client(bootstrap: Path, calls: int) -> dict[str, object]:
@@ -65,7 +57,7 @@ def test_grpc_js_xds_client_follows_the_weights_and_a_removal(tmp_path: Path) ->
                 for b, w in zip(fleet, (1, 1, 2), strict=True)
             ]
             balancer.wait_backends("oap", [b.port for b in fleet])
-            bootstrap = _bootstrap(tmp_path, balancer.address)
+            bootstrap = bootstrap_file(balancer.address, tmp_path / "bootstrap.json")
             result = _run_client(bootstrap, CALLS)
             assert result == {"ok": CALLS, "failed": 0, "errors": []}
             shares = [count / CALLS for count in fleet.counts()]

@@ -39,9 +39,9 @@ from typing import Self
 
 import grpc
 from envoy.config.core.v3 import base_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from tests.support.ads import endpoint_weights
 from tests.support.backends import call_stub
 from tests.support.processes import REPO_ROOT, ManagedProcess, ProcessManager, _base_env
 from tests.support.started import Started
@@ -183,18 +183,9 @@ class EdsWatch(Started):
                 self.error = error
 
     def _record(self, at: float, response: discovery_pb2.DiscoveryResponse) -> None:
-        ports: set[int] = set()
-        weights: dict[int, int] = {}
-        for packed in response.resources:
-            assignment = endpoint_pb2.ClusterLoadAssignment()
-            packed.Unpack(assignment)
-            for locality in assignment.endpoints:
-                for lb_endpoint in locality.lb_endpoints:
-                    port = lb_endpoint.endpoint.address.socket_address.port_value
-                    ports.add(port)
-                    weights[port] = locality.load_balancing_weight.value
+        weights = endpoint_weights(response, self._name) if response.resources else {}
         with self._lock:
-            self._updates.append(EdsUpdate(at, response.version_info, frozenset(ports), weights))
+            self._updates.append(EdsUpdate(at, response.version_info, frozenset(weights), weights))
 
     def start(self) -> Self:
         self._channel = grpc.insecure_channel(
