@@ -61,6 +61,25 @@ REQUEST_BURST = 50.0
 # serialization per list, not one per stream), by what they are built from.
 RESOURCES_KEPT = 4096
 _CONTROL_PLANE = base_pb2.ControlPlane(identifier=f"lbserver/{__version__}")
+# DiscoveryResponse.nonce is field 5, length-delimited: (5 << 3) | 2.
+_NONCE_TAG = bytes([5 << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _serialize(response: bytes | discovery_pb2.DiscoveryResponse) -> bytes:
+    """Responses are written pre-serialized (AggregatedDiscoveryService.encoded)."""
+    if isinstance(response, bytes):
+        return response
+    return response.SerializeToString()  # type: ignore[no-any-return]
+
 
 Context = grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]
 
@@ -89,6 +108,8 @@ class AggregatedDiscoveryService:
         )
         # (type_url, name, service, id(list)) -> (the list, serialized resource)
         self._built: dict[tuple[str, str, str, int], tuple[object, bytes]] = {}
+        # (type_url, version) -> a DiscoveryResponse without its nonce
+        self._bodies: dict[tuple[str, str], bytes] = {}
 
     def add_to_server(self, server: grpc.aio.Server, max_message_bytes: int = 4 * 1024**2) -> None:
         """Registers StreamAggregatedResources with a request deserializer
@@ -101,7 +122,7 @@ class AggregatedDiscoveryService:
                 request_deserializer=request_decoder(
                     discovery_pb2.DiscoveryRequest, METHOD, max_message_bytes
                 ),
-                response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
+                response_serializer=_serialize,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.DeltaAggregatedResources,
@@ -159,6 +180,29 @@ class AggregatedDiscoveryService:
             self._log_limiter.info(logger, "xds client disconnected")
         if ended is not None:
             await self._ends.refuse(context, ended, peer)
+
+    def encoded(self, response: Response) -> bytes:
+        """`response` serialized: everything but the nonce once per content
+        (every stream told the same thing shares it), then the stream's
+        nonce appended as its own field (protobuf merges fields in any
+        order)."""
+        key = (response.type_url, response.version)
+        body = self._bodies.get(key)
+        if body is None:
+            body = discovery_pb2.DiscoveryResponse(
+                version_info=response.version,
+                type_url=response.type_url,
+                resources=[
+                    any_pb2.Any(type_url=response.type_url, value=value)
+                    for _, value in response.resources
+                ],
+                control_plane=_CONTROL_PLANE,
+            ).SerializeToString()
+            if len(self._bodies) >= RESOURCES_KEPT:
+                self._bodies.clear()
+            self._bodies[key] = body
+        nonce = response.nonce.encode()
+        return body + _NONCE_TAG + _varint(len(nonce)) + nonce
 
     def resource(self, type_url: str, name: str, watch: Watch) -> bytes | None:
         """The serialized resource `name` of `type_url` as `watch` answers it
@@ -223,7 +267,12 @@ class _Stream:
                     refusal = self._receive(request)
                     if refusal is not None:
                         return refusal
-                await self._answer(on_change=request is None)
+                # An ACK, a NACK or a stale request asks for nothing new:
+                # only first requests, new names and list changes do.
+                if request is None or any(
+                    subscription.due for subscription in self._state.subscriptions.values()
+                ):
+                    await self._answer(on_change=request is None)
                 if read is None:
                     read = asyncio.ensure_future(self._context.read())
                 waits: list[asyncio.Future[Any]] = [read]
@@ -358,7 +407,7 @@ class _Stream:
             response = self._state.respond(type_url, found)
             if response is None:
                 continue
-            await self._context.write(_message(response))
+            await self._context.write(self._service.encoded(response))
             short = resources.SHORT_NAMES[type_url]
             metrics.XDS_RESPONSES.labels(short).inc()
             if on_change:
@@ -376,15 +425,3 @@ class _Stream:
         for watch in self._watches.values():
             watch.close()
         self._watches.clear()
-
-
-def _message(response: Response) -> discovery_pb2.DiscoveryResponse:
-    return discovery_pb2.DiscoveryResponse(
-        version_info=response.version,
-        type_url=response.type_url,
-        nonce=response.nonce,
-        resources=[
-            any_pb2.Any(type_url=response.type_url, value=value) for _, value in response.resources
-        ],
-        control_plane=_CONTROL_PLANE,
-    )

@@ -272,18 +272,21 @@ async def test_too_many_names_end_the_stream(harness: Harness) -> None:
 
 
 async def test_requests_beyond_the_rate_end_the_stream(harness: Harness) -> None:
-    running, registry = await _started(harness, xds_request_rate_per_stream=1.0)
+    # A rate that refills nothing while the test runs: the burst (50) is all
+    # the stream has, and its first request took one.
+    running, registry = await _started(harness, xds_request_rate_per_stream=0.01)
     await _oap(registry)
     stream = AdsStream(harness.channel(running))
     response = await stream.subscribe(CLUSTER, ["oap"])
     # Requests that are no verdict on the last response (here: repeats of an
-    # answered nonce), more than the burst of 50 at once.
-    for _ in range(60):
+    # answered nonce). The 50th is one too many; the test sends no more, so
+    # the stream's end is not mistaken for a failed send.
+    for _ in range(50):
         await stream.send(CLUSTER, ["oap"], version=response.version_info, nonce=response.nonce)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await stream.read()
     assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "xds_request_rate_per_stream=1/s" in (raised.value.details() or "")
+    assert "xds_request_rate_per_stream=0.01/s" in (raised.value.details() or "")
 
 
 async def test_xds_and_balance_load_streams_share_max_streams(harness: Harness) -> None:
