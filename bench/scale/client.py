@@ -1,19 +1,26 @@
-"""`python -m bench.scale.client --target HOST:PORT --name NAME`: one client
-process holding many BalanceLoad streams, each on its own channel (and so its
-own TCP connection: `grpc.use_local_subchannel_pool` keeps channels from
-sharing a subchannel).
+"""`python -m bench.scale.client --target HOST:PORT --name NAME [--protocol
+grpclb|xds]`: one client process holding many balancer streams, each on its
+own channel (and so its own TCP connection: `grpc.use_local_subchannel_pool`
+keeps channels from sharing a subchannel).
 
-Each stream sends an initial_request and then keeps its request side open
-(a half-close would end the stream), and records the CLOCK_MONOTONIC time of
-every message it receives (system-wide on Linux, so comparable with the
-orchestrator's). Responses are kept as raw bytes and interned per process;
-each distinct payload is decoded once.
+`grpclb` (the default): BalanceLoad streams; each sends an initial_request
+and then keeps its request side open (a half-close would end the stream).
+`xds`: ADS streams (StreamAggregatedResources, state of the world), each
+subscribing to LDS for NAME, then CDS and EDS as the responses name them,
+and ACKing every response (bench/scale/xds.py). A stream's "server list" is
+then its ClusterLoadAssignment: EDS responses are what the fan-out waits for.
+
+Every stream records the CLOCK_MONOTONIC time of every message it receives
+(system-wide on Linux, so comparable with the orchestrator's). Responses
+are kept as raw bytes and interned per process; each distinct payload is
+decoded once (and each distinct xDS request serialized once).
 
 The orchestrator drives the process with JSON lines on stdin and reads one
 JSON line per command on stdout:
 
 - `{"cmd": "open", "count": K}`: opens K more streams, answers once each has
-  received its first server list (or failed): `{"live", "ready", "failed"}`.
+  received its first server list or ClusterLoadAssignment (or failed):
+  `{"live", "ready", "failed"}`.
 - `{"cmd": "expect", "ports": [...], "since": T, "timeout": S}`: answers once
   every live stream has received a server list whose set of ports is `ports`
   at or after T: `{"latencies": [arrival - T, ...], "missing": n}`.
@@ -38,9 +45,11 @@ import grpc
 
 from lbserver.proto.grpclb.v1 import load_balancer_pb2 as lb_pb2
 
+from . import xds
 from .procinfo import raise_fd_limit, status_kib
 
 METHOD = "/grpc.lb.v1.LoadBalancer/BalanceLoad"
+PROTOCOLS = ("grpclb", "xds")
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.use_local_subchannel_pool", 1),
     ("grpc.enable_http_proxy", 0),
@@ -61,7 +70,7 @@ def summarize(payload: bytes) -> Summary:
 
 
 class Stream:
-    __slots__ = ("arrivals", "channel", "index", "ready", "task")
+    __slots__ = ("arrivals", "channel", "index", "ready", "subscribed", "task")
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -69,6 +78,8 @@ class Stream:
         self.ready = asyncio.get_running_loop().create_future()
         self.channel: grpc.aio.Channel | None = None
         self.task: asyncio.Task[None] | None = None
+        # xDS: the names this stream subscribed to, per type URL.
+        self.subscribed: dict[str, xds.Names] = {}
 
 
 class Expectation:
@@ -88,11 +99,24 @@ class Expectation:
 
 
 class Client:
-    def __init__(self, target: str, name: str) -> None:
+    def __init__(self, target: str, name: str, protocol: str = "grpclb") -> None:
         self.target = target
-        self.initial = lb_pb2.LoadBalanceRequest(
-            initial_request=lb_pb2.InitialLoadBalanceRequest(name=name)
-        ).SerializeToString()
+        self.protocol = protocol
+        if protocol == "xds":
+            self.method = xds.METHOD
+            self.initial = xds.request(xds.LISTENER, (name,), node_id=f"bench-scale-{os.getpid()}")
+            self.first_names: xds.Names = (name,)
+        else:
+            self.method = METHOD
+            self.initial = lb_pb2.LoadBalanceRequest(
+                initial_request=lb_pb2.InitialLoadBalanceRequest(name=name)
+            ).SerializeToString()
+        # xDS: each distinct response decoded once, each distinct request
+        # (ACKs by payload and names; subscriptions by type and names)
+        # serialized once.
+        self.decoded: list[xds.Decoded] = []
+        self.acks: dict[tuple[int, xds.Names], bytes] = {}
+        self.subscriptions: dict[tuple[str, xds.Names], bytes] = {}
         self.streams: list[Stream] = []
         self.live: set[int] = set()
         self.failed = 0
@@ -106,8 +130,42 @@ class Client:
         pid = self.payload_ids.get(payload)
         if pid is None:
             pid = self.payload_ids[payload] = len(self.summaries)
-            self.summaries.append(summarize(payload))
+            if self.protocol == "xds":
+                decoded = xds.decode(payload)
+                self.decoded.append(decoded)
+                self.summaries.append(decoded.summary)
+            else:
+                self.summaries.append(summarize(payload))
         return pid
+
+    async def _received(self, stream: Stream, call: Any, payload: bytes) -> None:
+        """A response arrived: recorded; on xDS, ACKed, and followed by the
+        subscription it names (LDS -> CDS -> EDS) the first time."""
+        at = time.monotonic()
+        pid = self._intern(payload)
+        self._arrived(stream, at, pid)
+        if self.protocol != "xds":
+            return
+        decoded = self.decoded[pid]
+        if isinstance(decoded.summary, str) and decoded.summary.startswith("error:"):
+            raise RuntimeError(f"{xds.SHORT_NAMES.get(decoded.type_url)} {decoded.summary}")
+        names = stream.subscribed.get(decoded.type_url, ())
+        ack = self.acks.get((pid, names))
+        if ack is None:
+            ack = self.acks[(pid, names)] = xds.request(
+                decoded.type_url, names, version=decoded.version, nonce=decoded.nonce
+            )
+        await call.write(ack)
+        if decoded.follow is not None:
+            type_url, wanted = decoded.follow
+            if stream.subscribed.get(type_url) != wanted:
+                subscription = self.subscriptions.get(decoded.follow)
+                if subscription is None:
+                    subscription = self.subscriptions[decoded.follow] = xds.request(
+                        type_url, wanted
+                    )
+                stream.subscribed[type_url] = wanted
+                await call.write(subscription)
 
     def _arrived(self, stream: Stream, at: float, pid: int) -> None:
         stream.arrivals.append((at, pid))
@@ -130,21 +188,24 @@ class Client:
                 channel = stream.channel = grpc.aio.insecure_channel(
                     self.target, options=CHANNEL_OPTIONS
                 )
-                call = channel.stream_stream(METHOD, None, None)(None, wait_for_ready=True)
+                call = channel.stream_stream(self.method, None, None)(None, wait_for_ready=True)
+                if self.protocol == "xds":
+                    stream.subscribed[xds.LISTENER] = self.first_names
                 await call.write(self.initial)
                 self.live.add(stream.index)
-                # initial_response, then the first list, within the open limit.
-                for _ in range(2):
+                # Up to the first list (grpclb: initial_response, then the
+                # list; xDS: LDS, CDS, then EDS), within the open limit.
+                while not stream.ready.done():
                     payload = await call.read()
                     if not isinstance(payload, bytes):
                         raise RuntimeError("stream ended before its first list")
-                    self._arrived(stream, time.monotonic(), self._intern(payload))
+                    await self._received(stream, call, payload)
             while True:
                 payload = await call.read()
                 if not isinstance(payload, bytes):
                     self.errors["ended by server"] += 1
                     break
-                self._arrived(stream, time.monotonic(), self._intern(payload))
+                await self._received(stream, call, payload)
         except grpc.aio.AioRpcError as exc:
             self.errors[exc.code().name] += 1
         except Exception as exc:
@@ -241,10 +302,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", required=True)
     parser.add_argument("--name", default="oap")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpclb")
     args = parser.parse_args()
     raise_fd_limit()
     gc.set_threshold(50_000, 50, 1000)
-    asyncio.run(serve(Client(args.target, args.name)))
+    asyncio.run(serve(Client(args.target, args.name, args.protocol)))
 
 
 if __name__ == "__main__":

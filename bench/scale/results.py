@@ -39,6 +39,18 @@ class StreamsResult:
     fanout_clients_cpu_ms_per_change: float
     changes: list[FanoutChange] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    # "grpclb" (BalanceLoad streams) or "xds" (ADS streams).
+    protocol: str = "grpclb"
+    # The balancer's RSS before any stream (0: not measured, older runs).
+    base_rss_mib: float = 0.0
+
+    @property
+    def rss_kib_per_stream(self) -> float:
+        """What each stream adds to the balancer's RSS, over its RSS before
+        any stream (NaN when that was not measured)."""
+        if not self.base_rss_mib or not self.streams:
+            return float("nan")
+        return (self.rss_mib - self.base_rss_mib) * 1024 / self.streams
 
 
 @dataclass

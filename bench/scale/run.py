@@ -1,12 +1,24 @@
 """The orchestrator of bench/scale (see the package docstring).
 
-One `lbserver serve` process; `--clients` client processes (bench.scale.client)
-that together hold N BalanceLoad streams, ramped up through the N of
-`--streams`; at each N: the balancer's RSS, its CPU while nothing changes,
-and the fan-out latency of membership changes (a backend joins by heartbeat,
-then leaves by deregistration, `--trials` times). Then the streams close
-and heartbeat load generators (bench.scale.heartbeat) find how many Registry
-heartbeats per second the balancer takes per core.
+One `lbserver serve` process per protocol measured (`--protocol`: grpclb,
+xds or both; default both); for each, `--clients` client processes
+(bench.scale.client) that together hold N streams of that protocol, ramped
+up through the N of `--streams` (BalanceLoad) or `--xds-streams` (ADS:
+LDS -> CDS -> EDS, every response ACKed); at each N: the balancer's RSS
+(and per stream, over its RSS before any stream), its CPU while nothing
+changes, and the fan-out latency of membership changes (a backend joins by
+heartbeat, then leaves by deregistration, `--trials` times) to every
+stream's new server list or ClusterLoadAssignment. With both protocols the
+two balancers run side by side and each N is measured on one, then the
+other, so their ratio comes from the same minutes of the same machine. Then
+the streams close, the xDS balancer stops, and heartbeat load generators
+(bench.scale.heartbeat) find how many Registry heartbeats per second the
+(first) balancer takes per core.
+
+`--section xds` writes only the subsection "xDS streams beside BalanceLoad"
+of docs/benchmarks.md (and bench/scale/results-xds.json), leaving the rest
+of the section as the last full run wrote it: e.g. `python -m bench.scale
+--streams 1000,5000 --no-heartbeats --section xds`.
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ from lbserver.proto.v1 import lbserver_pb2 as pb
 from lbserver.proto.v1 import lbserver_pb2_grpc as pb_grpc
 
 from . import procinfo
+from .client import PROTOCOLS
 from .procinfo import CpuMeter, raise_fd_limit, status_kib
 from .results import (
     FanoutChange,
@@ -104,10 +117,16 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 class Lbserver:
-    def __init__(self, log_dir: Path, env: Mapping[str, str], root: Path = REPO_ROOT) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        env: Mapping[str, str],
+        root: Path = REPO_ROOT,
+        log_name: str = "lbserver.log",
+    ) -> None:
         self.port = free_port()
         self.address = f"{LOOPBACK}:{self.port}"
-        self.log = open(log_dir / "lbserver.log", "wb")  # noqa: SIM115 - closed in stop()
+        self.log = open(log_dir / log_name, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -178,10 +197,21 @@ class Lbserver:
 
 
 class ClientProcess:
-    def __init__(self, index: int, target: str, log_dir: Path) -> None:
-        self.log = open(log_dir / f"client-{index}.log", "wb")  # noqa: SIM115
+    def __init__(self, index: int, target: str, log_dir: Path, protocol: str = "grpclb") -> None:
+        prefix = "client" if protocol == "grpclb" else f"{protocol}-client"
+        self.log = open(log_dir / f"{prefix}-{index}.log", "wb")  # noqa: SIM115
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bench.scale.client", "--target", target, "--name", SERVICE],
+            [
+                sys.executable,
+                "-m",
+                "bench.scale.client",
+                "--target",
+                target,
+                "--name",
+                SERVICE,
+                "--protocol",
+                protocol,
+            ],
             env=child_env(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -238,6 +268,25 @@ def open_streams(clients: Sequence[ClientProcess], count: int) -> None:
     )
 
 
+@dataclass
+class Side:
+    """One protocol's balancer and the client processes holding its streams."""
+
+    protocol: str
+    server: Lbserver
+    counts: list[int]
+    # The balancer's RSS with its backends registered, before any stream.
+    base_rss_mib: float
+    clients: list[ClientProcess]
+    current: int = 0
+
+    def stop_clients(self) -> None:
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                client.stop()
+        self.clients = []
+
+
 def measure_streams(
     server: Lbserver,
     clients: Sequence[ClientProcess],
@@ -246,6 +295,8 @@ def measure_streams(
     base_ports: list[int],
     trials: int,
     idle_seconds: float,
+    protocol: str = "grpclb",
+    base_rss_mib: float = 0.0,
 ) -> StreamsResult:
     meter = CpuMeter(server.pid)
     started = time.monotonic()
@@ -311,6 +362,8 @@ def measure_streams(
     clients_cpu = sum(c.cpu_seconds() for c in clients) - clients_cpu
     client_rss = sum(s["rss_kib"] for s in stats) / 1024
     return StreamsResult(
+        protocol=protocol,
+        base_rss_mib=base_rss_mib,
         streams=target,
         live=live,
         failed=failed,
@@ -565,7 +618,22 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def main(argv: Sequence[str] | None = None) -> Results:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__)
-    parser.add_argument("--streams", default="1000,5000,10000", help="N values, ascending")
+    parser.add_argument(
+        "--protocol",
+        choices=("grpclb", "xds", "both"),
+        default="both",
+        help="streams to measure: BalanceLoad (grpclb), ADS (xds), or both side by side, "
+        "each against its own lbserver process (default both)",
+    )
+    parser.add_argument(
+        "--streams", default="1000,5000,10000", help="N values of BalanceLoad streams"
+    )
+    parser.add_argument(
+        "--xds-streams",
+        default="1000,5000",
+        help="N values of xDS (ADS) streams; the ratios xDS/BalanceLoad are given at the N "
+        "measured for both",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer trials and shorter windows")
     parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument("--trials", type=int, default=5, help="join+leave changes per N")
@@ -592,6 +660,14 @@ def main(argv: Sequence[str] | None = None) -> Results:
         "--wait-quiet", type=float, default=0.0, help="seconds to wait for load < 1"
     )
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--section",
+        choices=("all", "xds"),
+        default="all",
+        help="what to write into --out: the whole bench/scale section (all), or only its "
+        "subsection 'xDS streams beside BalanceLoad' (xds: the rest stays as the last full "
+        "run wrote it; results go to bench/scale/results-xds.json instead of results.json)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--log-dir", default="")
     parser.add_argument(
@@ -624,7 +700,11 @@ def main(argv: Sequence[str] | None = None) -> Results:
         results = results_from_json(json.loads(Path(args.render).read_text()))
         write_report(results, args)
         return results
-    counts = sorted(int(n) for n in args.streams.split(","))
+    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    counts_of = {
+        "grpclb": sorted(int(n) for n in args.streams.split(",") if n),
+        "xds": sorted(int(n) for n in args.xds_streams.split(",") if n),
+    }
     shapes = (
         [parse_shape(s) for s in args.hb_shapes.split(",") if s] if not args.no_heartbeats else []
     )
@@ -651,28 +731,52 @@ def main(argv: Sequence[str] | None = None) -> Results:
             "hb_concurrency": args.hb_concurrency,
             "hb_window": list(hb_window),
             "lbserver_root": args.lbserver_root,
+            "protocols": protocols,
         },
     )
     print(f"logs in {log_dir}; machine {results.machine}", flush=True)
-    server = Lbserver(log_dir, LBSERVER_ENV, Path(args.lbserver_root))
-    print(f"lbserver pid {server.pid} on {server.address}", flush=True)
-    clients: list[ClientProcess] = []
+    sides: list[Side] = []
+    base_ports = [BASE_PORT + i for i in range(args.base_backends)]
     try:
-        base_ports = [BASE_PORT + i for i in range(args.base_backends)]
-        for port in base_ports:
-            server.heartbeat(f"oap-{port}", port)
-        clients = [ClientProcess(i, server.address, log_dir) for i in range(args.clients)]
-        current = 0
-        for target in counts:
-            print(f"{target} streams", flush=True)
-            result = measure_streams(
-                server, clients, target, current, base_ports, args.trials, args.idle_seconds
-            )
-            results.streams.append(result)
-            current = target
-        for client in clients:
-            client.stop()
-        clients = []
+        for protocol in protocols:
+            log_name = "lbserver.log" if protocol == "grpclb" else f"lbserver-{protocol}.log"
+            server = Lbserver(log_dir, LBSERVER_ENV, Path(args.lbserver_root), log_name)
+            sides.append(Side(protocol, server, counts_of[protocol], 0.0, []))
+            print(f"lbserver ({protocol}) pid {server.pid} on {server.address}", flush=True)
+            for port in base_ports:
+                server.heartbeat(f"oap-{port}", port)
+            sides[-1].clients = [
+                ClientProcess(i, server.address, log_dir, protocol) for i in range(args.clients)
+            ]
+        time.sleep(1.0)
+        for side in sides:
+            side.base_rss_mib = side.server.rss_mib()
+        # Each N on one protocol's balancer, then the other's: the ratios
+        # come from the same minutes of the same machine.
+        for target in sorted({n for side in sides for n in side.counts}):
+            for side in sides:
+                if target not in side.counts:
+                    continue
+                print(f"{target} {side.protocol} streams", flush=True)
+                result = measure_streams(
+                    side.server,
+                    side.clients,
+                    target,
+                    side.current,
+                    base_ports,
+                    args.trials,
+                    args.idle_seconds,
+                    protocol=side.protocol,
+                    base_rss_mib=side.base_rss_mib,
+                )
+                results.streams.append(result)
+                side.current = target
+        for side in sides:
+            side.stop_clients()
+        # The heartbeat runs below measure the first balancer alone.
+        for side in sides[1:]:
+            side.server.stop()
+        server = sides[0].server
         time.sleep(2.0)
         modes = [m for m in args.hb_modes.split(",") if m]
         for index, (mode, (services, backends)) in enumerate(
@@ -710,23 +814,34 @@ def main(argv: Sequence[str] | None = None) -> Results:
                 )
             )
     finally:
-        for client in clients:
-            with contextlib.suppress(Exception):
-                client.stop()
-        server.stop()
+        for side in sides:
+            side.stop_clients()
+            side.server.stop()
     results.load_at_end = procinfo.load_average()
     results.seconds = time.monotonic() - began
     (log_dir / "results.json").write_text(json.dumps(asdict(results), indent=2))
     write_report(results, args)
     if not args.no_write:
-        (Path(__file__).parent / "results.json").write_text(json.dumps(asdict(results), indent=2))
-        print("wrote bench/scale/results.json", flush=True)
+        kept = "results-xds.json" if args.section == "xds" else "results.json"
+        (Path(__file__).parent / kept).write_text(json.dumps(asdict(results), indent=2))
+        print(f"wrote bench/scale/{kept}", flush=True)
     return results
 
 
 def write_report(results: Results, args: argparse.Namespace) -> None:
-    """Prints the section and, unless --no-write, puts it into --out."""
-    from .report import render, write_section
+    """Prints the section (or, with --section xds, its xDS subsection) and,
+    unless --no-write, puts it into --out."""
+    from .report import render, render_xds, write_section, write_xds_section
+
+    if args.section == "xds":
+        text = render_xds(results)
+        print(text)
+        if not text:
+            print("no xDS streams measured: nothing to write", flush=True)
+        elif not args.no_write:
+            write_xds_section(Path(args.out), text)
+            print(f"wrote the xDS subsection of {args.out}", flush=True)
+        return
 
     before = json.loads(Path(args.compare).read_text()) if args.compare else None
     source = ""
