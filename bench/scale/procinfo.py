@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import platform
 import resource
-import subprocess
 import time
 
 import grpc
+
+from bench._report import cpu_model
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -65,17 +66,6 @@ class CpuMeter:
     def percent(self) -> float:
         cpu, wall = self.seconds()
         return 100.0 * cpu / wall if wall > 0 else 0.0
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def ram_gib() -> float:
