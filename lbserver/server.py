@@ -68,6 +68,10 @@ SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     *SERVER_KEEPALIVE_OPTIONS,
     # Two balancers on one port would silently split the clients between them.
     ("grpc.so_reuseport", 0),
+    # No bandwidth-delay-product probing: it sizes flow-control windows for
+    # bulk transfers, and costs a PING on every message received (an xDS ACK,
+    # a streamed heartbeat) where every message here is small.
+    ("grpc.http2.bdp_probe", 0),
 )
 
 
