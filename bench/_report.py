@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -52,3 +53,15 @@ def replace_section(path: Path, title: str, section: str) -> None:
         after = "".join(lines[end:])
         body = "".join(lines[:start]) + section + ("\n" + after if after else "")
     path.write_text(body)
+
+
+def publish(
+    section: str, log_dir: Path, out: Path | None, write: Callable[[Path, str], None]
+) -> None:
+    """Prints a benchmark's rendered section, keeps it in `log_dir`, and
+    writes it into `out` (docs/benchmarks.md) with `write` when asked."""
+    print(section)
+    (log_dir / "section.md").write_text(section)
+    if out:
+        write(out, section)
+        print(f"wrote {out}", flush=True)

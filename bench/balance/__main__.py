@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from bench._report import machine as base_machine
+from bench._report import publish
 
 from .cases import Settings, cases, describe_rates, kube_service, run_case, run_convergence
 from .infra import REGISTRAR_INTERVAL, REGISTRAR_TTL, SCRAPE_INTERVAL, Infra, ensure_nginx
@@ -145,12 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         heartbeat=infra.setting("heartbeat_interval"),
         share_threshold=float(infra.lbserver_env.get("LBSERVER_SHARE_THRESHOLD", "0.02")),
     )
-    section = render(report)
-    print(section)
-    (log_dir / "section.md").write_text(section)
-    if args.out:
-        write_section(args.out, section)
-        print(f"wrote {args.out}", flush=True)
+    publish(render(report), log_dir, args.out, write_section)
     return 0
 
 

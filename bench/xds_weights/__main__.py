@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from bench._report import machine
+from bench._report import machine, publish
 from tests.support.dns import DnsServer
 
 from .report import Report, render, write_section
@@ -80,12 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings=settings_text(calls),
         measurements=measurements,
     )
-    section = render(report)
-    print(section)
-    (log_dir / "section.md").write_text(section)
-    if args.out:
-        write_section(args.out, section)
-        print(f"wrote {args.out}", flush=True)
+    publish(render(report), log_dir, args.out, write_section)
     return 0
 
 

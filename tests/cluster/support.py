@@ -293,6 +293,15 @@ async def patch_oap_with_registrar(k8s: ClusterHarness) -> None:
     await k8s.cluster.wait_rollout(NS, "skywalking-oap", limit=120)
 
 
+async def registered_oap_pods(k8s: ClusterHarness) -> list[Pod]:
+    """Applies the registrar patch and waits until lbserver lists every ready
+    OAP pod; those pods."""
+    await patch_oap_with_registrar(k8s)
+    oap = [p for p in k8s.cluster.deployment_pods(NS, "skywalking-oap") if p.ready]
+    await wait_backends(k8s, {f"{p.ip}:11800" for p in oap})
+    return oap
+
+
 # ---------------------------------------------------------------------------
 # what happened
 

@@ -34,9 +34,7 @@ async def test_the_readme_client_balances_per_call_and_falls_back_to_the_oap_pod
     s.push_images(k8s)
     await s.install_skywalking(k8s)
     await s.install_lbserver(k8s)
-    await s.patch_oap_with_registrar(k8s)
-    oap = [p for p in k8s.cluster.deployment_pods(s.NS, "skywalking-oap") if p.ready]
-    await s.wait_backends(k8s, {f"{p.ip}:11800" for p in oap})
+    oap = await s.registered_oap_pods(k8s)
     await k8s.sh(f"kubectl create namespace {APP_NS}")
     # 1. Balanced: the client found the balancer through the SRV record of
     #    the name it dials, and spreads its calls over every OAP pod.

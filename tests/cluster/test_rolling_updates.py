@@ -24,9 +24,7 @@ async def test_rolling_updates_of_oap_and_lbserver_lose_nothing(k8s: ClusterHarn
     s.push_images(k8s, app_segments=1200, app_rate=20)
     await s.install_skywalking(k8s)
     await s.install_lbserver(k8s)
-    await s.patch_oap_with_registrar(k8s)
-    oap = [p for p in k8s.cluster.deployment_pods(s.NS, "skywalking-oap") if p.ready]
-    await s.wait_backends(k8s, {f"{p.ip}:11800" for p in oap})
+    oap = await s.registered_oap_pods(k8s)
 
     view = s.checkout_view(k8s.work, s.named_files(s.CHART_README))
     await k8s.sh(

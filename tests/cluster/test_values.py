@@ -42,9 +42,7 @@ async def test_discovery_values(k8s: ClusterHarness) -> None:
     s.push_images(k8s)
     await s.install_skywalking(k8s)
     await s.install_lbserver(k8s, "-f charts/lbserver/ci/discovery-values.yaml")
-    await s.patch_oap_with_registrar(k8s)
-    oap = [p for p in k8s.cluster.deployment_pods(s.NS, "skywalking-oap") if p.ready]
-    await s.wait_backends(k8s, {f"{p.ip}:11800" for p in oap})
+    oap = await s.registered_oap_pods(k8s)
     # lbserver watched the EndpointSlices through the API server, allowed by
     # the chart's Role (a missing or wrong rule answers 403).
     api = k8s.cluster.api

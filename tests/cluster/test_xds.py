@@ -98,10 +98,8 @@ async def test_a_grpc_xds_client_set_up_by_the_docs_follows_the_oap_pods(
     s.push_images(k8s)
     await s.install_skywalking(k8s)
     await s.install_lbserver(k8s)
-    await s.patch_oap_with_registrar(k8s)
-    oap = [p for p in k8s.cluster.deployment_pods(s.NS, "skywalking-oap") if p.ready]
+    oap = await s.registered_oap_pods(k8s)
     assert len(oap) == 3
-    await s.wait_backends(k8s, {f"{p.ip}:11800" for p in oap})
     await k8s.sh(f"kubectl create namespace {APP_NS}")
     client = await s.start_xds_client(k8s, APP_NS, CLIENT, MAX_CALLS, RATE)
 
