@@ -411,7 +411,10 @@ class _Stream:
             short = resources.SHORT_NAMES[type_url]
             metrics.XDS_RESPONSES.labels(short).inc()
             if on_change:
-                newest = max(watch.published_at for watch in self._watches.values())
+                newest = max(
+                    (watch.published_at for watch in self._watches.values()),
+                    default=time.monotonic(),
+                )
                 metrics.PUSH_LATENCY.observe(time.monotonic() - newest)
             self._logger.debug(
                 "xds response",
