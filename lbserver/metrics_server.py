@@ -73,6 +73,12 @@ _INDEX = b"lbserver: Prometheus metrics at /metrics\n"
 _TEXT = "text/plain; charset=utf-8"
 # Between two warnings of the same kind (refused connections, failed scrapes).
 _WARN_INTERVAL = 60.0
+# After a 408 the client may still be sending: its bytes are read and
+# dropped for at most this long (or this many bytes) before the socket
+# closes. Closing with unread bytes makes the kernel send a reset, which can
+# discard the 408 before the client reads it (nginx's lingering close).
+_LINGER_SECONDS = 0.5
+_LINGER_BYTES = 64 * 1024
 
 Encoder = Callable[[Collector], bytes]
 
@@ -417,6 +423,7 @@ class MetricsServer:
                 if buffer:
                     error = HttpError(HTTPStatus.REQUEST_TIMEOUT, "request head too slow")
                     writer.write(_error_response(error))  # best effort, no waiting
+                    await _linger(reader, writer)
                 return
             except HttpError as error:
                 await self._send(writer, _error_response(error))
@@ -528,3 +535,21 @@ async def start_metrics_server(
     )
     await server._listen(host, port)
     return server
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-closes (the response, then EOF) and drops what the client still
+    sends, within _LINGER_SECONDS and _LINGER_BYTES, so that closing does not
+    reset the connection under a response the client has yet to read."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    dropped = 0
+    try:
+        async with asyncio.timeout(_LINGER_SECONDS):
+            while dropped < _LINGER_BYTES:
+                chunk = await reader.read(_READ_SIZE)
+                if not chunk:
+                    return
+                dropped += len(chunk)
+    except (TimeoutError, ConnectionError):
+        return
