@@ -203,6 +203,16 @@ async def first_message(read: asyncio.Future[object], ticket: Ticket, wait: floa
     return read.result()
 
 
+def serialize_response(response: Any) -> bytes:
+    """A response serializer for streams that write each answer serialized
+    once for all their clients: bytes pass through as they are, a message
+    is serialized."""
+    if isinstance(response, bytes):
+        return response
+    serialized: bytes = response.SerializeToString()
+    return serialized
+
+
 @dataclass(frozen=True)
 class StreamEnds:
     """How one service ends a stream it refuses: counted by status code in

@@ -45,6 +45,7 @@ from lbserver.services._streams import (
     Ticket,
     admitted,
     first_message,
+    serialize_response,
 )
 from lbserver.xds import Localities, resources
 from lbserver.xds.protocol import AdsState, Received, Response
@@ -53,7 +54,6 @@ log = structlog.get_logger("lbserver.xds")
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 METHOD = f"/{SERVICE}/StreamAggregatedResources"
-DELTA_METHOD = f"/{SERVICE}/DeltaAggregatedResources"
 # The burst of xds_request_rate_per_stream: a client subscribing its
 # channels' names one by one at startup sends a few requests at once.
 REQUEST_BURST = 50.0
@@ -61,25 +61,6 @@ REQUEST_BURST = 50.0
 # serialization per list, not one per stream), by what they are built from.
 RESOURCES_KEPT = 4096
 _CONTROL_PLANE = base_pb2.ControlPlane(identifier=f"lbserver/{__version__}")
-# DiscoveryResponse.nonce is field 5, length-delimited: (5 << 3) | 2.
-_NONCE_TAG = bytes([5 << 3 | 2])
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _serialize(response: bytes | discovery_pb2.DiscoveryResponse) -> bytes:
-    """Responses are written pre-serialized (AggregatedDiscoveryService.encoded)."""
-    if isinstance(response, bytes):
-        return response
-    return response.SerializeToString()  # type: ignore[no-any-return]
-
 
 Context = grpc.aio.ServicerContext[discovery_pb2.DiscoveryRequest, discovery_pb2.DiscoveryResponse]
 
@@ -122,7 +103,7 @@ class AggregatedDiscoveryService:
                 request_deserializer=request_decoder(
                     discovery_pb2.DiscoveryRequest, METHOD, max_message_bytes
                 ),
-                response_serializer=_serialize,
+                response_serializer=serialize_response,
             ),
             "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                 self.DeltaAggregatedResources,
@@ -183,9 +164,9 @@ class AggregatedDiscoveryService:
 
     def encoded(self, response: Response) -> bytes:
         """`response` serialized: everything but the nonce once per content
-        (every stream told the same thing shares it), then the stream's
-        nonce appended as its own field (protobuf merges fields in any
-        order)."""
+        (every stream told the same thing shares it), then a message of the
+        stream's nonce alone appended (concatenated messages parse as their
+        merge)."""
         key = (response.type_url, response.version)
         body = self._bodies.get(key)
         if body is None:
@@ -201,8 +182,8 @@ class AggregatedDiscoveryService:
             if len(self._bodies) >= RESOURCES_KEPT:
                 self._bodies.clear()
             self._bodies[key] = body
-        nonce = response.nonce.encode()
-        return body + _NONCE_TAG + _varint(len(nonce)) + nonce
+        nonce: bytes = discovery_pb2.DiscoveryResponse(nonce=response.nonce).SerializeToString()
+        return body + nonce
 
     def resource(self, type_url: str, name: str, watch: Watch) -> bytes | None:
         """The serialized resource `name` of `type_url` as `watch` answers it

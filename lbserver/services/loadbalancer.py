@@ -52,6 +52,7 @@ from lbserver.services._streams import (
     Ticket,
     admitted,
     first_message,
+    serialize_response,
 )
 
 log = structlog.get_logger("lbserver.grpclb")
@@ -82,14 +83,6 @@ FALLBACK_BYTES = FALLBACK.SerializeToString()
 # Serialized lists kept (by ServerList identity) for the streams still to be
 # written: one serialization per list, not one per stream.
 ENCODED_LISTS_KEPT = 64
-
-
-def serialize_response(response: bytes | lb_pb2.LoadBalanceResponse) -> bytes:
-    """BalanceLoad's response serializer: pre-serialized responses pass
-    through as they are."""
-    if isinstance(response, bytes):
-        return response
-    return response.SerializeToString()
 
 
 def client_stats_delta(stats: lb_pb2.ClientStats) -> ClientCallStats:

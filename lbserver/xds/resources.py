@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 from collections import Counter
 from collections.abc import Iterable
-from typing import Any, Final, get_args
+from typing import Any, Final
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
@@ -54,11 +54,8 @@ LISTENER: Final = _PREFIX + "envoy.config.listener.v3.Listener"
 ROUTE: Final = _PREFIX + "envoy.config.route.v3.RouteConfiguration"
 CLUSTER: Final = _PREFIX + "envoy.config.cluster.v3.Cluster"
 ENDPOINT: Final = _PREFIX + "envoy.config.endpoint.v3.ClusterLoadAssignment"
-# In the order a gRPC client asks for them.
-TYPE_URLS: Final = (LISTENER, ROUTE, CLUSTER, ENDPOINT)
 SHORT_NAMES: Final = {LISTENER: "lds", ROUTE: "rds", CLUSTER: "cds", ENDPOINT: "eds"}
 
-LOCALITIES: Final = get_args(Localities)
 # drop_overloads' category: the token grpclb's drop entries carry.
 DROP_CATEGORY: Final = DROP_TOKEN
 _ROUTER_FILTER: Final = "envoy.filters.http.router"
