@@ -7,7 +7,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import grpc
@@ -35,6 +35,21 @@ def machine() -> dict[str, str]:
         "grpcio": grpc.__version__,
         "load average at start": f"{os.getloadavg()[0]:.2f}",
     }
+
+
+def run_lines(command: str, machine: Mapping[str, str], settings: Mapping[str, str]) -> list[str]:
+    """The Markdown lines saying how a benchmark ran: its command, the
+    machine, its settings."""
+    return [
+        "```sh",
+        command,
+        "```",
+        "",
+        "**Machine.** " + "; ".join(f"{k}: {v}" for k, v in machine.items()) + ".",
+        "",
+        "**Settings.** " + "; ".join(f"{k}: {v}" for k, v in settings.items()) + ".",
+        "",
+    ]
 
 
 def replace_section(path: Path, title: str, section: str) -> None:
